@@ -1,0 +1,33 @@
+"""The engine: model loading and generation. Knows nothing of HTTP, queues or wire formats.
+
+from kleinserve.engine import load_pipeline
+pipeline = load_pipeline("tiny-random")
+"""
+
+from __future__ import annotations
+
+from kleinserve.engine.loading import ModelComponents, load_components, resolve_source
+from kleinserve.engine.pipeline import Pipeline
+from kleinserve.engine.precision import choose_placement
+from kleinserve.engine.text import DEFAULT_CACHE_BYTES, PromptEmbeddingCache
+
+
+def load_pipeline(
+    model: str,
+    *,
+    components: str | None = None,
+    download: bool = False,
+    device: str | None = None,
+    dtype: str | None = None,
+    quantize: str | None = None,
+    offload: bool = False,
+    memory_budget_gib: float | None = None,
+    prompt_cache_bytes: int = DEFAULT_CACHE_BYTES,
+) -> Pipeline:
+    """Resolve `model` (directory, BFL file, HF repo id or `tiny-random`), load it and wrap it in a Pipeline."""
+    source = resolve_source(model, components=components, download=download)
+    placement = choose_placement(device, dtype, quantize, offload, memory_budget_gib)
+    return Pipeline(load_components(source, placement), PromptEmbeddingCache(prompt_cache_bytes))
+
+
+__all__ = ["ModelComponents", "Pipeline", "load_pipeline"]

@@ -1,0 +1,317 @@
+"""Model sources -> loaded components, through one code path.
+
+Accepted sources (`resolve_source`):
+- a directory in the diffusers layout (`model_index.json`, `scheduler/`, `text_encoder/`, `tokenizer/`,
+  `transformer/`, `vae/`), e.g. what `hf download black-forest-labs/FLUX.2-klein-4B --local-dir DIR` writes;
+- a Hugging Face repo id, resolved from the local HF cache (downloads only with `download=True`; the
+  HF_HUB_OFFLINE environment variable is honoured by huggingface_hub);
+- BFL's single-file transformer (`flux-2-klein-4b.safetensors`), with the text encoder, tokenizer, VAE and
+  scheduler taken from a diffusers-layout directory (`components`, default: the file's own directory);
+- `tiny-random`, written once by `create_tiny` into kleinserve's cache directory and loaded like any other.
+
+Every problem with a source is a ModelLoadError naming the file and what was expected.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
+from diffusers.utils import logging as diffusers_logging
+from safetensors.torch import load_file
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen3Model
+from transformers.utils import logging as transformers_logging
+
+from kleinserve.engine import checkpoints
+from kleinserve.engine.precision import Placement, choose_load_dtype, place_modules
+from kleinserve.engine.spec import TEXT_ENCODER_LAYERS, ModelSpec, detect_spec
+from kleinserve.engine.tiny import TINY_NAME, create_tiny
+from kleinserve.errors import ModelLoadError
+
+_COMPONENT_CONFIGS = {
+    "scheduler": "scheduler_config.json",
+    "text_encoder": "config.json",
+    "transformer": "config.json",
+    "vae": "config.json",
+}
+_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+_TINY_VERSION = 1  # bump when create_tiny changes what it writes
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the weights are: a diffusers-layout `directory`, optionally with a BFL `transformer_file`."""
+
+    directory: Path
+    transformer_file: Path | None = None
+
+
+@dataclass
+class ModelComponents:
+    """The loaded model. `text_encoder` is Qwen3 trimmed to the last layer the transformer reads."""
+
+    spec: ModelSpec
+    tokenizer: PreTrainedTokenizerBase
+    text_encoder: Qwen3Model
+    transformer: Flux2Transformer2DModel
+    vae: AutoencoderKLFlux2
+    scheduler_config: dict[str, Any]
+    placement: Placement
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("KLEINSERVE_CACHE", Path.home() / ".cache" / "kleinserve"))
+
+
+def resolve_source(model: str, *, components: str | None = None, download: bool = False) -> ModelSource:
+    """Turn what the user typed (`--model`, `--components`) into a ModelSource on local disk."""
+    if model == TINY_NAME:
+        directory = cache_dir() / f"{TINY_NAME}-v{_TINY_VERSION}"
+        if not (directory / "model_index.json").exists():
+            create_tiny(directory)
+        return ModelSource(directory=directory)
+    path = Path(model).expanduser()
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise ModelLoadError(
+                f"{path}: expected a .safetensors transformer checkpoint or a model directory"
+            )
+        base = resolve_source(components).directory if components else path.parent
+        return ModelSource(directory=base, transformer_file=path)
+    if path.is_dir():
+        if not (path / "model_index.json").exists():
+            raise ModelLoadError(
+                f"{path}: unknown layout; expected model_index.json (the diffusers layout of "
+                "black-forest-labs/FLUX.2-klein-4B) or a .safetensors transformer file"
+            )
+        single = None if (path / "transformer").is_dir() else _root_transformer_file(path)
+        return ModelSource(directory=path, transformer_file=single)
+    if _REPO_ID.match(model) and not model.startswith((".", "/")):
+        return ModelSource(directory=_snapshot(model, download))
+    raise ModelLoadError(f"{model}: no such file or directory, and not a Hugging Face repo id (owner/name)")
+
+
+def _root_transformer_file(directory: Path) -> Path:
+    candidates = sorted(directory.glob("flux-2-klein*.safetensors"))
+    if not candidates:
+        raise ModelLoadError(
+            f"{directory}: no transformer/ folder and no flux-2-klein*.safetensors single-file checkpoint"
+        )
+    return candidates[0]
+
+
+def _snapshot(repo_id: str, download: bool) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=not download))
+    except LocalEntryNotFoundError:
+        hint = (
+            ""
+            if download
+            else "; run `hf download {0} --local-dir DIR` and pass --model DIR, or add --download"
+        )
+        raise ModelLoadError(
+            f"{repo_id}: not in the local Hugging Face cache{hint.format(repo_id)}"
+        ) from None
+    except (HfHubHTTPError, OSError) as exc:
+        raise ModelLoadError(f"{repo_id}: download failed ({exc})") from None
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelLoadError(f"{path}: file not found") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{path}: not valid JSON ({exc})") from None
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a component folder, each header checked (missing, corrupt, truncated)."""
+    index = sorted(folder.glob("*.safetensors.index.json"))
+    if index:
+        shards = sorted(set(read_config(index[0]).get("weight_map", {}).values()))
+        files = [folder / shard for shard in shards]
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{folder}: no .safetensors weights found")
+    for file in files:
+        checkpoints.read_safetensors_header(file)
+    return files
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """What the configs and safetensors headers of a source say, before any weight is read.
+
+    Parameter counts are values; `text_encoder_parameters` counts only what the trimmed encoder loads.
+    """
+
+    spec: ModelSpec
+    transformer_config: dict[str, Any]
+    text_config: dict[str, Any]
+    transformer_parameters: int
+    text_encoder_parameters: int
+    vae_parameters: int
+    stored_dtype: str  # safetensors dtype of the transformer weights, e.g. "BF16"
+
+    @property
+    def fp32_bytes(self) -> int:
+        return 4 * (self.transformer_parameters + self.text_encoder_parameters + self.vae_parameters)
+
+    @property
+    def stored_16bit(self) -> bool:
+        return self.stored_dtype in ("BF16", "F16")
+
+
+def _headers(folder: Path) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for file in weight_files(folder):
+        merged.update(checkpoints.read_safetensors_header(file))
+    return merged
+
+
+def _kept_text_encoder_entries(header: dict[str, Any]) -> dict[str, Any]:
+    """Header entries of the weights the trimmed Qwen3 loads: embeddings and layers 0..26 (no norm, no head)."""
+    last = max(TEXT_ENCODER_LAYERS)
+
+    def kept(key: str) -> bool:
+        if ".layers." in key:
+            return int(key.split(".layers.")[1].split(".")[0]) < last
+        return "embed_tokens" in key
+
+    return {key: entry for key, entry in header.items() if kept(key)}
+
+
+def inspect_source(source: ModelSource) -> SourceInfo:
+    """Check the configs and headers of a source; a bad source fails here and names the file."""
+    directory = source.directory
+    model_index = read_config(directory / "model_index.json")
+    for component, config_name in _COMPONENT_CONFIGS.items():
+        if component == "transformer" and source.transformer_file is not None:
+            continue
+        read_config(directory / component / config_name)
+    if not (directory / "tokenizer").is_dir():
+        raise ModelLoadError(f"{directory / 'tokenizer'}: tokenizer folder not found")
+    if source.transformer_file is None:
+        transformer_config = read_config(directory / "transformer" / "config.json")
+        transformer_header = _headers(directory / "transformer")
+    else:
+        transformer_header = checkpoints.read_safetensors_header(source.transformer_file)
+        if not checkpoints.is_bfl_transformer(list(transformer_header)):
+            raise ModelLoadError(
+                f"{source.transformer_file}: not a FLUX.2 transformer in BFL naming "
+                f"(expected a key {checkpoints.BFL_MARKER_KEY!r})"
+            )
+        transformer_config = checkpoints.infer_bfl_transformer_config(transformer_header)
+    text_config = read_config(directory / "text_encoder" / "config.json")
+    embedding_width = 3 * text_config["hidden_size"]
+    if embedding_width != transformer_config["joint_attention_dim"]:
+        raise ModelLoadError(
+            f"{directory / 'text_encoder' / 'config.json'}: a text encoder of hidden_size "
+            f"{text_config['hidden_size']} gives {embedding_width}-wide prompt embeddings, but the transformer "
+            f"expects joint_attention_dim {transformer_config['joint_attention_dim']} "
+            "(klein-4B needs Qwen3-4B, hidden_size 2560; klein-9B needs Qwen3-8B, hidden_size 4096)"
+        )
+    if text_config["num_hidden_layers"] < max(TEXT_ENCODER_LAYERS):
+        raise ModelLoadError(
+            f"{directory / 'text_encoder' / 'config.json'}: {text_config['num_hidden_layers']} layers, "
+            f"expected at least {max(TEXT_ENCODER_LAYERS)} (prompt embeddings read layers {TEXT_ENCODER_LAYERS})"
+        )
+    transformer_parameters = checkpoints.count_parameters(transformer_header)[0]
+    dtypes = [entry["dtype"] for entry in transformer_header.values()]
+    text_header = _kept_text_encoder_entries(_headers(directory / "text_encoder"))
+    return SourceInfo(
+        spec=detect_spec(model_index, transformer_config, transformer_parameters),
+        transformer_config=transformer_config,
+        text_config=text_config,
+        transformer_parameters=transformer_parameters,
+        text_encoder_parameters=checkpoints.count_parameters(text_header)[0],
+        vae_parameters=checkpoints.count_parameters(_headers(directory / "vae"))[0],
+        stored_dtype=max(set(dtypes), key=dtypes.count),
+    )
+
+
+def load_components(source: ModelSource, placement: Placement) -> ModelComponents:
+    """Load every component of `source` and place it as `placement` says."""
+    info = inspect_source(source)
+    directory = source.directory
+    load_dtype = choose_load_dtype(placement, info.fp32_bytes, info.stored_16bit)
+    with _quiet_library_logs():
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(directory / "tokenizer")
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"{directory / 'tokenizer'}: cannot load the tokenizer ({exc})") from None
+        text_encoder = _load(
+            directory / "text_encoder",
+            lambda p: Qwen3Model.from_pretrained(
+                p, num_hidden_layers=max(TEXT_ENCODER_LAYERS), dtype=load_dtype
+            ),
+        )
+        # The last hidden state a Qwen3Model returns has gone through the final RMSNorm. With the model cut
+        # at layer 27 that would corrupt h27, so the norm becomes the identity (model.md section 4).
+        text_encoder.norm = torch.nn.Identity()
+        vae = _load(
+            directory / "vae", lambda p: AutoencoderKLFlux2.from_pretrained(p, torch_dtype=load_dtype)
+        )
+        if source.transformer_file is None:
+            transformer = _load(
+                directory / "transformer",
+                lambda p: Flux2Transformer2DModel.from_pretrained(p, torch_dtype=load_dtype),
+            )
+        else:
+            transformer = _load_bfl_transformer(source.transformer_file, info.transformer_config, load_dtype)
+    for module in (text_encoder, vae, transformer):
+        module.eval().requires_grad_(False)
+    place_modules(placement, text_encoder=text_encoder, transformer=transformer, vae=vae)
+    return ModelComponents(
+        spec=info.spec,
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        transformer=transformer,
+        vae=vae,
+        scheduler_config=read_config(directory / "scheduler" / "scheduler_config.json"),
+        placement=placement,
+    )
+
+
+def _load(folder: Path, loader: Any) -> Any:
+    try:
+        return loader(folder)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise ModelLoadError(f"{folder}: cannot load weights ({exc})") from None
+
+
+def _load_bfl_transformer(file: Path, config: dict[str, Any], dtype: torch.dtype) -> Flux2Transformer2DModel:
+    """Build on the meta device, then assign the converted tensors: no second copy of the weights."""
+    state = checkpoints.bfl_to_diffusers_transformer(load_file(str(file)))
+    with torch.device("meta"):
+        transformer = Flux2Transformer2DModel.from_config(config)
+    state = {key: value.to(dtype) for key, value in state.items()}
+    try:
+        transformer.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"{file}: tensors do not fit the FLUX.2 transformer ({exc})") from None
+    return transformer
+
+
+class _quiet_library_logs:
+    """Loading a trimmed Qwen3 makes transformers print a table of the unused layers; that is expected."""
+
+    def __enter__(self) -> None:
+        self._levels = (transformers_logging.get_verbosity(), diffusers_logging.get_verbosity())
+        transformers_logging.set_verbosity_error()
+        diffusers_logging.set_verbosity_error()
+
+    def __exit__(self, *exc: object) -> None:
+        transformers_logging.set_verbosity(self._levels[0])
+        diffusers_logging.set_verbosity(self._levels[1])

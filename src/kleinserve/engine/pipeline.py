@@ -1,0 +1,271 @@
+"""Pipeline: GenerateRequest(s) -> GenerateResult(s), one batch per call.
+
+    pipeline = load_pipeline("tiny-random")
+    result = pipeline.generate(GenerateRequest(prompt="a red circle", width=128, height=128, seed=7))
+    result.images[0].image.save("out.png")
+
+A batch is any list of requests sharing size, steps, guidance, text length and reference geometry
+(`ResolvedRequest.batch_key`); their prompts, seeds and reference pixels may differ. Each image is the image
+its seed gives alone: image i of a request with seed s uses seed s + i (guarded by
+tests/engine/test_batching.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
+
+from kleinserve.engine import latents as L
+from kleinserve.engine import spec as limits
+from kleinserve.engine.loading import ModelComponents
+from kleinserve.engine.references import (
+    PreparedReference,
+    encode_references,
+    latent_statistics,
+    prepare_reference,
+)
+from kleinserve.engine.sampling import ClassifierFreeGuidance, denoise, make_scheduler
+from kleinserve.engine.spec import ModelSpec
+from kleinserve.engine.text import PromptEmbeddingCache, PromptEncoder
+from kleinserve.errors import InvalidInput
+from kleinserve.types import (
+    CancelCheck,
+    GeneratedImage,
+    GenerateRequest,
+    GenerateResult,
+    StepCallback,
+)
+
+MAX_SEED = 2**63 - 1 - limits.MAX_IMAGES_PER_REQUEST
+MAX_STEPS = 200
+MAX_GUIDANCE = 30.0
+
+_postprocessor = Flux2ImageProcessor(vae_scale_factor=limits.SIZE_MULTIPLE)
+
+
+@dataclass(frozen=True)
+class ResolvedRequest:
+    """A request with every default applied and every value checked; sizes are pixels."""
+
+    request: GenerateRequest
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    seeds: tuple[int, ...]
+    references: tuple[PreparedReference, ...]
+    use_cfg: bool
+
+    @property
+    def batch_key(self) -> tuple[object, ...]:
+        """Requests with equal keys can run as one batch."""
+        guidance = self.guidance if self.use_cfg else None
+        grids = tuple(r.grid for r in self.references)
+        return (self.width, self.height, self.steps, guidance, self.request.max_sequence_length, grids)
+
+
+def _check_range(value: float, low: float, high: float, param: str, what: str) -> None:
+    if not low <= value <= high:
+        raise InvalidInput(f"{param} {value} is out of range", param=param, allowed=f"{what} {low}-{high}")
+
+
+def _floor_side(value: int, param: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInput(f"{param} must be an integer", param=param, allowed="integer pixels")
+    _check_range(value, limits.MIN_SIDE, limits.MAX_SIDE, param, "pixels")
+    return value - value % limits.SIZE_MULTIPLE
+
+
+class Pipeline:
+    """A loaded model that turns requests into images. Not thread-safe: one caller at a time."""
+
+    def __init__(self, components: ModelComponents, cache: PromptEmbeddingCache | None = None) -> None:
+        self.components = components
+        placement = components.placement
+        self.device = placement.device
+        self.dtype = placement.dtype
+        self.prompts = PromptEncoder(components.tokenizer, components.text_encoder, self.dtype, cache)
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self.components.spec
+
+    def resolve(self, request: GenerateRequest) -> ResolvedRequest:
+        """Apply defaults and check every value; raises InvalidInput naming the parameter."""
+        spec = self.spec
+        if not 1 <= request.num_images <= limits.MAX_IMAGES_PER_REQUEST:
+            raise InvalidInput(
+                f"num_images {request.num_images} is out of range", param="num_images", allowed="1-4"
+            )
+        if len(request.reference_images) > limits.MAX_REFERENCE_IMAGES:
+            raise InvalidInput(
+                f"{len(request.reference_images)} reference images given",
+                param="reference_images",
+                allowed="at most 4",
+            )
+        _check_range(
+            request.max_sequence_length, 1, limits.MAX_SEQUENCE_LENGTH, "max_sequence_length", "tokens"
+        )
+        references = tuple(prepare_reference(img, i) for i, img in enumerate(request.reference_images))
+        default_width, default_height = references[0].size if references else (limits.DEFAULT_SIDE,) * 2
+        width = _floor_side(request.width, "width") if request.width is not None else default_width
+        height = _floor_side(request.height, "height") if request.height is not None else default_height
+        steps = request.steps if request.steps is not None else spec.default_steps
+        _check_range(steps, 1, MAX_STEPS, "steps", "steps")
+        guidance = spec.default_guidance
+        if request.guidance is not None and not spec.guidance_fixed:
+            _check_range(request.guidance, 0.0, MAX_GUIDANCE, "guidance", "scale")
+            guidance = float(request.guidance)
+        seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
+        _check_range(seed, 0, MAX_SEED, "seed", "integer")
+        return ResolvedRequest(
+            request=request,
+            width=width,
+            height=height,
+            steps=steps,
+            guidance=guidance,
+            seeds=tuple(seed + i for i in range(request.num_images)),
+            references=references,
+            # As in diffusers: CFG only for the base variants and only with a scale above 1.
+            use_cfg=spec.uses_cfg and guidance > 1.0,
+        )
+
+    def generate(
+        self,
+        request: GenerateRequest,
+        on_step: StepCallback | None = None,
+        cancelled: CancelCheck | None = None,
+    ) -> GenerateResult:
+        return self.generate_batch([request], on_step, cancelled)[0]
+
+    @torch.inference_mode()
+    def generate_batch(
+        self,
+        requests: list[GenerateRequest | ResolvedRequest],
+        on_step: StepCallback | None = None,
+        cancelled: CancelCheck | None = None,
+    ) -> list[GenerateResult]:
+        """Run compatible requests as one batch; results are in request order."""
+        resolved = [r if isinstance(r, ResolvedRequest) else self.resolve(r) for r in requests]
+        first = resolved[0]
+        if any(r.batch_key != first.batch_key for r in resolved):
+            raise InvalidInput("requests in one batch must share size, steps, guidance and reference sizes")
+        timings: dict[str, float] = {}
+        components = self.components
+        h, w = first.height // limits.SIZE_MULTIPLE, first.width // limits.SIZE_MULTIPLE
+        seeds = [seed for r in resolved for seed in r.seeds]
+        length = first.request.max_sequence_length
+
+        with self._timed(timings, "text_encoding"), self._resident(components.text_encoder):
+            prompts = [r.request.prompt for r in resolved for _ in r.seeds]
+            embeds = self.prompts.encode(prompts, length, self.device)  # (B, L, D)
+            if first.use_cfg:
+                negatives = [r.request.negative_prompt for r in resolved for _ in r.seeds]
+                embeds = torch.cat([embeds, self.prompts.encode(negatives, length, self.device)])
+
+        with self._timed(timings, "reference_encoding"), self._resident(components.vae):
+            refs = [
+                encode_references(list(r.references), components.vae, self.dtype) if r.references else None
+                for r in resolved
+            ]
+        channels = components.transformer.config.in_channels
+        reference_tokens = None
+        if first.references:
+            # (B, N_ref, C): each image carries its own request's references.
+            reference_tokens = torch.cat([t for r, t in zip(resolved, refs, strict=True) for _ in r.seeds])
+        ids = torch.cat([L.image_ids(h, w), L.reference_ids([r.grid for r in first.references])]).to(
+            self.device
+        )
+
+        noise = L.pack(L.draw_noise(seeds, channels, h, w)).to(self.device, self.dtype)  # (B, h*w, C)
+        forward = partial(
+            self._velocity,
+            embeds=embeds,
+            reference_tokens=reference_tokens
+            if not first.use_cfg or reference_tokens is None
+            else torch.cat([reference_tokens, reference_tokens]),
+            img_ids=ids,
+            txt_ids=L.text_ids(length).to(self.device),
+        )
+        velocity = ClassifierFreeGuidance(forward, first.guidance) if first.use_cfg else forward
+        scheduler = make_scheduler(components.scheduler_config, first.steps, image_seq_len=h * w)
+        with self._timed(timings, "denoising"), self._resident(components.transformer):
+            packed = denoise(velocity, noise, scheduler, on_step, cancelled)
+
+        with self._timed(timings, "vae_decode"), self._resident(components.vae):
+            images = self._decode(packed, h, w)
+
+        results = []
+        offset = 0
+        for r in resolved:
+            count = len(r.seeds)
+            outputs = tuple(
+                GeneratedImage(img, seed) for img, seed in zip(images[offset : offset + count], r.seeds)
+            )
+            offset += count
+            results.append(
+                GenerateResult(outputs, r.width, r.height, r.steps, r.guidance, timings=dict(timings))
+            )
+        return results
+
+    def _velocity(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        *,
+        embeds: torch.Tensor,
+        reference_tokens: torch.Tensor | None,
+        img_ids: torch.Tensor,
+        txt_ids: torch.Tensor,
+    ) -> torch.Tensor:
+        """One transformer pass over [target | references]; returns the target tokens' velocity (B, N, C)."""
+        hidden = x if reference_tokens is None else torch.cat([x, reference_tokens.to(x)], dim=1)
+        out = self.components.transformer(
+            hidden_states=hidden.to(self.dtype),
+            encoder_hidden_states=embeds,
+            timestep=t,
+            img_ids=img_ids,
+            txt_ids=txt_ids,
+            guidance=None,
+            return_dict=False,
+        )[0]
+        return out[:, : x.shape[1]]
+
+    def _decode(self, packed: torch.Tensor, h: int, w: int) -> list:
+        """Packed clean latents (B, h*w, C) -> PIL images, one VAE decode per image (bounded memory)."""
+        vae = self.components.vae
+        mean, std = latent_statistics(vae)
+        latents = L.unpatchify(L.denormalize(L.unpack(packed.float(), h, w), mean.float(), std.float()))
+        images = []
+        vae_device = next(vae.parameters()).device
+        vae_dtype = next(vae.parameters()).dtype
+        for latent in latents.split(1):
+            decoded = vae.decode(latent.to(vae_device, vae_dtype), return_dict=False)[0]
+            images.extend(_postprocessor.postprocess(decoded.float(), output_type="pil"))
+        return images
+
+    @contextlib.contextmanager
+    def _resident(self, module: torch.nn.Module) -> Iterator[None]:
+        """With offloading (CUDA), a component sits on the GPU only while it is used."""
+        if not self.components.placement.offload:
+            yield
+            return
+        module.to(self.device)
+        try:
+            yield
+        finally:
+            module.to("cpu")
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        timings[stage] = time.perf_counter() - start

@@ -1,0 +1,89 @@
+"""Reference images for editing: checks, resizing, cropping and VAE encoding (model.md section 6).
+
+Per reference, as diffusers' Flux2KleinPipeline does it (the processor is diffusers' own Flux2ImageProcessor):
+both sides >= 64 px and aspect ratio <= 8; if larger than 1024*1024 pixels, resized to that area (LANCZOS,
+int truncation); floored to multiples of 16 by a centre crop (no resize); RGB in [-1, 1]; VAE-encoded alone
+(batch 1), the distribution's mean taken, patchified, BatchNorm-normalised and packed. References are never
+noised; their tokens follow the target's in the sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
+from PIL import Image
+
+from kleinserve.engine import latents as L
+from kleinserve.engine.spec import SIZE_MULTIPLE
+from kleinserve.errors import InvalidInput
+
+MAX_REFERENCE_AREA = 1024 * 1024
+MIN_REFERENCE_SIDE = 64
+MAX_REFERENCE_ASPECT = 8
+
+_processor = Flux2ImageProcessor(vae_scale_factor=SIZE_MULTIPLE)
+
+
+@dataclass(frozen=True)
+class PreparedReference:
+    """A reference after resizing and cropping: `pixels` (1, 3, H, W) in [-1, 1], H and W multiples of 16."""
+
+    pixels: torch.Tensor
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) in pixels."""
+        return self.pixels.shape[3], self.pixels.shape[2]
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(h, w) of its token grid."""
+        return self.pixels.shape[2] // SIZE_MULTIPLE, self.pixels.shape[3] // SIZE_MULTIPLE
+
+
+def prepare_reference(image: Image.Image, index: int = 0) -> PreparedReference:
+    """Check, resize and crop one reference image (any PIL mode; converted to RGB first)."""
+    width, height = image.size
+    param = f"reference_images[{index}]"
+    if min(width, height) < MIN_REFERENCE_SIDE:
+        raise InvalidInput(
+            f"reference image {index} is {width}x{height}", param=param, allowed="both sides >= 64 px"
+        )
+    if max(width / height, height / width) > MAX_REFERENCE_ASPECT:
+        raise InvalidInput(
+            f"reference image {index} is {width}x{height}", param=param, allowed="aspect ratio up to 8:1"
+        )
+    # Conversion before resizing: diffusers converts after, which is the same for RGB input and makes
+    # palette/CMYK/16-bit images resize as colours rather than as indices or raw channels.
+    image = image.convert("RGB")
+    if width * height > MAX_REFERENCE_AREA:
+        image = _processor._resize_to_target_area(image, MAX_REFERENCE_AREA)
+        width, height = image.size
+    width -= width % SIZE_MULTIPLE
+    height -= height % SIZE_MULTIPLE
+    pixels = _processor.preprocess(image, height=height, width=width, resize_mode="crop")
+    return PreparedReference(pixels=pixels)
+
+
+@torch.inference_mode()
+def encode_references(
+    references: list[PreparedReference], vae: torch.nn.Module, dtype: torch.dtype
+) -> torch.Tensor:
+    """(1, sum h_i*w_i, C) normalised reference tokens, in reference order."""
+    mean, std = latent_statistics(vae)
+    device = next(vae.parameters()).device
+    tokens = []
+    for reference in references:
+        moments = vae.encode(reference.pixels.to(device=device, dtype=dtype)).latent_dist
+        latent = L.patchify(moments.mode())  # (1, C, h, w)
+        tokens.append(L.pack(L.normalize(latent, mean.to(latent), std.to(latent))))
+    return torch.cat(tokens, dim=1)
+
+
+def latent_statistics(vae: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE's BatchNorm running mean and std (sqrt(var + eps)) over patchified channels, each (C,)."""
+    mean = vae.bn.running_mean
+    std = torch.sqrt(vae.bn.running_var + vae.config.batch_norm_eps)
+    return mean, std

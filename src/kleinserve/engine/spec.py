@@ -1,0 +1,78 @@
+"""What kind of FLUX.2 [klein] a checkpoint is, read from its configs, never guessed from file names.
+
+`detect_spec` looks at `model_index.json` (`is_distilled`), the transformer config (width) and the text
+encoder config (width). The variant decides the sampling defaults:
+
+| variant               | steps | guidance | CFG                      | text encoder |
+|-----------------------|-------|----------|--------------------------|--------------|
+| flux-2-klein-4b       | 4     | 1.0 fixed| no (one pass per step)   | Qwen3-4B     |
+| flux-2-klein-base-4b  | 50    | 4.0      | real CFG, negative ""    | Qwen3-4B     |
+| flux-2-klein-9b       | 4     | 1.0 fixed| no                       | Qwen3-8B     |
+| flux-2-klein-base-9b  | 50    | 4.0      | real CFG                 | Qwen3-8B     |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+# Transformer width (heads x head_dim) -> size name of the published checkpoints.
+_SIZE_BY_WIDTH = {3072: "4b", 4096: "9b"}
+
+# Qwen3 hidden states concatenated per token: [h9 | h18 | h27] (BFL OUTPUT_LAYERS_QWEN3, diffusers
+# text_encoder_out_layers). Guarded by tests/engine/test_text.py::test_trimmed_encoder_matches_full_model.
+TEXT_ENCODER_LAYERS = (9, 18, 27)
+
+# The engine's own size bounds (pixels, inclusive); dialects may be stricter.
+MIN_SIDE = 64
+MAX_SIDE = 2048
+SIZE_MULTIPLE = 16
+DEFAULT_SIDE = 1024
+MAX_IMAGES_PER_REQUEST = 4
+MAX_REFERENCE_IMAGES = 4
+MAX_SEQUENCE_LENGTH = 512
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One variant: its public name and the sampling parameters it was trained for.
+
+    `guidance_fixed` means the variant ignores any guidance value (distilled klein); `uses_cfg` means each
+    step runs the transformer twice (conditional and unconditional) and mixes them with `guidance`.
+    """
+
+    name: str
+    distilled: bool
+    default_steps: int
+    default_guidance: float
+    parameters: int  # transformer parameters
+
+    @property
+    def uses_cfg(self) -> bool:
+        return not self.distilled
+
+    @property
+    def guidance_fixed(self) -> bool:
+        return self.distilled
+
+
+def detect_spec(
+    model_index: dict[str, Any],
+    transformer_config: dict[str, Any],
+    transformer_parameters: int,
+    name: str | None = None,
+) -> ModelSpec:
+    """The spec of a checkpoint. `name` overrides the derived name; a model_index.json may name itself with
+    `_kleinserve_name` (the tiny models do; diffusers ignores keys starting with an underscore)."""
+    # diffusers: a model_index without `is_distilled` means False (the base checkpoints omit it).
+    distilled = bool(model_index.get("is_distilled", False))
+    width = transformer_config["num_attention_heads"] * transformer_config["attention_head_dim"]
+    size = _SIZE_BY_WIDTH.get(width, f"custom-{width}")
+    derived = f"flux-2-klein-{size}" if distilled else f"flux-2-klein-base-{size}"
+    return ModelSpec(
+        name=name or model_index.get("_kleinserve_name") or derived,
+        distilled=distilled,
+        default_steps=4 if distilled else 50,
+        default_guidance=1.0 if distilled else 4.0,
+        parameters=transformer_parameters,
+    )

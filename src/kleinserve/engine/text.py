@@ -1,0 +1,119 @@
+"""Prompt -> Qwen3 hidden states -> prompt embeddings (B, L, 3 * hidden), with a bounded LRU cache.
+
+Easy to get wrong (each guarded by tests/engine/test_text.py and the fidelity tests):
+- the prompt is wrapped in Qwen3's chat template with `enable_thinking=False`, no system prompt;
+- every prompt is padded to exactly `max_sequence_length` (512) tokens; all positions, padding included,
+  enter the transformer, which gets no text mask;
+- embeddings are the raw outputs of decoder layers 9, 18 and 27 concatenated per token [h9 | h18 | h27];
+  the encoder stops after layer 27 and has no final norm and no LM head (see loading.py).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from transformers import PreTrainedTokenizerBase, Qwen3Model
+
+from kleinserve.engine.spec import TEXT_ENCODER_LAYERS
+
+DEFAULT_CACHE_BYTES = 512 << 20
+
+
+class PromptEmbeddingCache:
+    """LRU cache of prompt embeddings bounded by the bytes of the stored tensors."""
+
+    def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[tuple[str, int], torch.Tensor] = OrderedDict()
+        self._bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: tuple[str, int]) -> torch.Tensor | None:
+        value = self._entries.get(key)
+        if value is None:
+            self.misses += 1
+            return None
+        self._entries.move_to_end(key)
+        self.hits += 1
+        return value
+
+    def put(self, key: tuple[str, int], value: torch.Tensor) -> None:
+        size = value.numel() * value.element_size()
+        if size > self.max_bytes:
+            return
+        if key in self._entries:
+            self._bytes -= _size(self._entries.pop(key))
+        self._entries[key] = value
+        self._bytes += size
+        while self._bytes > self.max_bytes:
+            _, evicted = self._entries.popitem(last=False)
+            self._bytes -= _size(evicted)
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def _size(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+class PromptEncoder:
+    """Turns prompts into the (L, 3 * hidden) embeddings the transformer reads, caching by (prompt, L)."""
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        text_encoder: Qwen3Model,
+        dtype: torch.dtype,
+        cache: PromptEmbeddingCache | None = None,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.dtype = dtype
+        self.cache = cache if cache is not None else PromptEmbeddingCache()
+
+    def encode(self, prompts: list[str], max_sequence_length: int, device: torch.device) -> torch.Tensor:
+        """(len(prompts), max_sequence_length, 3 * hidden) in the compute dtype, on `device`."""
+        found = {p: self.cache.get((p, max_sequence_length)) for p in dict.fromkeys(prompts)}
+        missing = [p for p, value in found.items() if value is None]
+        if missing:
+            encoded = self._run(missing, max_sequence_length)
+            for prompt, embedding in zip(missing, encoded, strict=True):
+                found[prompt] = embedding
+                self.cache.put((prompt, max_sequence_length), embedding)
+        return torch.stack([found[p] for p in prompts]).to(device)
+
+    @torch.inference_mode()
+    def _run(self, prompts: list[str], max_sequence_length: int) -> torch.Tensor:
+        texts = [
+            self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}],
+                tokenize=False,
+                add_generation_prompt=True,
+                enable_thinking=False,
+            )
+            for prompt in prompts
+        ]
+        tokens = self.tokenizer(
+            texts,
+            return_tensors="pt",
+            padding="max_length",
+            truncation=True,
+            max_length=max_sequence_length,
+        )
+        device = next(self.text_encoder.parameters()).device
+        output = self.text_encoder(
+            input_ids=tokens["input_ids"].to(device),
+            attention_mask=tokens["attention_mask"].to(device),
+            output_hidden_states=True,
+            use_cache=False,
+        )
+        # hidden_states[k] is the output of decoder layer k (index 0 = embeddings).
+        layers = [output.hidden_states[k] for k in TEXT_ENCODER_LAYERS]  # 3 x (B, L, hidden)
+        return torch.cat(layers, dim=-1).to(dtype=self.dtype, device="cpu")  # (B, L, 3 * hidden)

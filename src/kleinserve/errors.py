@@ -1,0 +1,53 @@
+"""Every error kleinserve raises on purpose.
+
+    KleinError                  base; carries an HTTP status and a machine-readable code
+    ├── InvalidInput            a request value is wrong: names the parameter and what is allowed (400)
+    ├── Cancelled               the caller cancelled the work between two denoising steps (499)
+    └── ModelLoadError          a model source cannot be used: names the file and what was expected (500)
+
+Errors are raised, never returned. Each API dialect renders them once, in its own body; the CLI prints the
+message and exits non-zero. Anything that is not a KleinError is a bug and surfaces as a 500.
+"""
+
+from __future__ import annotations
+
+
+class KleinError(Exception):
+    """Base class. `status` is the HTTP status a dialect answers with, `code` a stable machine name."""
+
+    status = 500
+    code = "internal_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidInput(KleinError):
+    """A request value is out of range or malformed.
+
+    `param` names the offending field in kleinserve's internal vocabulary (dialects may rename it);
+    `allowed` says in words what would have been accepted.
+    """
+
+    status = 400
+    code = "invalid_input"
+
+    def __init__(self, message: str, *, param: str | None = None, allowed: str | None = None) -> None:
+        super().__init__(f"{message} (allowed: {allowed})" if allowed else message)
+        self.param = param
+        self.allowed = allowed
+
+
+class Cancelled(KleinError):
+    """Raised inside the engine at a step boundary when the work was cancelled."""
+
+    status = 499
+    code = "cancelled"
+
+
+class ModelLoadError(KleinError):
+    """A model directory, file or repo id cannot be loaded; the message names the file and the expectation."""
+
+    status = 500
+    code = "model_load_error"

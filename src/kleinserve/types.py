@@ -1,0 +1,88 @@
+"""kleinserve's internal vocabulary: what every dialect translates to and from.
+
+Data flows one way: dialect -> GenerateRequest -> engine -> GenerateResult -> dialect.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from PIL import Image
+
+
+class ImageFormat(StrEnum):
+    PNG = "png"
+    JPEG = "jpeg"
+    WEBP = "webp"
+
+    @property
+    def media_type(self) -> str:
+        return f"image/{self.value}"
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """One text-to-image or editing request, already in kleinserve's units.
+
+    `width`/`height` are pixels; None means "the first reference image's processed size, else 1024".
+    `steps`/`guidance` None mean the loaded variant's defaults. `seed` None draws a random seed;
+    image i of `num_images` uses seed + i, so every image can be regenerated alone.
+    `reference_images` are decoded PIL images in any mode (converted to RGB by the engine).
+    """
+
+    prompt: str
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    seed: int | None = None
+    num_images: int = 1
+    reference_images: tuple[Image.Image, ...] = ()
+    negative_prompt: str = ""
+    max_sequence_length: int = 512
+    output_format: ImageFormat = ImageFormat.PNG
+    output_quality: int | None = None
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    """One output image and the seed that reproduces it alone."""
+
+    image: Image.Image
+    seed: int
+
+    def encode(self, fmt: ImageFormat = ImageFormat.PNG, quality: int | None = None) -> bytes:
+        """The image as PNG/JPEG/WebP bytes; `quality` 1-100 applies to JPEG and WebP (default 90)."""
+        buffer = io.BytesIO()
+        if fmt is ImageFormat.PNG:
+            self.image.save(buffer, format="PNG")
+        else:
+            self.image.save(buffer, format=fmt.value.upper(), quality=quality or 90)
+        return buffer.getvalue()
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    """What the engine made for one GenerateRequest: the images and the parameters actually used."""
+
+    images: tuple[GeneratedImage, ...]
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    timings: dict[str, float] = field(default_factory=dict)  # stage name -> seconds, shared by the batch
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Reported after each denoising step: `step` counts from 1 to `total_steps`."""
+
+    step: int
+    total_steps: int
+
+
+StepCallback = Callable[[Progress], None]
+CancelCheck = Callable[[], bool]

@@ -1,0 +1,83 @@
+"""Shared fixtures: the tiny model is written once per session and loaded through the real loader."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+# Before any library import: tests never touch the network or the user's caches.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("KLEINSERVE_CACHE", tempfile.mkdtemp(prefix="kleinserve-cache-"))
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from diffusers import Flux2KleinPipeline  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from kleinserve.engine import Pipeline, load_pipeline  # noqa: E402
+from kleinserve.engine.tiny import create_tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The distilled tiny model in the diffusers layout (plus BFL single file)."""
+    return create_tiny(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An undistilled (CFG) tiny model."""
+    return create_tiny(tmp_path_factory.mktemp("models") / "tiny-base", seed=1, distilled=False)
+
+
+@pytest.fixture(scope="session")
+def pipeline(tiny_dir: Path) -> Pipeline:
+    return load_pipeline(str(tiny_dir))
+
+
+@pytest.fixture(scope="session")
+def reference_pipeline(tiny_dir: Path) -> Flux2KleinPipeline:
+    """diffusers' own pipeline on the same files: the reference for pixel fidelity."""
+    return Flux2KleinPipeline.from_pretrained(tiny_dir)
+
+
+def random_image(width: int, height: int, seed: int, mode: str = "RGB") -> Image.Image:
+    """A deterministic noise image of the given size."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels).convert(mode)
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def max_difference(a: Image.Image, b: Image.Image) -> int:
+    """Largest per-channel difference in 1/255 units; images must have the same size."""
+    assert a.size == b.size, (a.size, b.size)
+    return int(np.abs(pixels(a) - pixels(b)).max())
+
+
+def reference_image(
+    reference: Flux2KleinPipeline,
+    prompt: str,
+    seed: int,
+    width: int,
+    height: int,
+    steps: int,
+    guidance: float = 1.0,
+    images: list[Image.Image] | None = None,
+) -> Image.Image:
+    """diffusers' image for one seed, with a CPU generator, as the brief defines fidelity."""
+    generator = torch.Generator("cpu").manual_seed(seed)
+    return reference(
+        prompt=prompt,
+        image=images,
+        height=height,
+        width=width,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        generator=generator,
+    ).images[0]
