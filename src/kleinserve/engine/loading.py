@@ -311,7 +311,9 @@ class _quiet_library_logs:
         self._levels = (transformers_logging.get_verbosity(), diffusers_logging.get_verbosity())
         transformers_logging.set_verbosity_error()
         diffusers_logging.set_verbosity_error()
+        transformers_logging.disable_progress_bar()
 
     def __exit__(self, *exc: object) -> None:
         transformers_logging.set_verbosity(self._levels[0])
         diffusers_logging.set_verbosity(self._levels[1])
+        transformers_logging.enable_progress_bar()

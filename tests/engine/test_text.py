@@ -1,0 +1,53 @@
+"""Prompt embeddings: the trimmed Qwen3 gives exactly what the full model gives; the cache is bounded."""
+
+from __future__ import annotations
+
+import torch
+from transformers import Qwen3ForCausalLM
+
+from kleinserve.engine.text import PromptEmbeddingCache
+
+
+def test_trimmed_encoder_matches_full_model(pipeline, tiny_dir):
+    # The encoder stops after layer 27 with its final norm removed; h27 must be the raw layer output.
+    assert len(pipeline.components.text_encoder.layers) == 27
+    full = Qwen3ForCausalLM.from_pretrained(tiny_dir / "text_encoder").eval()
+    ours = pipeline.prompts._run(["a cat", "a much longer prompt about a dog"], 512)
+    reference = pipeline_reference_embeddings(
+        full, pipeline.components.tokenizer, ["a cat", "a much longer prompt about a dog"]
+    )
+    assert ours.shape == (2, 512, 48)
+    assert torch.equal(ours, reference)
+
+
+def pipeline_reference_embeddings(text_encoder, tokenizer, prompts):
+    from diffusers import Flux2KleinPipeline
+
+    with torch.no_grad():
+        return Flux2KleinPipeline._get_qwen3_prompt_embeds(
+            text_encoder, tokenizer, prompts, dtype=torch.float32
+        )
+
+
+def test_embeddings_are_cached_by_prompt_and_length(pipeline):
+    cache = pipeline.prompts.cache
+    hits = cache.hits
+    first = pipeline.prompts.encode(["cached prompt"], 512, torch.device("cpu"))
+    second = pipeline.prompts.encode(["cached prompt"], 512, torch.device("cpu"))
+    assert cache.hits == hits + 1
+    assert torch.equal(first, second)
+    short = pipeline.prompts.encode(["cached prompt"], 64, torch.device("cpu"))
+    assert short.shape[1] == 64
+
+
+def test_cache_is_bounded_by_bytes_and_evicts_least_recent():
+    cache = PromptEmbeddingCache(max_bytes=3 * 400)
+    tensors = {name: torch.zeros(100) for name in "abcd"}  # 400 bytes each
+    for name in "abc":
+        cache.put((name, 1), tensors[name])
+    assert cache.get(("a", 1)) is not None  # a becomes most recent
+    cache.put(("d", 1), tensors["d"])
+    assert cache.get(("b", 1)) is None  # least recently used went first
+    assert cache.get(("a", 1)) is not None and len(cache) == 3 and cache.bytes == 1200
+    cache.put(("huge", 1), torch.zeros(1000))  # larger than the whole cache: not stored
+    assert cache.get(("huge", 1)) is None
