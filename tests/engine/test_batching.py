@@ -1,4 +1,4 @@
-"""A seed means one image, alone or in a batch; image i of a request with seed s is the image for seed s + i."""
+"""A seed means one image, alone or in a batch; image i of a request with seed s is seed s + i's image."""
 
 from __future__ import annotations
 

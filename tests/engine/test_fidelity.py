@@ -47,7 +47,7 @@ def test_non_square_two_steps(pipeline, reference_pipeline):
 
 
 def test_one_reference_of_odd_size(pipeline, reference_pipeline):
-    # catches: centre crop to /16 (100x70 -> 96x64), reference t offset 10, output size from the first reference
+    # catches: centre crop to /16 (100x70 -> 96x64), reference t offset 10, output size = first reference
     reference = random_image(100, 70, seed=1)
     request = GenerateRequest(prompt="make it blue", seed=5, reference_images=(reference,))
     assert pipeline.resolve(request).width == 96 and pipeline.resolve(request).height == 64
@@ -62,7 +62,8 @@ def test_three_references_of_different_sizes(pipeline, reference_pipeline):
 
 
 def test_large_reference_is_resized_to_one_megapixel(pipeline, reference_pipeline):
-    # catches: the 1024*1024-pixel cap (LANCZOS, int truncation) before the crop: 1100x1000 -> 1073x976 -> 1072x976
+    # catches: the 1024*1024-pixel cap (LANCZOS, int truncation) before the crop:
+    # 1100x1000 -> 1073x976 -> 1072x976
     reference = random_image(1100, 1000, seed=4)
     request = GenerateRequest(prompt="zoom", width=64, height=64, seed=2, reference_images=(reference,))
     assert [r.size for r in pipeline.resolve(request).references] == [(1072, 976)]

@@ -24,7 +24,7 @@ def load_pipeline(
     memory_budget_gib: float | None = None,
     prompt_cache_bytes: int = DEFAULT_CACHE_BYTES,
 ) -> Pipeline:
-    """Resolve `model` (directory, BFL file, HF repo id or `tiny-random`), load it and wrap it in a Pipeline."""
+    """Resolve `model` (directory, BFL file, HF repo id or `tiny-random`), load it, wrap it in a Pipeline."""
     source = resolve_source(model, components=components, download=download)
     placement = choose_placement(device, dtype, quantize, offload, memory_budget_gib)
     return Pipeline(load_components(source, placement), PromptEmbeddingCache(prompt_cache_bytes))

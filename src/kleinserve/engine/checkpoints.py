@@ -26,8 +26,11 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2"
 
 
 def read_safetensors_header(path: Path) -> dict[str, Any]:
-    """The tensor table of a safetensors file ({name: {"dtype", "shape", "data_offsets"}}), checked against
-    the file size so that a truncated or corrupt file fails here, naming the file, before any tensor is read."""
+    """The tensor table of a safetensors file ({name: {"dtype", "shape", "data_offsets"}}).
+
+    Checked against the file size, so that a truncated or corrupt file fails here, naming the file, before any
+    tensor is read.
+    """
     try:
         size = path.stat().st_size
         with path.open("rb") as handle:
@@ -43,7 +46,8 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
     data_end = max((entry["data_offsets"][1] for entry in header.values()), default=0)
     if 8 + header_len + data_end > size:
         raise ModelLoadError(
-            f"{path}: truncated safetensors file ({size} bytes, the header describes {8 + header_len + data_end})"
+            f"{path}: truncated safetensors file "
+            f"({size} bytes, the header describes {8 + header_len + data_end})"
         )
     return header
 

@@ -181,7 +181,7 @@ def _headers(folder: Path) -> dict[str, Any]:
 
 
 def _kept_text_encoder_entries(header: dict[str, Any]) -> dict[str, Any]:
-    """Header entries of the weights the trimmed Qwen3 loads: embeddings and layers 0..26 (no norm, no head)."""
+    """Header entries of what the trimmed Qwen3 loads: embeddings and layers 0..26 (no norm, no LM head)."""
     last = max(TEXT_ENCODER_LAYERS)
 
     def kept(key: str) -> bool:
@@ -218,14 +218,15 @@ def inspect_source(source: ModelSource) -> SourceInfo:
     if embedding_width != transformer_config["joint_attention_dim"]:
         raise ModelLoadError(
             f"{directory / 'text_encoder' / 'config.json'}: a text encoder of hidden_size "
-            f"{text_config['hidden_size']} gives {embedding_width}-wide prompt embeddings, but the transformer "
-            f"expects joint_attention_dim {transformer_config['joint_attention_dim']} "
+            f"{text_config['hidden_size']} gives {embedding_width}-wide prompt embeddings, "
+            f"but the transformer expects joint_attention_dim {transformer_config['joint_attention_dim']} "
             "(klein-4B needs Qwen3-4B, hidden_size 2560; klein-9B needs Qwen3-8B, hidden_size 4096)"
         )
     if text_config["num_hidden_layers"] < max(TEXT_ENCODER_LAYERS):
         raise ModelLoadError(
             f"{directory / 'text_encoder' / 'config.json'}: {text_config['num_hidden_layers']} layers, "
-            f"expected at least {max(TEXT_ENCODER_LAYERS)} (prompt embeddings read layers {TEXT_ENCODER_LAYERS})"
+            f"expected at least {max(TEXT_ENCODER_LAYERS)} "
+            f"(prompt embeddings read layers {TEXT_ENCODER_LAYERS})"
         )
     transformer_parameters = checkpoints.count_parameters(transformer_header)[0]
     dtypes = [entry["dtype"] for entry in transformer_header.values()]

@@ -169,29 +169,19 @@ class Pipeline:
             if first.use_cfg:
                 negatives = [r.request.negative_prompt for r in resolved for _ in r.seeds]
                 embeds = torch.cat([embeds, self.prompts.encode(negatives, length, self.device)])
-
         with self._timed(timings, "reference_encoding"), self._resident(components.vae):
-            refs = [
-                encode_references(list(r.references), components.vae, self.dtype) if r.references else None
-                for r in resolved
-            ]
-        channels = components.transformer.config.in_channels
-        reference_tokens = None
-        if first.references:
-            # (B, N_ref, C): each image carries its own request's references.
-            reference_tokens = torch.cat([t for r, t in zip(resolved, refs, strict=True) for _ in r.seeds])
-        ids = torch.cat([L.image_ids(h, w), L.reference_ids([r.grid for r in first.references])]).to(
-            self.device
-        )
+            reference_tokens = self._encode_references(resolved)  # (B, N_ref, C) or None
+        if first.use_cfg and reference_tokens is not None:
+            reference_tokens = torch.cat([reference_tokens, reference_tokens])  # the [cond | uncond] batch
 
+        channels = components.transformer.config.in_channels
         noise = L.pack(L.draw_noise(seeds, channels, h, w)).to(self.device, self.dtype)  # (B, h*w, C)
+        ids = torch.cat([L.image_ids(h, w), L.reference_ids([r.grid for r in first.references])])
         forward = partial(
             self._velocity,
             embeds=embeds,
-            reference_tokens=reference_tokens
-            if not first.use_cfg or reference_tokens is None
-            else torch.cat([reference_tokens, reference_tokens]),
-            img_ids=ids,
+            reference_tokens=reference_tokens,
+            img_ids=ids.to(self.device),
             txt_ids=L.text_ids(length).to(self.device),
         )
         velocity = ClassifierFreeGuidance(forward, first.guidance) if first.use_cfg else forward
@@ -203,17 +193,21 @@ class Pipeline:
             images = self._decode(packed, h, w)
 
         results = []
-        offset = 0
+        outputs_left = iter(images)
         for r in resolved:
-            count = len(r.seeds)
-            outputs = tuple(
-                GeneratedImage(img, seed) for img, seed in zip(images[offset : offset + count], r.seeds)
-            )
-            offset += count
+            outputs = tuple(GeneratedImage(next(outputs_left), seed) for seed in r.seeds)
             results.append(
                 GenerateResult(outputs, r.width, r.height, r.steps, r.guidance, timings=dict(timings))
             )
         return results
+
+    def _encode_references(self, resolved: list[ResolvedRequest]) -> torch.Tensor | None:
+        """(B, N_ref, C) reference tokens, each image carrying its own request's references; None without."""
+        if not resolved[0].references:
+            return None
+        vae = self.components.vae
+        per_request = [encode_references(list(r.references), vae, self.dtype) for r in resolved]
+        return torch.cat([tokens for r, tokens in zip(resolved, per_request, strict=True) for _ in r.seeds])
 
     def _velocity(
         self,

@@ -1,10 +1,10 @@
 """Where the weights live and in which dtype they compute.
 
 CUDA computes in bf16. On the CPU, bf16 matmuls run ~4x slower than fp32 on CPUs without native bf16 kernels
-(measured in bench/engine.py), so the CPU always computes in fp32. Storage is a separate choice: the published
-checkpoints are bf16, so a weight kept in bf16 and widened to fp32 at each use computes exactly what the fp32
-weight would. When all weights do not fit the memory budget in fp32, whole blocks stay bf16-stored (transformer
-blocks are widened first, since they run once per step while the text encoder runs once per prompt).
+(measured in bench/engine.py), so the CPU always computes in fp32. Storage is a separate choice: the
+published checkpoints are bf16, so a weight kept in bf16 and widened to fp32 at each use computes exactly what
+the fp32 weight would. When all weights do not fit the memory budget in fp32, whole blocks stay bf16-stored
+(transformer blocks are widened first: they run once per step, the text encoder once per prompt).
 
 `--quantize int8` (CPU) replaces the Linear layers of the transformer and the text encoder by dynamically
 quantized int8 ones (torch.ao, fbgemm/onednn kernels using VNNI); pixels drift from full precision and

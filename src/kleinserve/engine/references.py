@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
 from PIL import Image
@@ -57,7 +58,7 @@ def prepare_reference(image: Image.Image, index: int = 0) -> PreparedReference:
         )
     # Conversion before resizing: diffusers converts after, which is the same for RGB input and makes
     # palette/CMYK/16-bit images resize as colours rather than as indices or raw channels.
-    image = image.convert("RGB")
+    image = to_rgb(image)
     if width * height > MAX_REFERENCE_AREA:
         image = _processor._resize_to_target_area(image, MAX_REFERENCE_AREA)
         width, height = image.size
@@ -65,6 +66,19 @@ def prepare_reference(image: Image.Image, index: int = 0) -> PreparedReference:
     height -= height % SIZE_MULTIPLE
     pixels = _processor.preprocess(image, height=height, width=width, resize_mode="crop")
     return PreparedReference(pixels=pixels)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB: 16-bit grey scaled (PIL's own convert clips it to white), transparency
+    composited over white (dropping alpha would reveal whatever colour hides under transparent pixels)."""
+    if image.mode.startswith("I;16") or (image.mode == "I" and image.getextrema()[1] > 255):
+        scaled = np.asarray(image, dtype=np.float64) / 257.0
+        image = Image.fromarray(scaled.round().clip(0, 255).astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 @torch.inference_mode()

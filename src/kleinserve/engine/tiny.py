@@ -1,14 +1,14 @@
-"""`tiny-random`: a deterministic, randomly initialised FLUX.2 [klein] with the real classes, written to disk in
-the layouts users download, so that tests and demos go through the real loader.
+"""`tiny-random`: a deterministic, randomly initialised FLUX.2 [klein] with the real classes, written to disk
+in the layouts users download, so that tests and demos go through the real loader.
 
 The directory has the diffusers layout of `black-forest-labs/FLUX.2-klein-4B` (`model_index.json`,
 `scheduler/`, `text_encoder/`, `tokenizer/`, `transformer/`, `vae/`) plus, like that repo, BFL's single-file
 transformer checkpoint at the root (`flux-2-klein-tiny.safetensors`, BFL key names).
 
 Shape rules that keep the tiny model faithful to the real one (model.md section 11): transformer
-`in_channels = 4 * latent_channels`; `joint_attention_dim = 3 * text hidden size`; `sum(axes_dims_rope) =
-attention_head_dim`; four VAE levels (spatial factor 8); a text encoder with >= 28 layers so that layer 27 is a
-raw layer output.
+`in_channels = 4 * latent_channels`; `joint_attention_dim = 3 * text hidden size`;
+`sum(axes_dims_rope) = attention_head_dim`; four VAE levels (spatial factor 8); a text encoder with >= 28
+layers so that layer 27 is a raw layer output.
 """
 
 from __future__ import annotations
