@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
-# Before any library import: tests never touch the network or the user's caches.
+# Before any library import (huggingface_hub reads it once): tests never touch the network.
 os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ.setdefault("KLEINSERVE_CACHE", tempfile.mkdtemp(prefix="kleinserve-cache-"))
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -18,6 +16,14 @@ from PIL import Image  # noqa: E402
 
 from kleinserve.engine import Pipeline, load_pipeline  # noqa: E402
 from kleinserve.engine.tiny import create_tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def kleinserve_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """kleinserve's cache (where `tiny-random` is written) lives in the test's temporary directory."""
+    path = tmp_path_factory.mktemp("kleinserve-cache")
+    os.environ["KLEINSERVE_CACHE"] = str(path)
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +40,8 @@ def tiny_base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def pipeline(tiny_dir: Path) -> Pipeline:
-    return load_pipeline(str(tiny_dir))
+    """Full precision (fp32 compute), the mode whose pixels match diffusers in fp32."""
+    return load_pipeline(str(tiny_dir), dtype="float32")
 
 
 @pytest.fixture(scope="session")

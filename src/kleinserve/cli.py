@@ -103,6 +103,8 @@ def _generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from kleinserve.engine import load_pipeline
+    from kleinserve.engine.loading import inspect_source, resolve_source
+    from kleinserve.engine.pipeline import resolve_request
     from kleinserve.types import GenerateRequest, ImageFormat
 
     references = []
@@ -133,6 +135,8 @@ def _generate(args: argparse.Namespace) -> int:
         negative_prompt=args.negative_prompt,
         output_format=formats[suffix],
     )
+    # Check the request against the model's configs before spending minutes loading the weights.
+    resolve_request(request, inspect_source(resolve_source(args.model, components=args.components)).spec)
     pipeline = load_pipeline(
         args.model,
         components=args.components,
@@ -157,7 +161,6 @@ def _info(args: argparse.Namespace) -> int:
 
     info = inspect_source(resolve_source(args.model, components=args.components))
     gib = 1 << 30
-    stored = 2 if info.stored_16bit else 4
     lines = {
         "variant": info.spec.name,
         "distilled": info.spec.distilled,
@@ -166,8 +169,8 @@ def _info(args: argparse.Namespace) -> int:
         "transformer parameters": f"{info.transformer_parameters:,}",
         "text encoder parameters (layers used)": f"{info.text_encoder_parameters:,}",
         "vae parameters": f"{info.vae_parameters:,}",
-        "stored dtype": info.stored_dtype,
-        "memory, as stored": f"{(info.fp32_bytes // 4) * stored / gib:.2f} GiB",
+        "stored dtypes": ", ".join(f"{c} {d}" for c, d in info.stored_dtypes.items()),
+        "memory, as stored": f"{info.stored_bytes / gib:.2f} GiB",
         "memory, fp32 compute": f"{info.fp32_bytes / gib:.2f} GiB",
     }
     for key, value in lines.items():

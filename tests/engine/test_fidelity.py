@@ -72,7 +72,7 @@ def test_large_reference_is_resized_to_one_megapixel(pipeline, reference_pipelin
 
 def test_base_variant_with_cfg(tiny_base_dir):
     # catches: real CFG (uncond + g * (cond - uncond)) with the empty negative prompt, and the base defaults
-    pipeline = load_pipeline(str(tiny_base_dir))
+    pipeline = load_pipeline(str(tiny_base_dir), dtype="float32")
     reference = Flux2KleinPipeline.from_pretrained(tiny_base_dir)
     assert pipeline.spec.uses_cfg and pipeline.spec.default_guidance == 4.0
     _check(pipeline, reference, GenerateRequest(prompt="a castle", width=64, height=80, steps=3, seed=4))

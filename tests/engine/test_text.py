@@ -17,7 +17,9 @@ def test_trimmed_encoder_matches_full_model(pipeline, tiny_dir):
         full, pipeline.components.tokenizer, ["a cat", "a much longer prompt about a dog"]
     )
     assert ours.shape == (2, 512, 48)
-    assert torch.equal(ours, reference)
+    # Not bit-equal: our Linear layers run through oneDNN with packed weights, diffusers' through MKL. A
+    # normed h27 would differ by orders of magnitude more than this tolerance.
+    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5)
 
 
 def pipeline_reference_embeddings(text_encoder, tokenizer, prompts):

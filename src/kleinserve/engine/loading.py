@@ -83,6 +83,11 @@ def resolve_source(model: str, *, components: str | None = None, download: bool 
                 f"{path}: expected a .safetensors transformer checkpoint or a model directory"
             )
         base = resolve_source(components).directory if components else path.parent
+        if not (base / "model_index.json").exists():
+            raise ModelLoadError(
+                f"{path}: a single-file transformer needs --components DIR (a diffusers-layout directory or "
+                "repo id with the text encoder, tokenizer, VAE and scheduler); none found beside it"
+            )
         return ModelSource(directory=base, transformer_file=path)
     if path.is_dir():
         if not (path / "model_index.json").exists():
@@ -162,15 +167,23 @@ class SourceInfo:
     transformer_parameters: int
     text_encoder_parameters: int
     vae_parameters: int
-    stored_dtype: str  # safetensors dtype of the transformer weights, e.g. "BF16"
+    stored_dtypes: dict[str, str]  # component -> its most common safetensors dtype, e.g. "BF16"
 
     @property
     def fp32_bytes(self) -> int:
         return 4 * (self.transformer_parameters + self.text_encoder_parameters + self.vae_parameters)
 
+    def stored_16bit(self, component: str) -> bool:
+        return self.stored_dtypes[component] in ("BF16", "F16")
+
     @property
-    def stored_16bit(self) -> bool:
-        return self.stored_dtype in ("BF16", "F16")
+    def stored_bytes(self) -> int:
+        counts = {
+            "transformer": self.transformer_parameters,
+            "text_encoder": self.text_encoder_parameters,
+            "vae": self.vae_parameters,
+        }
+        return sum(n * (2 if self.stored_16bit(c) else 4) for c, n in counts.items())
 
 
 def _headers(folder: Path) -> dict[str, Any]:
@@ -229,24 +242,36 @@ def inspect_source(source: ModelSource) -> SourceInfo:
             f"(prompt embeddings read layers {TEXT_ENCODER_LAYERS})"
         )
     transformer_parameters = checkpoints.count_parameters(transformer_header)[0]
-    dtypes = [entry["dtype"] for entry in transformer_header.values()]
     text_header = _kept_text_encoder_entries(_headers(directory / "text_encoder"))
+    vae_header = _headers(directory / "vae")
     return SourceInfo(
         spec=detect_spec(model_index, transformer_config, transformer_parameters),
         transformer_config=transformer_config,
         text_config=text_config,
         transformer_parameters=transformer_parameters,
         text_encoder_parameters=checkpoints.count_parameters(text_header)[0],
-        vae_parameters=checkpoints.count_parameters(_headers(directory / "vae"))[0],
-        stored_dtype=max(set(dtypes), key=dtypes.count),
+        vae_parameters=checkpoints.count_parameters(vae_header)[0],
+        stored_dtypes={
+            "transformer": _common_dtype(transformer_header),
+            "text_encoder": _common_dtype(text_header),
+            "vae": _common_dtype(vae_header),
+        },
     )
+
+
+def _common_dtype(header: dict[str, Any]) -> str:
+    dtypes = [entry["dtype"] for entry in header.values()]
+    return max(set(dtypes), key=dtypes.count)
 
 
 def load_components(source: ModelSource, placement: Placement) -> ModelComponents:
     """Load every component of `source` and place it as `placement` says."""
     info = inspect_source(source)
     directory = source.directory
-    load_dtype = choose_load_dtype(placement, info.fp32_bytes, info.stored_16bit)
+    # Per component, so that no fp32-stored weight is ever read as bf16; the VAE is small: always fp32.
+    te_dtype = choose_load_dtype(placement, info.fp32_bytes, info.stored_16bit("text_encoder"))
+    dit_dtype = choose_load_dtype(placement, info.fp32_bytes, info.stored_16bit("transformer"))
+    vae_dtype = choose_load_dtype(placement, info.fp32_bytes, stored_16bit=False)
     with _quiet_library_logs():
         try:
             tokenizer = AutoTokenizer.from_pretrained(directory / "tokenizer")
@@ -255,22 +280,25 @@ def load_components(source: ModelSource, placement: Placement) -> ModelComponent
         text_encoder = _load(
             directory / "text_encoder",
             lambda p: Qwen3Model.from_pretrained(
-                p, num_hidden_layers=max(TEXT_ENCODER_LAYERS), dtype=load_dtype
+                p, num_hidden_layers=max(TEXT_ENCODER_LAYERS), dtype=te_dtype, output_loading_info=True
             ),
         )
         # The last hidden state a Qwen3Model returns has gone through the final RMSNorm. With the model cut
         # at layer 27 that would corrupt h27, so the norm becomes the identity (model.md section 4).
         text_encoder.norm = torch.nn.Identity()
         vae = _load(
-            directory / "vae", lambda p: AutoencoderKLFlux2.from_pretrained(p, torch_dtype=load_dtype)
+            directory / "vae",
+            lambda p: AutoencoderKLFlux2.from_pretrained(p, torch_dtype=vae_dtype, output_loading_info=True),
         )
         if source.transformer_file is None:
             transformer = _load(
                 directory / "transformer",
-                lambda p: Flux2Transformer2DModel.from_pretrained(p, torch_dtype=load_dtype),
+                lambda p: Flux2Transformer2DModel.from_pretrained(
+                    p, torch_dtype=dit_dtype, output_loading_info=True
+                ),
             )
         else:
-            transformer = _load_bfl_transformer(source.transformer_file, info.transformer_config, load_dtype)
+            transformer = _load_bfl_transformer(source.transformer_file, info.transformer_config, dit_dtype)
     for module in (text_encoder, vae, transformer):
         module.eval().requires_grad_(False)
     place_modules(placement, text_encoder=text_encoder, transformer=transformer, vae=vae)
@@ -286,10 +314,17 @@ def load_components(source: ModelSource, placement: Placement) -> ModelComponent
 
 
 def _load(folder: Path, loader: Any) -> Any:
+    """Run a library `from_pretrained(..., output_loading_info=True)`; any missing or mismatched weight is an
+    error (the libraries would leave it randomly initialised or on the meta device)."""
     try:
-        return loader(folder)
+        model, report = loader(folder)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise ModelLoadError(f"{folder}: cannot load weights ({exc})") from None
+    missing = list(report.get("missing_keys", [])) + [str(k) for k in report.get("mismatched_keys", [])]
+    if missing:
+        shown = ", ".join(sorted(missing)[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise ModelLoadError(f"{folder}: weights missing or of the wrong shape for {shown}")
+    return model
 
 
 def _load_bfl_transformer(file: Path, config: dict[str, Any], dtype: torch.dtype) -> Flux2Transformer2DModel:

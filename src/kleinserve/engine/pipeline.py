@@ -83,6 +83,47 @@ def _floor_side(value: int, param: str) -> int:
     return value - value % limits.SIZE_MULTIPLE
 
 
+def resolve_request(request: GenerateRequest, spec: ModelSpec) -> ResolvedRequest:
+    """Apply `spec`'s defaults and check every value; raises InvalidInput naming the parameter.
+
+    Needs only the variant's spec, not the weights: callers can refuse bad input before loading or queueing.
+    """
+    if not 1 <= request.num_images <= limits.MAX_IMAGES_PER_REQUEST:
+        raise InvalidInput(
+            f"num_images {request.num_images} is out of range", param="num_images", allowed="1-4"
+        )
+    if len(request.reference_images) > limits.MAX_REFERENCE_IMAGES:
+        raise InvalidInput(
+            f"{len(request.reference_images)} reference images given",
+            param="reference_images",
+            allowed="at most 4",
+        )
+    _check_range(request.max_sequence_length, 1, limits.MAX_SEQUENCE_LENGTH, "max_sequence_length", "tokens")
+    references = tuple(prepare_reference(img, i) for i, img in enumerate(request.reference_images))
+    default_width, default_height = references[0].size if references else (limits.DEFAULT_SIDE,) * 2
+    width = _floor_side(request.width, "width") if request.width is not None else default_width
+    height = _floor_side(request.height, "height") if request.height is not None else default_height
+    steps = request.steps if request.steps is not None else spec.default_steps
+    _check_range(steps, 1, MAX_STEPS, "steps", "steps")
+    guidance = spec.default_guidance
+    if request.guidance is not None and not spec.guidance_fixed:
+        _check_range(request.guidance, 0.0, MAX_GUIDANCE, "guidance", "scale")
+        guidance = float(request.guidance)
+    seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
+    _check_range(seed, 0, MAX_SEED, "seed", "integer")
+    return ResolvedRequest(
+        request=request,
+        width=width,
+        height=height,
+        steps=steps,
+        guidance=guidance,
+        seeds=tuple(seed + i for i in range(request.num_images)),
+        references=references,
+        # As in diffusers: CFG only for the base variants and only with a scale above 1.
+        use_cfg=spec.uses_cfg and guidance > 1.0,
+    )
+
+
 class Pipeline:
     """A loaded model that turns requests into images. Not thread-safe: one caller at a time."""
 
@@ -99,43 +140,7 @@ class Pipeline:
 
     def resolve(self, request: GenerateRequest) -> ResolvedRequest:
         """Apply defaults and check every value; raises InvalidInput naming the parameter."""
-        spec = self.spec
-        if not 1 <= request.num_images <= limits.MAX_IMAGES_PER_REQUEST:
-            raise InvalidInput(
-                f"num_images {request.num_images} is out of range", param="num_images", allowed="1-4"
-            )
-        if len(request.reference_images) > limits.MAX_REFERENCE_IMAGES:
-            raise InvalidInput(
-                f"{len(request.reference_images)} reference images given",
-                param="reference_images",
-                allowed="at most 4",
-            )
-        _check_range(
-            request.max_sequence_length, 1, limits.MAX_SEQUENCE_LENGTH, "max_sequence_length", "tokens"
-        )
-        references = tuple(prepare_reference(img, i) for i, img in enumerate(request.reference_images))
-        default_width, default_height = references[0].size if references else (limits.DEFAULT_SIDE,) * 2
-        width = _floor_side(request.width, "width") if request.width is not None else default_width
-        height = _floor_side(request.height, "height") if request.height is not None else default_height
-        steps = request.steps if request.steps is not None else spec.default_steps
-        _check_range(steps, 1, MAX_STEPS, "steps", "steps")
-        guidance = spec.default_guidance
-        if request.guidance is not None and not spec.guidance_fixed:
-            _check_range(request.guidance, 0.0, MAX_GUIDANCE, "guidance", "scale")
-            guidance = float(request.guidance)
-        seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
-        _check_range(seed, 0, MAX_SEED, "seed", "integer")
-        return ResolvedRequest(
-            request=request,
-            width=width,
-            height=height,
-            steps=steps,
-            guidance=guidance,
-            seeds=tuple(seed + i for i in range(request.num_images)),
-            references=references,
-            # As in diffusers: CFG only for the base variants and only with a scale above 1.
-            use_cfg=spec.uses_cfg and guidance > 1.0,
-        )
+        return resolve_request(request, self.spec)
 
     def generate(
         self,
