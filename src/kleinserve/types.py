@@ -78,10 +78,15 @@ class GenerateResult:
 
 @dataclass(frozen=True)
 class Progress:
-    """Reported after each denoising step: `step` counts from 1 to `total_steps`."""
+    """Reported after each denoising step: `step` counts from 1 to `total_steps`.
+
+    `preview()` decodes the model's current estimate of the clean image, one PIL image per image of the batch,
+    in batch order. It runs the VAE on the engine's thread, so call it only for the steps you show.
+    """
 
     step: int
     total_steps: int
+    preview: Callable[[], list[Image.Image]] = field(default=lambda: [], repr=False, compare=False)
 
 
 StepCallback = Callable[[Progress], None]

@@ -65,3 +65,18 @@ def test_cancellation_stops_between_steps(pipeline):
             cancelled=cancel_after_two,
         )
     assert len(steps) == 2
+
+
+def test_preview_decodes_the_clean_estimate(pipeline):
+    # At the last step x0 = x - sigma * v is exactly the Euler step to sigma 0: the preview is the result.
+    previews = {}
+    request = GenerateRequest(prompt="a tree", width=64, height=64, seed=4, num_images=2)
+
+    def keep(progress):
+        previews[progress.step] = progress.preview()
+
+    result = pipeline.generate(request, on_step=keep)
+    assert sorted(previews) == [1, 2, 3, 4] and all(len(images) == 2 for images in previews.values())
+    for image, preview in zip(result.images, previews[4], strict=True):
+        assert max_difference(image.image, preview) <= 1
+    assert max_difference(previews[1][0], result.images[0].image) > 5

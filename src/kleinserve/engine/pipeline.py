@@ -40,6 +40,7 @@ from kleinserve.types import (
     GeneratedImage,
     GenerateRequest,
     GenerateResult,
+    Progress,
     StepCallback,
 )
 
@@ -191,8 +192,13 @@ class Pipeline:
         )
         velocity = ClassifierFreeGuidance(forward, first.guidance) if first.use_cfg else forward
         scheduler = make_scheduler(components.scheduler_config, first.steps, image_seq_len=h * w)
+
+        def step_hook(step: int, total: int, estimate: torch.Tensor) -> None:
+            if on_step is not None:
+                on_step(Progress(step, total, preview=lambda: self._decode(estimate, h, w)))
+
         with self._timed(timings, "denoising"), self._resident(components.transformer):
-            packed = denoise(velocity, noise, scheduler, on_step, cancelled)
+            packed = denoise(velocity, noise, scheduler, step_hook, cancelled)
 
         with self._timed(timings, "vae_decode"), self._resident(components.vae):
             images = self._decode(packed, h, w)

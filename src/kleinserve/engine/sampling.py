@@ -18,7 +18,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from kleinserve.errors import Cancelled
-from kleinserve.types import CancelCheck, Progress, StepCallback
+from kleinserve.types import CancelCheck
 
 
 def compute_empirical_mu(image_seq_len: int, num_steps: int) -> float:
@@ -46,6 +46,8 @@ def make_scheduler(
 
 # Velocity model: (noisy target tokens (B, N, C), timestep in [0, 1] of shape (B,)) -> velocity (B, N, C)
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# Called after each step with (step from 1, total steps, estimate of the clean latents (B, N, C)).
+StepHook = Callable[[int, int, torch.Tensor], None]
 
 
 @dataclass(frozen=True)
@@ -67,13 +69,14 @@ def denoise(
     velocity: VelocityFn,
     noise: torch.Tensor,
     scheduler: FlowMatchEulerDiscreteScheduler,
-    on_step: StepCallback | None = None,
+    on_step: StepHook | None = None,
     cancelled: CancelCheck | None = None,
 ) -> torch.Tensor:
     """Integrate from packed noise (B, N, C) to clean packed latents (B, N, C).
 
     The model gets t = sigma (scheduler timesteps / 1000, as diffusers passes them). Cancellation is checked
-    before every step, so a cancelled request stops within one step.
+    before every step, so a cancelled request stops within one step. The clean estimate handed to `on_step`
+    is x0 = x_t - sigma * v (rectified flow: x_t = (1 - sigma) x0 + sigma noise, v = noise - x0).
     """
     x = noise
     total = len(scheduler.timesteps)
@@ -82,7 +85,10 @@ def denoise(
             raise Cancelled(f"cancelled before step {index + 1} of {total}")
         t = timestep.expand(x.shape[0]).to(x.dtype) / 1000
         v = velocity(x, t)
+        sigma = scheduler.sigmas[index]
+        if on_step is not None:
+            estimate = x.float() - sigma * v.float()
         x = scheduler.step(v, timestep, x, return_dict=False)[0]
         if on_step is not None:
-            on_step(Progress(step=index + 1, total_steps=total))
+            on_step(index + 1, total, estimate)
     return x
