@@ -4,6 +4,8 @@
     kleinserve generate "make it blue" --ref fox.png --model DIR
     kleinserve model create-tiny DIR
     kleinserve model info DIR
+    kleinserve serve --model DIR --port 8000
+    kleinserve keys create --name alice
 
 Errors kleinserve expects (bad input, unusable model) print one line and exit 2; only bugs show a traceback.
 """
@@ -13,10 +15,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kleinserve.errors import InvalidInput, KleinError
+
+if TYPE_CHECKING:
+    from kleinserve.engine.pipeline import Pipeline
 
 DEFAULT_MODEL = os.environ.get("KLEINSERVE_MODEL", "tiny-random")
 
@@ -73,7 +80,35 @@ def build_parser() -> argparse.ArgumentParser:
     info = model.add_parser("info", help="variant, parameters, dtype and memory of a model")
     info.add_argument("model")
     info.add_argument("--components")
+
+    serve = commands.add_parser("serve", help="the HTTP server (OpenAI, Cloudflare, Vercel dialects)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    _add_data_dir(serve)
+    serve.add_argument("--queue-size", type=int, default=64, help="requests that may wait for the engine")
+    serve.add_argument("--media-ttl", type=int, default=600, help="seconds a result URL stays valid")
+    serve.add_argument(
+        "--allow-private-urls", action="store_true", help="fetch references from private hosts"
+    )
+    serve.add_argument(
+        "--insecure-no-auth", action="store_true", help="allow a non-loopback host without keys"
+    )
+    _add_model_options(serve)
+
+    keys = commands.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
+    create = keys.add_parser("create", help="create a key and print it (shown once)")
+    create.add_argument("--name", required=True)
+    revoke = keys.add_parser("revoke", help="revoke a key")
+    revoke.add_argument("name")
+    listing = keys.add_parser("list", help="list keys")
+    for sub in (create, revoke, listing):
+        _add_data_dir(sub)
     return parser
+
+
+def _add_data_dir(parser: argparse.ArgumentParser) -> None:
+    default = Path(os.environ.get("KLEINSERVE_DATA", "data"))
+    parser.add_argument("--data-dir", type=Path, default=default, help="keys, media, jobs (default ./data)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -81,6 +116,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return _generate(args)
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "keys":
+            return _keys(args)
         if args.model_command == "create-tiny":
             from kleinserve.engine.tiny import create_tiny
 
@@ -102,7 +141,6 @@ def _generate(args: argparse.Namespace) -> int:
     from PIL import Image, UnidentifiedImageError
     from tqdm import tqdm
 
-    from kleinserve.engine import load_pipeline
     from kleinserve.engine.loading import inspect_source, resolve_source
     from kleinserve.engine.pipeline import resolve_request
     from kleinserve.types import GenerateRequest, ImageFormat
@@ -137,7 +175,20 @@ def _generate(args: argparse.Namespace) -> int:
     )
     # Check the request against the model's configs before spending minutes loading the weights.
     resolve_request(request, inspect_source(resolve_source(args.model, components=args.components)).spec)
-    pipeline = load_pipeline(
+    pipeline = _load(args)
+    resolved = pipeline.resolve(request)
+    with tqdm(total=resolved.steps, desc="denoising", unit="step", file=sys.stderr) as bar:
+        result = pipeline.generate_batch([resolved], on_step=lambda _: bar.update())[0]
+    for path, image in zip(_output_paths(args.output, len(result.images)), result.images, strict=True):
+        path.write_bytes(image.encode(request.output_format))
+        print(f"{path}\tseed={image.seed}\t{result.width}x{result.height}")
+    return 0
+
+
+def _load(args: argparse.Namespace) -> Pipeline:
+    from kleinserve.engine import load_pipeline
+
+    return load_pipeline(
         args.model,
         components=args.components,
         download=args.download,
@@ -147,12 +198,48 @@ def _generate(args: argparse.Namespace) -> int:
         offload=args.offload,
         memory_budget_gib=args.memory_budget,
     )
-    resolved = pipeline.resolve(request)
-    with tqdm(total=resolved.steps, desc="denoising", unit="step", file=sys.stderr) as bar:
-        result = pipeline.generate_batch([resolved], on_step=lambda _: bar.update())[0]
-    for path, image in zip(_output_paths(args.output, len(result.images)), result.images, strict=True):
-        path.write_bytes(image.encode(request.output_format))
-        print(f"{path}\tseed={image.seed}\t{result.width}x{result.height}")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from kleinserve.api.auth import KeyStore
+    from kleinserve.api.server import DATABASE_NAME, ServerSettings, check_binding, serve
+
+    settings = ServerSettings(
+        data_dir=args.data_dir,
+        host=args.host,
+        port=args.port,
+        max_waiting=args.queue_size,
+        media_ttl_s=args.media_ttl,
+        allow_private_urls=args.allow_private_urls,
+        insecure_no_auth=args.insecure_no_auth,
+    )
+    keys = KeyStore(settings.data_dir / DATABASE_NAME)
+    check_binding(settings, keys)  # before minutes of model loading
+    keys.close()
+    serve(settings, _load(args))
+    return 0
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from kleinserve.api.auth import KeyStore
+    from kleinserve.api.server import DATABASE_NAME
+
+    store = KeyStore(args.data_dir / DATABASE_NAME)
+    if args.keys_command == "create":
+        try:
+            print(store.create(args.name))
+        except ValueError as exc:
+            raise InvalidInput(str(exc), param="name") from None
+        print(f"kleinserve: key {args.name!r} created; it is shown only once", file=sys.stderr)
+    elif args.keys_command == "revoke":
+        store.revoke(args.name)
+        print(f"revoked {args.name}")
+    else:
+        for key in store.list():
+            state = "revoked" if key.revoked else "active"
+            print(
+                f"{key.name}\t{state}\tcreated {time.strftime('%Y-%m-%d %H:%M', time.localtime(key.created))}"
+            )
     return 0
 
 

@@ -2,6 +2,13 @@
 
     KleinError                  base; carries an HTTP status and a machine-readable code
     ├── InvalidInput            a request value is wrong: names the parameter and what is allowed (400)
+    │   └── UnknownModel        the request names a model this server does not serve (404)
+    ├── PayloadTooLarge         the request body is over the size limit (413)
+    ├── Unauthorized            no API key, or not a valid one (401)
+    ├── Forbidden               a signed link is expired or tampered with (403)
+    ├── NotFound                no such media file or job (404)
+    ├── Overloaded              the wait queue is full; `retry_after` seconds (429)
+    ├── Unavailable             the server is shutting down or not ready; `retry_after` seconds (503)
     ├── Cancelled               the caller cancelled the work between two denoising steps (499)
     └── ModelLoadError          a model source cannot be used: names the file and what was expected (500)
 
@@ -37,6 +44,47 @@ class InvalidInput(KleinError):
         super().__init__(f"{message} (allowed: {allowed})" if allowed else message)
         self.param = param
         self.allowed = allowed
+
+
+class UnknownModel(InvalidInput):
+    status = 404
+    code = "model_not_found"
+
+
+class PayloadTooLarge(KleinError):
+    status = 413
+    code = "payload_too_large"
+
+
+class Unauthorized(KleinError):
+    status = 401
+    code = "unauthorized"
+
+
+class Forbidden(KleinError):
+    status = 403
+    code = "forbidden"
+
+
+class NotFound(KleinError):
+    status = 404
+    code = "not_found"
+
+
+class Overloaded(KleinError):
+    """Too much work is waiting; try again after `retry_after` seconds."""
+
+    status = 429
+    code = "overloaded"
+
+    def __init__(self, message: str, *, retry_after: int = 5) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Unavailable(Overloaded):
+    status = 503
+    code = "unavailable"
 
 
 class Cancelled(KleinError):

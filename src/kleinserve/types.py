@@ -55,13 +55,17 @@ class GeneratedImage:
     seed: int
 
     def encode(self, fmt: ImageFormat = ImageFormat.PNG, quality: int | None = None) -> bytes:
-        """The image as PNG/JPEG/WebP bytes; `quality` 1-100 applies to JPEG and WebP (default 90)."""
-        buffer = io.BytesIO()
-        if fmt is ImageFormat.PNG:
-            self.image.save(buffer, format="PNG")
-        else:
-            self.image.save(buffer, format=fmt.value.upper(), quality=quality or 90)
-        return buffer.getvalue()
+        return encode_image(self.image, fmt, quality)
+
+
+def encode_image(image: Image.Image, fmt: ImageFormat = ImageFormat.PNG, quality: int | None = None) -> bytes:
+    """The image as PNG/JPEG/WebP bytes; `quality` 1-100 applies to JPEG and WebP (default 90)."""
+    buffer = io.BytesIO()
+    if fmt is ImageFormat.PNG:
+        image.save(buffer, format="PNG")
+    else:
+        image.save(buffer, format=fmt.value.upper(), quality=quality or 90)
+    return buffer.getvalue()
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,7 @@ class GenerateResult:
     height: int
     steps: int
     guidance: float
+    reference_sizes: tuple[tuple[int, int], ...] = ()  # (width, height) of each reference as processed
     timings: dict[str, float] = field(default_factory=dict)  # stage name -> seconds, shared by the batch
 
 

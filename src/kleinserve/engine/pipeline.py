@@ -208,7 +208,15 @@ class Pipeline:
         for r in resolved:
             outputs = tuple(GeneratedImage(next(outputs_left), seed) for seed in r.seeds)
             results.append(
-                GenerateResult(outputs, r.width, r.height, r.steps, r.guidance, timings=dict(timings))
+                GenerateResult(
+                    outputs,
+                    r.width,
+                    r.height,
+                    r.steps,
+                    r.guidance,
+                    reference_sizes=tuple(reference.size for reference in r.references),
+                    timings=dict(timings),
+                )
             )
         return results
 

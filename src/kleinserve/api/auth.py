@@ -1,0 +1,109 @@
+"""API keys: created once, shown once, stored as SHA-256 digests in the data dir's SQLite file.
+
+Accepted on the wire as `Authorization: Bearer <key>` (OpenAI, Cloudflare, Vercel), `Authorization: Key <key>`
+(fal) or `x-key: <key>` (BFL). While no key exists the server is open, and for that reason it then binds only
+to loopback (cli.py refuses another address unless --insecure-no-auth).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import sqlite3
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from kleinserve.errors import NotFound, Unauthorized
+
+KEY_PREFIX = "ks-"
+ANONYMOUS = "anonymous"
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS api_keys (
+    name TEXT PRIMARY KEY,
+    digest TEXT NOT NULL UNIQUE,
+    created REAL NOT NULL,
+    revoked REAL
+)
+"""
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    name: str
+    created: float
+    revoked: float | None
+
+
+def _digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class KeyStore:
+    """Named API keys in `<data dir>/kleinserve.db` (table api_keys)."""
+
+    def __init__(self, database: Path) -> None:
+        database.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(database, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(_SCHEMA)
+
+    def create(self, name: str) -> str:
+        """A new key for `name`; the only time the key itself is visible."""
+        key = KEY_PREFIX + secrets.token_urlsafe(32)
+        try:
+            self._db.execute(
+                "INSERT INTO api_keys (name, digest, created) VALUES (?, ?, ?)",
+                (name, _digest(key), time.time()),
+            )
+        except sqlite3.IntegrityError:
+            raise ValueError(f"a key named {name!r} exists already") from None
+        return key
+
+    def revoke(self, name: str) -> None:
+        cursor = self._db.execute(
+            "UPDATE api_keys SET revoked = ? WHERE name = ? AND revoked IS NULL", (time.time(), name)
+        )
+        if cursor.rowcount == 0:
+            raise NotFound(f"no active key named {name!r}")
+
+    def list(self) -> list[ApiKey]:
+        rows = self._db.execute("SELECT name, created, revoked FROM api_keys ORDER BY created").fetchall()
+        return [ApiKey(*row) for row in rows]
+
+    def has_active_keys(self) -> bool:
+        return self._db.execute("SELECT 1 FROM api_keys WHERE revoked IS NULL LIMIT 1").fetchone() is not None
+
+    def name_of(self, key: str) -> str | None:
+        """The name of an active key, or None. Looked up by digest, so no key is ever compared in clear."""
+        row = self._db.execute(
+            "SELECT name FROM api_keys WHERE digest = ? AND revoked IS NULL", (_digest(key),)
+        ).fetchone()
+        return row[0] if row else None
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def key_from_headers(headers: Mapping[str, str]) -> str | None:
+    """The key a client sent, in any of the accepted headers."""
+    if key := headers.get("x-key"):
+        return key.strip()
+    scheme, _, value = headers.get("authorization", "").partition(" ")
+    if scheme.lower() in ("bearer", "key") and value.strip():
+        return value.strip()
+    return None
+
+
+def authenticate(store: KeyStore, headers: Mapping[str, str]) -> str:
+    """The calling key's name (ANONYMOUS while no key exists); Unauthorized otherwise."""
+    if not store.has_active_keys():
+        return ANONYMOUS
+    key = key_from_headers(headers)
+    if key is None:
+        raise Unauthorized("missing API key: send Authorization: Bearer <key> or x-key: <key>")
+    name = store.name_of(key)
+    if name is None:
+        raise Unauthorized("invalid API key")
+    return name

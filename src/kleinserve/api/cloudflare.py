@@ -1,0 +1,134 @@
+"""Cloudflare Workers AI: POST /client/v4/accounts/{account_id}/ai/run/@cf/black-forest-labs/flux-2-klein-4b
+(and /ai/run/{model}), multipart/form-data, answered in Cloudflare's v4 envelope.
+
+Fields: `prompt` (a JSON object given as the prompt is passed through as text), `width`/`height` (256-1920,
+default 1024x768), `seed`, `guidance` (variants with CFG only), `steps` (fixed at the variant's default for
+distilled klein, as on Cloudflare), `input_image_0` ... `input_image_3`. The image comes back as base64 PNG.
+"""
+
+from __future__ import annotations
+
+import base64
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.datastructures import UploadFile
+
+from kleinserve.api import service
+from kleinserve.api.media import decode_base64, decode_image
+from kleinserve.api.service import Services
+from kleinserve.errors import (
+    InvalidInput,
+    KleinError,
+    Overloaded,
+    PayloadTooLarge,
+    Unauthorized,
+    UnknownModel,
+)
+from kleinserve.types import GenerateRequest, ImageFormat
+
+PREFIXES = ("/client/v4/", "/ai/run/")
+DEFAULT_WIDTH, DEFAULT_HEIGHT = 1024, 768
+MIN_SIDE, MAX_SIDE = 256, 1920
+MAX_PROMPT_CHARS = 32000
+REFERENCE_FIELDS = tuple(f"input_image_{i}" for i in range(4))
+
+
+def _int(form: dict[str, str], name: str, default: int | None, low: int, high: int) -> int | None:
+    text = form.get(name)
+    if text is None or text == "":
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise InvalidInput(
+            f"{name} {text!r} is not an integer", param=name, allowed=f"{low}-{high}"
+        ) from None
+    if not low <= value <= high:
+        raise InvalidInput(f"{name} {value} is out of range", param=name, allowed=f"{low}-{high}")
+    return value
+
+
+def to_request(form: dict[str, str], references: list, distilled: bool) -> GenerateRequest:
+    prompt = form.get("prompt", "")
+    if not prompt.strip():
+        raise InvalidInput("prompt is required", param="prompt", allowed="1-32000 characters")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise InvalidInput(
+            f"prompt has {len(prompt)} characters", param="prompt", allowed="1-32000 characters"
+        )
+    guidance = form.get("guidance")
+    try:
+        guidance_value = float(guidance) if guidance not in (None, "") else None
+    except ValueError:
+        raise InvalidInput(f"guidance {guidance!r} is not a number", param="guidance") from None
+    return GenerateRequest(
+        prompt=prompt,
+        width=_int(form, "width", DEFAULT_WIDTH, MIN_SIDE, MAX_SIDE),
+        height=_int(form, "height", DEFAULT_HEIGHT, MIN_SIDE, MAX_SIDE),
+        seed=_int(form, "seed", None, 0, 2**63 - 8),
+        steps=None if distilled else _int(form, "steps", None, 1, 50),
+        guidance=None if distilled else guidance_value,
+        reference_images=tuple(references),
+        output_format=ImageFormat.PNG,
+    )
+
+
+def render_error(exc: KleinError) -> Response:
+    """Cloudflare's envelope and codes: 5006 bad input, 5007 no such model, 10000 auth, 3040 busy,
+    3006 too large."""
+    code, status = 5006, 400
+    if isinstance(exc, UnknownModel):
+        code, status = 5007, 400
+    elif isinstance(exc, Unauthorized):
+        code, status = 10000, 401
+    elif isinstance(exc, Overloaded):
+        code, status = 3040, exc.status
+    elif isinstance(exc, PayloadTooLarge):
+        code, status = 3006, 413
+    elif not isinstance(exc, InvalidInput):
+        code, status = (3007 if exc.status < 500 else 5000), exc.status
+    message = f"AiError: Bad input: {exc.message}" if code == 5006 else exc.message
+    body = {"success": False, "errors": [{"code": code, "message": message}], "result": {}, "messages": []}
+    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Overloaded) else None
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def build_router(services: Services) -> APIRouter:
+    router = APIRouter(tags=["Cloudflare Workers AI"])
+
+    async def run(model: str, http_request: Request) -> dict:
+        service.caller(services, http_request)
+        services.check_model(model)
+        if "multipart/form-data" not in http_request.headers.get("content-type", ""):
+            raise InvalidInput(
+                "required properties at '/' are 'multipart'", allowed="multipart/form-data fields"
+            )
+        form = await http_request.form(max_files=8, max_fields=32)
+        fields = {k: v for k, v in form.multi_items() if not isinstance(v, UploadFile)}
+        references = []
+        for name in REFERENCE_FIELDS:
+            upload = form.get(name)
+            if upload is None:
+                continue
+            data = await upload.read() if isinstance(upload, UploadFile) else decode_base64(upload, name)
+            references.append(decode_image(data, name))
+        request = to_request(fields, references, services.spec.distilled)
+        result = await service.generate(services, http_request, request)
+        (png,) = await service.encode_all(result.images, ImageFormat.PNG, None)
+        return {
+            "result": {"image": base64.b64encode(png).decode()},
+            "success": True,
+            "errors": [],
+            "messages": [],
+        }
+
+    @router.post("/client/v4/accounts/{account_id}/ai/run/{model:path}", summary="Run a model (Workers AI)")
+    async def run_with_account(account_id: str, model: str, http_request: Request) -> dict:
+        return await run(model, http_request)
+
+    @router.post("/ai/run/{model:path}", summary="Run a model (Workers AI, no account path)")
+    async def run_short(model: str, http_request: Request) -> dict:
+        return await run(model, http_request)
+
+    return router

@@ -1,0 +1,150 @@
+"""Vercel AI Gateway image model: POST /image-model, as `@ai-sdk/gateway` calls it.
+
+Headers `ai-model-id` (e.g. `bfl/flux-2-klein-4b`) and `ai-image-model-specification-version: 3`; JSON body
+`{prompt, n, size?, aspectRatio?, seed?, providerOptions?, files?: [{type: "file", mediaType, data} |
+{type: "url", url}], mask?}`; answer `{"images": ["<base64>", ...], "warnings": [...]}`. Provider options
+under any provider key may set `steps`, `guidance`, `negative_prompt`, `output_format`.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from kleinserve.api import service
+from kleinserve.api.media import decode_base64, decode_image
+from kleinserve.api.service import Services
+from kleinserve.errors import InvalidInput, KleinError, Overloaded
+from kleinserve.types import GenerateRequest, ImageFormat
+
+PREFIXES = ("/image-model",)
+_OPTION_KEYS = {"steps", "guidance", "negative_prompt", "output_format"}
+_FORMATS = {
+    "png": ImageFormat.PNG,
+    "jpeg": ImageFormat.JPEG,
+    "jpg": ImageFormat.JPEG,
+    "webp": ImageFormat.WEBP,
+}
+
+
+def size_for_aspect_ratio(text: str) -> tuple[int, int]:
+    """About one megapixel at the ratio "W:H", sides multiples of 16."""
+    try:
+        w, h = (float(part) for part in text.split(":"))
+        if w <= 0 or h <= 0 or max(w / h, h / w) > 4:
+            raise ValueError
+    except ValueError:
+        raise InvalidInput(f"aspectRatio {text!r}", param="aspectRatio", allowed='"W:H" up to 4:1') from None
+    height = math.sqrt(1024 * 1024 * h / w)
+    return int(height * w / h) // 16 * 16, int(height) // 16 * 16
+
+
+def _size(body: dict[str, Any]) -> tuple[int | None, int | None]:
+    if size := body.get("size"):
+        try:
+            width, height = (int(part) for part in str(size).lower().split("x"))
+        except ValueError:
+            raise InvalidInput(f"size {size!r} is not WIDTHxHEIGHT", param="size") from None
+        if not (256 <= width <= 2048 and 256 <= height <= 2048):
+            raise InvalidInput(f"size {size} is out of range", param="size", allowed="256-2048 px per side")
+        return width, height
+    if ratio := body.get("aspectRatio"):
+        return size_for_aspect_ratio(str(ratio))
+    return None, None
+
+
+def provider_options(body: dict[str, Any], warnings: list[dict[str, str]]) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for provider, options in (body.get("providerOptions") or {}).items():
+        for key, value in (options or {}).items():
+            if key in _OPTION_KEYS:
+                merged[key] = value
+            else:
+                warnings.append({"type": "other", "message": f"providerOptions.{provider}.{key} is ignored"})
+    return merged
+
+
+def to_request(
+    body: dict[str, Any], references: list[Any], distilled: bool, options: dict[str, Any]
+) -> GenerateRequest:
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InvalidInput("prompt is required", param="prompt", allowed="1-32000 characters")
+    if len(prompt) > 32000:
+        raise InvalidInput(
+            f"prompt has {len(prompt)} characters", param="prompt", allowed="1-32000 characters"
+        )
+    n = body.get("n", 1)
+    if not isinstance(n, int) or not 1 <= n <= 4:
+        raise InvalidInput(f"n {n!r} is out of range", param="n", allowed="1-4")
+    seed = body.get("seed")
+    if seed is not None and (not isinstance(seed, int) or seed < 0):
+        raise InvalidInput(f"seed {seed!r}", param="seed", allowed="a non-negative integer")
+    fmt = str(options.get("output_format", "png")).lower()
+    if fmt not in _FORMATS:
+        raise InvalidInput(f"output_format {fmt!r}", param="output_format", allowed="png, jpeg, webp")
+    width, height = _size(body)
+    return GenerateRequest(
+        prompt=prompt,
+        width=width,
+        height=height,
+        steps=None if distilled else options.get("steps"),
+        guidance=None if distilled else options.get("guidance"),
+        seed=seed,
+        num_images=n,
+        reference_images=tuple(references),
+        negative_prompt=str(options.get("negative_prompt", "")),
+        output_format=_FORMATS[fmt],
+    )
+
+
+def render_error(exc: KleinError) -> Response:
+    body = {"error": {"message": exc.message, "type": exc.code, "param": getattr(exc, "param", None)}}
+    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Overloaded) else None
+    return JSONResponse(body, status_code=exc.status, headers=headers)
+
+
+def build_router(services: Services) -> APIRouter:
+    router = APIRouter(tags=["Vercel AI Gateway"])
+
+    @router.post("/image-model", summary="Generate images (AI Gateway image model protocol, version 3)")
+    async def image_model(http_request: Request) -> dict[str, Any]:
+        service.caller(services, http_request)
+        services.check_model(http_request.headers.get("ai-model-id"))
+        try:
+            body = json.loads(await http_request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InvalidInput(f"malformed JSON body ({exc})", allowed="a JSON object") from None
+        if not isinstance(body, dict):
+            raise InvalidInput("the JSON body must be an object", allowed="a JSON object")
+        if body.get("mask"):
+            raise InvalidInput("masks are not supported yet", param="mask")
+        warnings: list[dict[str, str]] = []
+        options = provider_options(body, warnings)
+        files = body.get("files") or []
+        if len(files) > 4:
+            raise InvalidInput(f"{len(files)} files given", param="files", allowed="at most 4")
+        references = []
+        for index, file in enumerate(files):
+            param = f"files[{index}]"
+            if isinstance(file, dict) and file.get("type") == "url":
+                references.append(await services.fetcher.image(str(file.get("url", "")), param))
+            elif isinstance(file, dict) and isinstance(file.get("data"), str):
+                references.append(decode_image(decode_base64(file["data"], param), param))
+            else:
+                raise InvalidInput(f"{param} is neither a base64 file nor a URL", param=param)
+        request = to_request(body, references, services.spec.distilled, options)
+        result = await service.generate(services, http_request, request)
+        encoded = await service.encode_all(result.images, request.output_format, request.output_quality)
+        return {
+            "images": [base64.b64encode(data).decode() for data in encoded],
+            "warnings": warnings,
+            "providerMetadata": {"kleinserve": {"images": [{"seed": image.seed} for image in result.images]}},
+        }
+
+    return router

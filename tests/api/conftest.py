@@ -1,0 +1,85 @@
+"""A real kleinserve HTTP server on a free loopback port, serving the tiny model.
+
+`server` is shared by the whole session (open, no keys); `start_server(**settings)` starts another one with
+its own data dir and settings (keys, queue size, body limit ...) and stops it after the test.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+
+from kleinserve.api.server import ServerSettings, create_app
+from kleinserve.engine import Pipeline, load_pipeline
+
+
+@dataclass
+class RunningServer:
+    base_url: str
+    settings: ServerSettings
+    pipeline: Pipeline
+    _server: uvicorn.Server
+    _thread: threading.Thread
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=30)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _start(settings: ServerSettings, pipeline: Pipeline) -> RunningServer:
+    settings = replace(settings, port=_free_port())
+    config = uvicorn.Config(
+        create_app(settings, pipeline), host=settings.host, port=settings.port, log_level="warning"
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.02)
+    return RunningServer(f"http://{settings.host}:{settings.port}", settings, pipeline, server, thread)
+
+
+@pytest.fixture(scope="session")
+def server_pipeline(tiny_dir: Path) -> Pipeline:
+    """The server's own pipeline (the engine is single-threaded; tests keep theirs)."""
+    return load_pipeline(str(tiny_dir), dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory, server_pipeline: Pipeline) -> Iterator[RunningServer]:
+    running = _start(ServerSettings(data_dir=tmp_path_factory.mktemp("server-data")), server_pipeline)
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def start_server(tmp_path: Path, server_pipeline: Pipeline) -> Iterator[Callable[..., RunningServer]]:
+    """Start a server with its own data dir; `start_server(max_waiting=1, ...)` overrides settings."""
+    started: list[RunningServer] = []
+
+    def start(**overrides: Any) -> RunningServer:
+        settings = ServerSettings(data_dir=tmp_path / f"data-{len(started)}", **overrides)
+        running = _start(settings, server_pipeline)
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        running.stop()
