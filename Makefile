@@ -3,8 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+NODE_DIR := tests/node
+NODE_STAMP := $(NODE_DIR)/node_modules/.installed
 
-.PHONY: setup test lint serve bench clean
+.PHONY: setup node-setup test lint serve bench clean
 
 setup: $(STAMP)
 
@@ -15,11 +17,20 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
+node-setup: $(NODE_STAMP)
+
+# The Vercel AI SDK packages tests/api/test_vercel.py runs under Node, exactly as locked; `npm ci` again
+# only when node_modules is missing or package.json / package-lock.json changed.
+$(NODE_STAMP): $(NODE_DIR)/package.json $(NODE_DIR)/package-lock.json
+	@command -v npm >/dev/null || { echo "make: Node.js >= 20 with npm is needed for the tests" >&2; exit 1; }
+	cd $(NODE_DIR) && npm ci --no-audit --no-fund
+	touch $(NODE_STAMP)
+
 lint: setup
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 
-test: setup lint
+test: setup node-setup lint
 	$(BIN)/python -m pytest -q
 
 serve: setup
@@ -29,4 +40,4 @@ bench: setup
 	$(BIN)/python bench/engine.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) build *.egg-info src/*.egg-info $(NODE_DIR)/node_modules

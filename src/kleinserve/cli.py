@@ -201,8 +201,16 @@ def _load(args: argparse.Namespace) -> Pipeline:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from kleinserve.api.auth import KeyStore
-    from kleinserve.api.server import DATABASE_NAME, ServerSettings, check_binding, serve
+    from kleinserve.api.auth import DATABASE_NAME, KeyStore, check_open_binding
+
+    # Before importing the server (torch, diffusers: seconds) and before minutes of model loading.
+    keys = KeyStore(args.data_dir / DATABASE_NAME)
+    try:
+        check_open_binding(args.host, keys, args.insecure_no_auth)
+    finally:
+        keys.close()
+
+    from kleinserve.api.server import ServerSettings, serve
 
     settings = ServerSettings(
         data_dir=args.data_dir,
@@ -213,16 +221,12 @@ def _serve(args: argparse.Namespace) -> int:
         allow_private_urls=args.allow_private_urls,
         insecure_no_auth=args.insecure_no_auth,
     )
-    keys = KeyStore(settings.data_dir / DATABASE_NAME)
-    check_binding(settings, keys)  # before minutes of model loading
-    keys.close()
     serve(settings, _load(args))
     return 0
 
 
 def _keys(args: argparse.Namespace) -> int:
-    from kleinserve.api.auth import KeyStore
-    from kleinserve.api.server import DATABASE_NAME
+    from kleinserve.api.auth import DATABASE_NAME, KeyStore
 
     store = KeyStore(args.data_dir / DATABASE_NAME)
     if args.keys_command == "create":

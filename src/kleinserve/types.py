@@ -64,7 +64,7 @@ def encode_image(image: Image.Image, fmt: ImageFormat = ImageFormat.PNG, quality
     if fmt is ImageFormat.PNG:
         image.save(buffer, format="PNG")
     else:
-        image.save(buffer, format=fmt.value.upper(), quality=quality or 90)
+        image.save(buffer, format=fmt.value.upper(), quality=90 if quality is None else quality)
     return buffer.getvalue()
 
 

@@ -1,13 +1,18 @@
 """API keys: created once, shown once, stored as SHA-256 digests in the data dir's SQLite file.
 
 Accepted on the wire as `Authorization: Bearer <key>` (OpenAI, Cloudflare, Vercel), `Authorization: Key <key>`
-(fal) or `x-key: <key>` (BFL). While no key exists the server is open, and for that reason it then binds only
-to loopback (cli.py refuses another address unless --insecure-no-auth).
+(fal) or `x-key: <key>` (BFL). Until the first key is created the server is open, and for that reason it
+then binds only to loopback (`check_open_binding` refuses another address unless --insecure-no-auth). Once a
+key has been created the server stays closed, even after every key is revoked: revoking the last key must lock
+callers out, not let everyone in.
+
+This module imports nothing heavy, so `kleinserve keys ...` and the binding check run without loading torch.
 """
 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import secrets
 import sqlite3
 import time
@@ -15,8 +20,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from kleinserve.errors import NotFound, Unauthorized
+from kleinserve.errors import InvalidInput, NotFound, Unauthorized
 
+DATABASE_NAME = "kleinserve.db"  # in the data dir
 KEY_PREFIX = "ks-"
 ANONYMOUS = "anonymous"
 _SCHEMA = """
@@ -75,6 +81,10 @@ class KeyStore:
     def has_active_keys(self) -> bool:
         return self._db.execute("SELECT 1 FROM api_keys WHERE revoked IS NULL LIMIT 1").fetchone() is not None
 
+    def has_any_keys(self) -> bool:
+        """Whether a key was ever created (revoked ones included): if so, every request needs a key."""
+        return self._db.execute("SELECT 1 FROM api_keys LIMIT 1").fetchone() is not None
+
     def name_of(self, key: str) -> str | None:
         """The name of an active key, or None. Looked up by digest, so no key is ever compared in clear."""
         row = self._db.execute(
@@ -97,8 +107,8 @@ def key_from_headers(headers: Mapping[str, str]) -> str | None:
 
 
 def authenticate(store: KeyStore, headers: Mapping[str, str]) -> str:
-    """The calling key's name (ANONYMOUS while no key exists); Unauthorized otherwise."""
-    if not store.has_active_keys():
+    """The calling key's name (ANONYMOUS until the first key is created); Unauthorized otherwise."""
+    if not store.has_any_keys():
         return ANONYMOUS
     key = key_from_headers(headers)
     if key is None:
@@ -107,3 +117,23 @@ def authenticate(store: KeyStore, headers: Mapping[str, str]) -> str:
     if name is None:
         raise Unauthorized("invalid API key")
     return name
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_open_binding(host: str, keys: KeyStore, insecure_no_auth: bool = False) -> None:
+    """Without any usable API key the server is open, so it may only listen on loopback."""
+    if is_loopback(host) or keys.has_active_keys() or insecure_no_auth:
+        return
+    raise InvalidInput(
+        f"refusing to listen on {host} with no API key: anyone could use the server",
+        param="host",
+        allowed="create a key first (kleinserve keys create --name NAME), or pass --insecure-no-auth",
+    )

@@ -8,6 +8,7 @@ distilled klein, as on Cloudflare), `input_image_0` ... `input_image_3`. The ima
 
 from __future__ import annotations
 
+import asyncio
 import base64
 
 from fastapi import APIRouter, Request
@@ -18,8 +19,10 @@ from kleinserve.api import service
 from kleinserve.api.media import decode_base64, decode_image
 from kleinserve.api.service import Services
 from kleinserve.errors import (
+    Cancelled,
     InvalidInput,
     KleinError,
+    NotFound,
     Overloaded,
     PayloadTooLarge,
     Unauthorized,
@@ -76,7 +79,7 @@ def to_request(form: dict[str, str], references: list, distilled: bool) -> Gener
 
 def render_error(exc: KleinError) -> Response:
     """Cloudflare's envelope and codes: 5006 bad input, 5007 no such model, 10000 auth, 3040 busy,
-    3006 too large."""
+    3006 too large, 3008 aborted, 7000 no route (the v4 API's "No route for that URI")."""
     code, status = 5006, 400
     if isinstance(exc, UnknownModel):
         code, status = 5007, 400
@@ -86,7 +89,13 @@ def render_error(exc: KleinError) -> Response:
         code, status = 3040, exc.status
     elif isinstance(exc, PayloadTooLarge):
         code, status = 3006, 413
-    elif not isinstance(exc, InvalidInput):
+    elif isinstance(exc, InvalidInput) or exc.status == 400:
+        code, status = 5006, 400  # includes the framework's own 400s, e.g. a malformed multipart body
+    elif isinstance(exc, NotFound) or exc.status in (404, 405):
+        code, status = 7000, exc.status
+    elif isinstance(exc, Cancelled):
+        code, status = 3008, exc.status
+    else:
         code, status = (3007 if exc.status < 500 else 5000), exc.status
     message = f"AiError: Bad input: {exc.message}" if code == 5006 else exc.message
     body = {"success": False, "errors": [{"code": code, "message": message}], "result": {}, "messages": []}
@@ -104,15 +113,19 @@ def build_router(services: Services) -> APIRouter:
             raise InvalidInput(
                 "required properties at '/' are 'multipart'", allowed="multipart/form-data fields"
             )
-        form = await http_request.form(max_files=8, max_fields=32)
-        fields = {k: v for k, v in form.multi_items() if not isinstance(v, UploadFile)}
-        references = []
-        for name in REFERENCE_FIELDS:
-            upload = form.get(name)
-            if upload is None:
-                continue
-            data = await upload.read() if isinstance(upload, UploadFile) else decode_base64(upload, name)
-            references.append(decode_image(data, name))
+        # As a context manager so that uploaded files (spooled to temporary files) are closed afterwards.
+        async with http_request.form(max_files=8, max_fields=32) as form:
+            fields = {k: v for k, v in form.multi_items() if not isinstance(v, UploadFile)}
+            extra = sorted(k for k in form if k.startswith("input_image_") and k not in REFERENCE_FIELDS)
+            if extra:
+                raise InvalidInput(f"{extra[0]} given", param=extra[0], allowed="at most 4: input_image_0..3")
+            references = []
+            for name in REFERENCE_FIELDS:
+                upload = form.get(name)
+                if upload is None:
+                    continue
+                data = await upload.read() if isinstance(upload, UploadFile) else decode_base64(upload, name)
+                references.append(await asyncio.to_thread(decode_image, data, name))
         request = to_request(fields, references, services.spec.distilled)
         result = await service.generate(services, http_request, request)
         (png,) = await service.encode_all(result.images, ImageFormat.PNG, None)

@@ -2,8 +2,10 @@
 
 Inputs: every reference image, whatever the dialect, goes through `decode_image`, which reads the header
 first and refuses anything over MAX_INPUT_PIXELS before a pixel is decoded (decompression bombs included),
-then decodes fully so that truncated files fail here with a clear message. Animated images give their first
-frame; palette, CMYK, 16-bit and alpha images are converted by the engine (`references.to_rgb`).
+then decodes fully so that truncated files fail here with a clear message. Only PNG, JPEG, WebP and GIF are
+opened: Pillow's other formats are attack surface no client needs (EPS, for one, runs Ghostscript).
+Animated images give their first frame; palette, CMYK, 16-bit and alpha images are converted by the engine
+(`references.to_rgb`).
 
 Outputs returned as URLs are written under `<data dir>/media/` and served at
 `/media/<name>?expires=<unix seconds>&signature=<hex HMAC-SHA256(secret, "<name>:<expires>")>`; the secret is
@@ -12,8 +14,10 @@ created on first start and kept in the data dir, so links survive a restart and 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
 import io
@@ -22,20 +26,21 @@ import os
 import secrets
 import socket
 import time
-import warnings
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
 from PIL import Image, UnidentifiedImageError
 
-from kleinserve.errors import Forbidden, InvalidInput, NotFound
+from kleinserve.errors import Forbidden, InvalidInput, KleinError, NotFound
 from kleinserve.types import ImageFormat
 
 MAX_INPUT_PIXELS = 4 * 1024 * 1024  # 4 megapixels per reference image
-URL_TIMEOUT_S = 10.0
+URL_TIMEOUT_S = 10.0  # for the whole download, not per read: a slow trickle cannot hold a request open
 URL_MAX_BYTES = 20 * 1024 * 1024
 MEDIA_TTL_S = 600
+SECRET_BYTES = 32
+INPUT_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")  # Pillow format ids (JPEG includes multi-picture JPEG)
 
 
 def decode_image(data: bytes, param: str) -> Image.Image:
@@ -43,19 +48,20 @@ def decode_image(data: bytes, param: str) -> Image.Image:
     if not data:
         raise InvalidInput(f"{param} is empty", param=param, allowed="a PNG, JPEG, WebP or GIF image")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width * height > MAX_INPUT_PIXELS:
-                raise InvalidInput(
-                    f"{param} is {width}x{height} pixels", param=param, allowed="at most 4 megapixels"
-                )
-            image.seek(0)
-            image.load()
+        # Pillow itself refuses sizes over 2 * Image.MAX_IMAGE_PIXELS (~179 MP) in `open` and warns above
+        # ~89 MP; either way the size check below refuses the image before a pixel is decoded. (No
+        # warnings.catch_warnings here: it swaps process-global state, and decoding runs on worker threads.)
+        image = Image.open(io.BytesIO(data), formats=INPUT_FORMATS)
+        width, height = image.size
+        if width * height > MAX_INPUT_PIXELS:
+            raise InvalidInput(
+                f"{param} is {width}x{height} pixels", param=param, allowed="at most 4 megapixels"
+            )
+        image.seek(0)
+        image.load()
     except InvalidInput:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # the warning where it is an error
         raise InvalidInput(
             f"{param} is a decompression bomb", param=param, allowed="at most 4 megapixels"
         ) from None
@@ -92,34 +98,44 @@ class ImageFetcher:
 
     async def image(self, text: str, param: str) -> Image.Image:
         text = text.strip()
-        if text.startswith(("http://", "https://")):
-            return decode_image(await self.download(text, param), param)
-        if "://" in text:
+        if text[:8].lower().startswith(("http://", "https://")):
+            data = await self.download(text, param)
+        elif "://" in text:
             raise InvalidInput(
                 f"{param} has an unsupported URL scheme", param=param, allowed="http(s) or data URLs"
             )
-        return decode_image(decode_base64(text, param), param)
+        else:
+            data = decode_base64(text, param)
+        return await asyncio.to_thread(decode_image, data, param)  # decoding takes a while: not on the loop
 
     async def download(self, url: str, param: str) -> bytes:
-        check_public_url(url, param, self.allow_private)
+        # Resolving blocks: on a worker thread, never on the event loop.
+        await asyncio.to_thread(check_public_url, url, param, self.allow_private)
+        timeout = URL_TIMEOUT_S
         try:
-            async with self.client.stream(
-                "GET", url, timeout=URL_TIMEOUT_S, follow_redirects=False
-            ) as response:
-                if response.status_code != 200:
-                    raise InvalidInput(f"{param}: {url} answered HTTP {response.status_code}", param=param)
-                chunks = []
-                size = 0
-                async for chunk in response.aiter_bytes():
-                    size += len(chunk)
-                    if size > URL_MAX_BYTES:
-                        raise InvalidInput(
-                            f"{param}: {url} is larger than {URL_MAX_BYTES} bytes", param=param
-                        )
-                    chunks.append(chunk)
-                return b"".join(chunks)
+            async with asyncio.timeout(timeout):
+                return await self._get(url, param)
+        except TimeoutError:
+            raise InvalidInput(f"{param}: {url} took longer than {timeout:g} s", param=param) from None
         except httpx.HTTPError as exc:
             raise InvalidInput(f"{param}: cannot fetch {url} ({type(exc).__name__})", param=param) from None
+
+    async def _get(self, url: str, param: str) -> bytes:
+        limit = URL_MAX_BYTES
+        async with self.client.stream("GET", url, timeout=URL_TIMEOUT_S, follow_redirects=False) as response:
+            if response.status_code != 200:
+                raise InvalidInput(f"{param}: {url} answered HTTP {response.status_code}", param=param)
+            declared = response.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > limit:
+                raise InvalidInput(f"{param}: {url} is larger than {limit} bytes", param=param)
+            chunks = []
+            size = 0
+            async for chunk in response.aiter_bytes():
+                size += len(chunk)
+                if size > limit:
+                    raise InvalidInput(f"{param}: {url} is larger than {limit} bytes", param=param)
+                chunks.append(chunk)
+            return b"".join(chunks)
 
 
 def check_public_url(url: str, param: str, allow_private: bool) -> None:
@@ -192,12 +208,23 @@ class MediaStore:
 
 
 def load_or_create_secret(path: Path) -> bytes:
-    """The server's signing secret: 32 random bytes created on first start, readable by the owner only."""
-    if path.exists():
-        return path.read_bytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    secret = secrets.token_bytes(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(secret)
+    """The server's signing secret: 32 random bytes created on first start, readable by the owner only.
+
+    Written to a private temporary file and linked into place, so that the file never exists half-written
+    (an empty secret would make every link forgeable) and two servers starting at once agree on one secret.
+    """
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        draft = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
+        fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(secrets.token_bytes(SECRET_BYTES))
+            with contextlib.suppress(FileExistsError):  # another server was first: use its secret
+                os.link(draft, path)
+        finally:
+            draft.unlink(missing_ok=True)
+    secret = path.read_bytes()
+    if len(secret) < SECRET_BYTES:
+        raise KleinError(f"{path} holds {len(secret)} bytes, not a {SECRET_BYTES}-byte secret: delete it")
     return secret

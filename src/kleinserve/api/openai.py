@@ -29,6 +29,10 @@ from kleinserve.types import GenerateRequest, GenerateResult, ImageFormat, Progr
 PREFIXES = ("/v1/images", "/v1/models")
 MAX_PROMPT_CHARS = 32000
 MAX_AREA = 1024 * 1024
+DEFAULT_COMPRESSION = 100  # OpenAI's default for output_compression (jpeg/webp quality)
+# Multipart text fields may carry data-URL references as large as in JSON bodies (starlette's default limit
+# is 1 MiB); the whole body stays capped by app.BodyLimit.
+MAX_TEXT_FIELD_BYTES = 32 * 1024 * 1024
 ASPECT_RATIOS = {  # about one megapixel each, sides multiples of 16
     "1:1": (1024, 1024),
     "16:9": (1344, 768),
@@ -144,7 +148,7 @@ def to_request(wire: ImageRequest, references: list[Any], spec_distilled: bool) 
         negative_prompt=wire.negative_prompt or "",
         max_sequence_length=wire.max_sequence_length or 512,
         output_format=wire.image_format,
-        output_quality=wire.output_compression,
+        output_quality=DEFAULT_COMPRESSION if wire.output_compression is None else wire.output_compression,
     )
 
 
@@ -194,30 +198,34 @@ async def _form_fields(request: Request) -> tuple[dict[str, Any], list[Any]]:
         raise InvalidInput(
             "expected a multipart/form-data body", allowed="multipart/form-data with image files"
         )
-    form = await request.form(max_files=16, max_fields=64)
-    if "mask" in form:
-        raise InvalidInput("masks are not supported yet", param="mask", allowed="edits without a mask")
-    files = [f for key in ("image", "image[]") for f in form.getlist(key)]
-    if not files:
-        raise InvalidInput("no image given", param="image", allowed="1-4 files as image or image[]")
-    if len(files) > 4:
-        raise InvalidInput(f"{len(files)} images given", param="image", allowed="at most 4")
-    images = []
-    for index, upload in enumerate(files):
-        if not isinstance(upload, UploadFile):
-            raise InvalidInput("image must be a file upload", param="image")
-        images.append(decode_image(await upload.read(), f"image[{index}]"))
-    fields = {key: value for key, value in form.multi_items() if not isinstance(value, UploadFile)}
-    if "images" in fields:
-        fields["images"] = [fields["images"]]
-    return fields, images
+    # As a context manager so that the uploads' spooled temporary files are closed, on errors too.
+    async with request.form(max_files=16, max_fields=64, max_part_size=MAX_TEXT_FIELD_BYTES) as form:
+        if "mask" in form:
+            raise InvalidInput("masks are not supported yet", param="mask", allowed="edits without a mask")
+        files = [f for key in ("image", "image[]") for f in form.getlist(key)]
+        if not files:
+            raise InvalidInput("no image given", param="image", allowed="1-4 files as image or image[]")
+        if len(files) > 4:
+            raise InvalidInput(f"{len(files)} images given", param="image", allowed="at most 4")
+        images = []
+        for index, upload in enumerate(files):
+            if not isinstance(upload, UploadFile):
+                raise InvalidInput("image must be a file upload", param="image")
+            images.append(await asyncio.to_thread(decode_image, await upload.read(), f"image[{index}]"))
+        fields: dict[str, Any] = {
+            key: value for key, value in form.multi_items() if not isinstance(value, UploadFile)
+        }
+        references = [text for key in ("images", "images[]") for text in form.getlist(key)]
+        fields.pop("images[]", None)
+        if references:  # repeated text fields: every one is a reference, not only the last
+            fields["images"] = references
+        return fields, images
 
 
 def build_router(services: Services) -> APIRouter:
     router = APIRouter(tags=["OpenAI Images"])
 
     async def run(http_request: Request, wire: ImageRequest, files: list[Any], kind: str) -> Response:
-        service.caller(services, http_request)
         model = services.check_model(wire.model)
         references = files + [
             await services.fetcher.image(text, f"images[{i}]") for i, text in enumerate(wire.images or [])
@@ -234,10 +242,12 @@ def build_router(services: Services) -> APIRouter:
 
     @router.post("/v1/images/generations", summary="Create images from a prompt (and optional references)")
     async def create_image(http_request: Request) -> Response:
+        service.caller(services, http_request)  # before reading the body
         return await run(http_request, parse_fields(await _body_fields(http_request)), [], "image_generation")
 
     @router.post("/v1/images/edits", summary="Edit 1-4 images (multipart)")
     async def create_image_edit(http_request: Request) -> Response:
+        service.caller(services, http_request)  # before reading and decoding uploads
         fields, images = await _form_fields(http_request)
         return await run(http_request, parse_fields(fields), images, "image_edit")
 
@@ -316,6 +326,7 @@ async def _stream(
                     "output_format": fmt.value,
                     "size": size,
                     "background": "opaque",
+                    "quality": "auto",
                 },
             )
             partial_index += 1
@@ -339,6 +350,7 @@ async def _stream(
                 "output_format": fmt.value,
                 "size": f"{result.width}x{result.height}",
                 "background": "opaque",
+                "quality": "auto",
                 "seed": image.seed,
                 "usage": usage(result, request),
             },
@@ -367,5 +379,6 @@ def parameter_schema(services: Services) -> dict[str, Any]:
     properties["guidance_scale"]["default"] = services.spec.default_guidance
     properties["n"]["default"] = 1
     properties["output_format"]["default"] = "png"
+    properties["output_compression"]["default"] = DEFAULT_COMPRESSION
     properties["response_format"]["default"] = "b64_json"
     return schema

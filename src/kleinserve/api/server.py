@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from kleinserve.api.app import MAX_BODY_BYTES, build_app
-from kleinserve.api.auth import KeyStore
+from kleinserve.api.auth import DATABASE_NAME, KeyStore, check_open_binding
 from kleinserve.api.media import MEDIA_TTL_S, ImageFetcher, MediaStore
 from kleinserve.api.service import Services
 from kleinserve.engine.pipeline import Pipeline
@@ -26,7 +25,6 @@ from kleinserve.errors import InvalidInput
 from kleinserve.jobs.runner import DEFAULT_MAX_WAITING, EngineRunner
 
 log = logging.getLogger(__name__)
-DATABASE_NAME = "kleinserve.db"
 MEDIA_CLEANUP_INTERVAL_S = 60
 
 
@@ -42,29 +40,18 @@ class ServerSettings:
     max_body_bytes: int = MAX_BODY_BYTES
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def check_binding(settings: ServerSettings, keys: KeyStore) -> None:
-    """Without any API key the server is open, so it may only listen on loopback."""
-    if is_loopback(settings.host) or keys.has_active_keys() or settings.insecure_no_auth:
-        return
-    raise InvalidInput(
-        f"refusing to listen on {settings.host} with no API key: anyone could use the server",
-        param="host",
-        allowed="create a key first (kleinserve keys create --name NAME), or pass --insecure-no-auth",
-    )
+    """Without any usable API key the server is open, so it may only listen on loopback."""
+    check_open_binding(settings.host, keys, settings.insecure_no_auth)
 
 
 def build_services(settings: ServerSettings, pipeline: Pipeline) -> Services:
     keys = KeyStore(settings.data_dir / DATABASE_NAME)
-    check_binding(settings, keys)
+    try:
+        check_binding(settings, keys)
+    except InvalidInput:
+        keys.close()
+        raise
     runner = EngineRunner(pipeline, max_waiting=settings.max_waiting)
     return Services(
         runner=runner,

@@ -17,7 +17,7 @@ from PIL import Image
 from kleinserve.api.auth import KeyStore, authenticate
 from kleinserve.api.media import ImageFetcher, MediaStore
 from kleinserve.engine.spec import ModelSpec
-from kleinserve.errors import UnknownModel
+from kleinserve.errors import Cancelled, UnknownModel
 from kleinserve.jobs.runner import EngineRunner
 from kleinserve.types import (
     GeneratedImage,
@@ -74,7 +74,11 @@ def caller(services: Services, request: Request) -> str:
 
 async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
     """Await `work`, cancelling it if the client goes away first (its queue place is freed, or its running
-    work is cancelled at the next step)."""
+    work is cancelled at the next step) and raising Cancelled, which is rendered for nobody.
+
+    Cancelled rather than a bare CancelledError: the request's own task is not being cancelled, and uvicorn
+    logs any exception that leaves the app as "Exception in ASGI application" with a traceback.
+    """
     task = asyncio.ensure_future(work)
     try:
         while True:
@@ -85,7 +89,7 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-                raise asyncio.CancelledError("client disconnected")
+                raise Cancelled("the client disconnected")
     finally:
         if not task.done():
             task.cancel()

@@ -8,6 +8,7 @@ under any provider key may set `steps`, `guidance`, `negative_prompt`, `output_f
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import math
@@ -19,7 +20,15 @@ from fastapi.responses import JSONResponse, Response
 from kleinserve.api import service
 from kleinserve.api.media import decode_base64, decode_image
 from kleinserve.api.service import Services
-from kleinserve.errors import InvalidInput, KleinError, Overloaded
+from kleinserve.errors import (
+    Forbidden,
+    InvalidInput,
+    KleinError,
+    Overloaded,
+    PayloadTooLarge,
+    Unauthorized,
+    UnknownModel,
+)
 from kleinserve.types import GenerateRequest, ImageFormat
 
 PREFIXES = ("/image-model",)
@@ -58,14 +67,46 @@ def _size(body: dict[str, Any]) -> tuple[int | None, int | None]:
     return None, None
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+# Which JSON type each provider option must have, and the words that say so.
+_OPTION_TYPES = {
+    "steps": (_is_int, "an integer"),
+    "guidance": (_is_number, "a number"),
+    "negative_prompt": (lambda value: isinstance(value, str), "a string"),
+    "output_format": (lambda value: isinstance(value, str), '"png", "jpeg" or "webp"'),
+}
+
+
 def provider_options(body: dict[str, Any], warnings: list[dict[str, str]]) -> dict[str, Any]:
+    """The options kleinserve understands, from under any provider key; others are ignored with a warning.
+    An option of the wrong JSON type is refused here rather than failing inside the engine."""
+    given = body.get("providerOptions") or {}
+    if not isinstance(given, dict):
+        raise InvalidInput("providerOptions must be an object", param="providerOptions")
     merged: dict[str, Any] = {}
-    for provider, options in (body.get("providerOptions") or {}).items():
-        for key, value in (options or {}).items():
-            if key in _OPTION_KEYS:
-                merged[key] = value
-            else:
+    for provider, options in given.items():
+        if not isinstance(options, dict):
+            raise InvalidInput(
+                f"providerOptions.{provider} must be an object", param=f"providerOptions.{provider}"
+            )
+        for key, value in options.items():
+            if key not in _OPTION_KEYS:
                 warnings.append({"type": "other", "message": f"providerOptions.{provider}.{key} is ignored"})
+                continue
+            if value is None:
+                continue
+            check, allowed = _OPTION_TYPES[key]
+            if not check(value):
+                param = f"providerOptions.{provider}.{key}"
+                raise InvalidInput(f"{param} {value!r}", param=param, allowed=allowed)
+            merged[key] = value
     return merged
 
 
@@ -80,10 +121,10 @@ def to_request(
             f"prompt has {len(prompt)} characters", param="prompt", allowed="1-32000 characters"
         )
     n = body.get("n", 1)
-    if not isinstance(n, int) or not 1 <= n <= 4:
+    if not _is_int(n) or not 1 <= n <= 4:
         raise InvalidInput(f"n {n!r} is out of range", param="n", allowed="1-4")
     seed = body.get("seed")
-    if seed is not None and (not isinstance(seed, int) or seed < 0):
+    if seed is not None and (not _is_int(seed) or seed < 0):
         raise InvalidInput(f"seed {seed!r}", param="seed", allowed="a non-negative integer")
     fmt = str(options.get("output_format", "png")).lower()
     if fmt not in _FORMATS:
@@ -103,8 +144,32 @@ def to_request(
     )
 
 
+def error_type(exc: KleinError) -> str:
+    """The AI Gateway's error types, which `@ai-sdk/gateway` maps to its error classes
+    (GatewayInvalidRequestError, GatewayModelNotFoundError, ...); an unknown type would become
+    GatewayInternalServerError whatever the status."""
+    if isinstance(exc, UnknownModel):
+        return "model_not_found"
+    if isinstance(exc, InvalidInput | PayloadTooLarge) or exc.status in (400, 404, 405, 413, 422):
+        return "invalid_request_error"
+    if isinstance(exc, Unauthorized):
+        return "authentication_error"
+    if isinstance(exc, Forbidden):
+        return "forbidden"
+    if isinstance(exc, Overloaded) and exc.status == 429:
+        return "rate_limit_exceeded"
+    return "internal_server_error"
+
+
 def render_error(exc: KleinError) -> Response:
-    body = {"error": {"message": exc.message, "type": exc.code, "param": getattr(exc, "param", None)}}
+    body = {
+        "error": {
+            "message": exc.message,
+            "type": error_type(exc),
+            "param": getattr(exc, "param", None),
+            "code": exc.code,
+        }
+    }
     headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Overloaded) else None
     return JSONResponse(body, status_code=exc.status, headers=headers)
 
@@ -135,7 +200,8 @@ def build_router(services: Services) -> APIRouter:
             if isinstance(file, dict) and file.get("type") == "url":
                 references.append(await services.fetcher.image(str(file.get("url", "")), param))
             elif isinstance(file, dict) and isinstance(file.get("data"), str):
-                references.append(decode_image(decode_base64(file["data"], param), param))
+                data = decode_base64(file["data"], param)
+                references.append(await asyncio.to_thread(decode_image, data, param))
             else:
                 raise InvalidInput(f"{param} is neither a base64 file nor a URL", param=param)
         request = to_request(body, references, services.spec.distilled, options)

@@ -73,6 +73,8 @@ class ResolvedRequest:
 
 
 def _check_range(value: float, low: float, high: float, param: str, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidInput(f"{param} {value!r} is not a number", param=param, allowed=f"{what} {low}-{high}")
     if not low <= value <= high:
         raise InvalidInput(f"{param} {value} is out of range", param=param, allowed=f"{what} {low}-{high}")
 
