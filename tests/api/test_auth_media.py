@@ -22,10 +22,10 @@ import pytest
 from PIL import Image
 
 from kleinserve.api.auth import DATABASE_NAME, KeyStore
-from kleinserve.api.media import MediaStore
 from kleinserve.api.server import ServerSettings, check_binding, create_app
 from kleinserve.engine import Pipeline
 from kleinserve.errors import InvalidInput, KleinError
+from kleinserve.media import MediaStore
 from kleinserve.types import ImageFormat
 from tests.api.conftest import RunningServer, _start
 

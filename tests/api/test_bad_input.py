@@ -31,7 +31,7 @@ import pytest
 from PIL import Image
 
 import kleinserve.api.app
-import kleinserve.api.media
+import kleinserve.media
 from kleinserve.api.server import ServerSettings
 from kleinserve.engine import Pipeline
 from tests.api.conftest import RunningServer, _start
@@ -763,7 +763,7 @@ def test_url_slower_than_the_timeout_is_400(
     path: str,
 ) -> None:
     """Slow to answer, or answering a byte at a time: either way the whole download has 0.5 s."""
-    monkeypatch.setattr(kleinserve.api.media, "URL_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(kleinserve.media, "URL_TIMEOUT_S", 0.5)
     _, http = private_server
     for surface in URL_SURFACES:
         started = time.monotonic()
@@ -781,7 +781,7 @@ def test_url_body_over_the_size_cap_is_400(
     monkeypatch: pytest.MonkeyPatch,
     path: str,
 ) -> None:
-    monkeypatch.setattr(kleinserve.api.media, "URL_MAX_BYTES", 1000)
+    monkeypatch.setattr(kleinserve.media, "URL_MAX_BYTES", 1000)
     assert len(image_host.png) > 1000
     _, http = private_server
     for surface in URL_SURFACES:

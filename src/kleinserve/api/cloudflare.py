@@ -16,7 +16,6 @@ from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import UploadFile
 
 from kleinserve.api import service
-from kleinserve.api.media import decode_base64, decode_image
 from kleinserve.api.service import Services
 from kleinserve.errors import (
     Cancelled,
@@ -28,6 +27,7 @@ from kleinserve.errors import (
     Unauthorized,
     UnknownModel,
 )
+from kleinserve.media import decode_base64, decode_image
 from kleinserve.types import GenerateRequest, ImageFormat
 
 PREFIXES = ("/client/v4/", "/ai/run/")

@@ -21,9 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 
 from kleinserve.api import service
-from kleinserve.api.media import decode_image
 from kleinserve.api.service import Services
 from kleinserve.errors import InvalidInput, KleinError, Overloaded
+from kleinserve.media import decode_image
 from kleinserve.types import GenerateRequest, GenerateResult, ImageFormat, Progress
 
 PREFIXES = ("/v1/images", "/v1/models")

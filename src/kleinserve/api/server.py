@@ -18,11 +18,11 @@ from fastapi import FastAPI
 
 from kleinserve.api.app import MAX_BODY_BYTES, build_app
 from kleinserve.api.auth import DATABASE_NAME, KeyStore, check_open_binding
-from kleinserve.api.media import MEDIA_TTL_S, ImageFetcher, MediaStore
 from kleinserve.api.service import Services
 from kleinserve.engine.pipeline import Pipeline
 from kleinserve.errors import InvalidInput
 from kleinserve.jobs.runner import DEFAULT_MAX_WAITING, EngineRunner
+from kleinserve.media import MEDIA_TTL_S, ImageFetcher, MediaStore
 
 log = logging.getLogger(__name__)
 MEDIA_CLEANUP_INTERVAL_S = 60

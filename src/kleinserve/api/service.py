@@ -15,10 +15,10 @@ from fastapi import Request
 from PIL import Image
 
 from kleinserve.api.auth import KeyStore, authenticate
-from kleinserve.api.media import ImageFetcher, MediaStore
 from kleinserve.engine.spec import ModelSpec
 from kleinserve.errors import Cancelled, UnknownModel
 from kleinserve.jobs.runner import EngineRunner
+from kleinserve.media import ImageFetcher, MediaStore
 from kleinserve.types import (
     GeneratedImage,
     GenerateRequest,

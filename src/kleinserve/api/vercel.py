@@ -18,7 +18,6 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from kleinserve.api import service
-from kleinserve.api.media import decode_base64, decode_image
 from kleinserve.api.service import Services
 from kleinserve.errors import (
     Forbidden,
@@ -29,6 +28,7 @@ from kleinserve.errors import (
     Unauthorized,
     UnknownModel,
 )
+from kleinserve.media import decode_base64, decode_image
 from kleinserve.types import GenerateRequest, ImageFormat
 
 PREFIXES = ("/image-model",)
