@@ -10,6 +10,7 @@
     ├── Overloaded              the wait queue is full; `retry_after` seconds (429)
     ├── Unavailable             the server is shutting down or not ready; `retry_after` seconds (503)
     ├── Cancelled               the caller cancelled the work between two denoising steps (499)
+    ├── EngineError             the engine failed on a job (500)
     └── ModelLoadError          a model source cannot be used: names the file and what was expected (500)
 
 Errors are raised, never returned. Each API dialect renders them once, in its own body; the CLI prints the
@@ -92,6 +93,13 @@ class Cancelled(KleinError):
 
     status = 499
     code = "cancelled"
+
+
+class EngineError(KleinError):
+    """A job failed in the engine; the message is the job's stored error."""
+
+    status = 500
+    code = "engine_error"
 
 
 class ModelLoadError(KleinError):

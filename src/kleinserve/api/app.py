@@ -15,11 +15,12 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from kleinserve.api import cloudflare, openai, vercel
+from kleinserve.api import bfl, cloudflare, jobs, openai, vercel
 from kleinserve.api.service import Services
 from kleinserve.errors import InvalidInput, KleinError, NotFound, PayloadTooLarge
 
@@ -36,6 +37,8 @@ class Dialect:
 _DIALECTS = (
     Dialect(cloudflare.PREFIXES, cloudflare.render_error),
     Dialect(vercel.PREFIXES, vercel.render_error),
+    Dialect(bfl.PREFIXES, bfl.render_error),
+    Dialect(jobs.PREFIXES, openai.render_error),  # kleinserve's own API uses the OpenAI error body
     Dialect(openai.PREFIXES, openai.render_error),
 )
 
@@ -118,6 +121,8 @@ def build_app(services: Services, max_body_bytes: int = MAX_BODY_BYTES) -> FastA
     app.include_router(openai.build_router(services))
     app.include_router(cloudflare.build_router(services))
     app.include_router(vercel.build_router(services))
+    app.include_router(jobs.build_router(services))
+    app.include_router(bfl.build_router(services))  # last: its POST /v1/{model} matches any one segment
 
     @app.get("/media/{name}", include_in_schema=False)
     async def media(name: str, expires: int, signature: str) -> FileResponse:
@@ -125,7 +130,19 @@ def build_app(services: Services, max_body_bytes: int = MAX_BODY_BYTES) -> FastA
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:
+        """Alive: the process answers."""
         return {"status": "ok"}
+
+    @app.get("/readyz", include_in_schema=False)
+    async def readyz() -> Response:
+        """Ready: the model is loaded and warmed up, and the worker takes work."""
+        if not services.worker.ready:
+            return JSONResponse({"status": "starting"}, status_code=503)
+        return JSONResponse({"status": "ready", "model": services.spec.name})
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(services.worker.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     app.add_middleware(BodyLimit, limit=max_body_bytes)
     return app

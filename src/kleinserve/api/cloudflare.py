@@ -107,7 +107,7 @@ def build_router(services: Services) -> APIRouter:
     router = APIRouter(tags=["Cloudflare Workers AI"])
 
     async def run(model: str, http_request: Request) -> dict:
-        service.caller(services, http_request)
+        owner = service.caller(services, http_request)
         services.check_model(model)
         if "multipart/form-data" not in http_request.headers.get("content-type", ""):
             raise InvalidInput(
@@ -127,8 +127,8 @@ def build_router(services: Services) -> APIRouter:
                 data = await upload.read() if isinstance(upload, UploadFile) else decode_base64(upload, name)
                 references.append(await asyncio.to_thread(decode_image, data, name))
         request = to_request(fields, references, services.spec.distilled)
-        result = await service.generate(services, http_request, request)
-        (png,) = await service.encode_all(result.images, ImageFormat.PNG, None)
+        completed = await service.generate(services, http_request, owner, request)
+        (png,) = completed.images
         return {
             "result": {"image": base64.b64encode(png).decode()},
             "success": True,

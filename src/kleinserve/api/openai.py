@@ -21,10 +21,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 
 from kleinserve.api import service
-from kleinserve.api.service import Services
+from kleinserve.api.service import Completed, Services
 from kleinserve.errors import InvalidInput, KleinError, Overloaded
 from kleinserve.media import decode_image
-from kleinserve.types import GenerateRequest, GenerateResult, ImageFormat, Progress
+from kleinserve.types import GenerateRequest, ImageFormat, Progress
 
 PREFIXES = ("/v1/images", "/v1/models")
 MAX_PROMPT_CHARS = 32000
@@ -152,17 +152,19 @@ def to_request(wire: ImageRequest, references: list[Any], spec_distilled: bool) 
     )
 
 
-def usage(result: GenerateResult, request: GenerateRequest) -> dict[str, Any]:
-    """OpenAI-shaped usage in the model's own tokens: prompt positions, reference and output latent tokens."""
+def usage(completed: Completed, request: GenerateRequest) -> dict[str, Any]:
+    """OpenAI-shaped usage in the model's own tokens (prompt positions, reference and output latent tokens),
+    plus kleinserve's metering (tiles, megapixels, steps, engine seconds)."""
     text = request.max_sequence_length
-    image = sum((width // 16) * (height // 16) for width, height in result.reference_sizes)
-    output = service.output_tokens(result)
+    image = completed.reference_tokens
+    output = completed.output_tokens
     return {
         "input_tokens": text + image,
         "input_tokens_details": {"text_tokens": text, "image_tokens": image},
         "output_tokens": output,
         "output_tokens_details": {"image_tokens": output, "text_tokens": 0},
         "total_tokens": text + image + output,
+        **(completed.job.usage or {}),
     }
 
 
@@ -178,18 +180,6 @@ def render_error(exc: KleinError) -> Response:
     }
     headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Overloaded) else None
     return JSONResponse(body, status_code=exc.status, headers=headers)
-
-
-async def _body_fields(request: Request) -> dict[str, Any]:
-    if "json" not in request.headers.get("content-type", ""):
-        raise InvalidInput("expected a JSON body", param=None, allowed="Content-Type: application/json")
-    try:
-        fields = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidInput(f"malformed JSON body ({exc})", allowed="a JSON object") from None
-    if not isinstance(fields, dict):
-        raise InvalidInput("the JSON body must be an object", allowed="a JSON object")
-    return fields
 
 
 async def _form_fields(request: Request) -> tuple[dict[str, Any], list[Any]]:
@@ -225,31 +215,35 @@ async def _form_fields(request: Request) -> tuple[dict[str, Any], list[Any]]:
 def build_router(services: Services) -> APIRouter:
     router = APIRouter(tags=["OpenAI Images"])
 
-    async def run(http_request: Request, wire: ImageRequest, files: list[Any], kind: str) -> Response:
+    async def run(
+        http_request: Request, owner: str, wire: ImageRequest, files: list[Any], kind: str
+    ) -> Response:
         model = services.check_model(wire.model)
         references = files + [
             await services.fetcher.image(text, f"images[{i}]") for i, text in enumerate(wire.images or [])
         ]
         request = to_request(wire, references, services.spec.distilled)
-        resolved = services.runner.resolve(request)  # bad input answers before any streaming starts
+        # Bad input answers before any streaming starts.
+        resolved = await asyncio.to_thread(services.worker.pipeline.resolve, request)
         if wire.stream:
             partial_at = service.partial_steps(resolved.steps, wire.partial_images or 0)
-            events = _stream(services, http_request, request, partial_at, kind)
+            events = _stream(services, http_request, owner, request, partial_at, kind)
             return StreamingResponse(events, media_type="text/event-stream")
-        result = await service.generate(services, http_request, request)
+        completed = await service.generate(services, http_request, owner, request)
         base_url = str(http_request.base_url).rstrip("/")
-        return JSONResponse(await _body(services, base_url, wire, request, result, model))
+        return JSONResponse(_body(services, base_url, wire, request, completed, model))
 
     @router.post("/v1/images/generations", summary="Create images from a prompt (and optional references)")
     async def create_image(http_request: Request) -> Response:
-        service.caller(services, http_request)  # before reading the body
-        return await run(http_request, parse_fields(await _body_fields(http_request)), [], "image_generation")
+        owner = service.caller(services, http_request)  # before reading the body
+        wire = parse_fields(await service.read_json_object(http_request, require_json_type=True))
+        return await run(http_request, owner, wire, [], "image_generation")
 
     @router.post("/v1/images/edits", summary="Edit 1-4 images (multipart)")
     async def create_image_edit(http_request: Request) -> Response:
-        service.caller(services, http_request)  # before reading and decoding uploads
+        owner = service.caller(services, http_request)  # before reading and decoding uploads
         fields, images = await _form_fields(http_request)
-        return await run(http_request, parse_fields(fields), images, "image_edit")
+        return await run(http_request, owner, parse_fields(fields), images, "image_edit")
 
     @router.get("/v1/models")
     async def list_models(http_request: Request) -> dict[str, Any]:
@@ -265,35 +259,39 @@ def build_router(services: Services) -> APIRouter:
     return router
 
 
-async def _body(
+def _body(
     services: Services,
     base_url: str,
     wire: ImageRequest,
     request: GenerateRequest,
-    result: GenerateResult,
+    completed: Completed,
     model: str,
 ) -> dict[str, Any]:
-    encoded = await service.encode_all(result.images, request.output_format, request.output_quality)
     data = []
-    for image, payload in zip(result.images, encoded, strict=True):
+    for name, payload, seed in zip(completed.media_names, completed.images, completed.seeds, strict=True):
         if wire.wants_url:
-            name = services.media.save(payload, request.output_format)
             item: dict[str, Any] = {"url": base_url + services.media.signed_path(name)}
         else:
             item = {"b64_json": base64.b64encode(payload).decode()}
-        data.append({**item, "revised_prompt": None, "seed": image.seed})
+        data.append({**item, "revised_prompt": None, "seed": seed})
     return {
         "created": int(time.time()),
         "model": model,
+        "id": completed.job.id,
         "data": data,
         "output_format": request.output_format.value,
-        "size": f"{result.width}x{result.height}",
-        "usage": usage(result, request),
+        "size": f"{completed.width}x{completed.height}",
+        "usage": usage(completed, request),
     }
 
 
 async def _stream(
-    services: Services, http_request: Request, request: GenerateRequest, partial_at: list[int], kind: str
+    services: Services,
+    http_request: Request,
+    owner: str,
+    request: GenerateRequest,
+    partial_at: list[int],
+    kind: str,
 ) -> AsyncIterator[str]:
     """SSE: `<kind>.partial_image` for the chosen steps, then `<kind>.completed` per image."""
     loop = asyncio.get_running_loop()
@@ -305,7 +303,7 @@ async def _stream(
             previews = progress.preview()  # decoded on the engine thread, for the chosen steps only
             loop.call_soon_threadsafe(events.put_nowait, (progress.step, previews))
 
-    task = asyncio.ensure_future(service.generate(services, http_request, request, on_step))
+    task = asyncio.ensure_future(service.generate(services, http_request, owner, request, on_step))
     partial_index = 0
     try:
         while not task.done() or not events.empty():
@@ -330,7 +328,7 @@ async def _stream(
                 },
             )
             partial_index += 1
-        result = task.result()
+        completed = task.result()
     except KleinError as exc:
         yield _event(
             "error", {"error": {"message": exc.message, "type": "invalid_request_error", "code": exc.code}}
@@ -339,20 +337,18 @@ async def _stream(
     finally:
         if not task.done():
             task.cancel()
-    for image, payload in zip(
-        result.images, await service.encode_all(result.images, fmt, request.output_quality), strict=True
-    ):
+    for payload, seed in zip(completed.images, completed.seeds, strict=True):
         yield _event(
             f"{kind}.completed",
             {
                 "b64_json": base64.b64encode(payload).decode(),
                 "created_at": int(time.time()),
                 "output_format": fmt.value,
-                "size": f"{result.width}x{result.height}",
+                "size": f"{completed.width}x{completed.height}",
                 "background": "opaque",
                 "quality": "auto",
-                "seed": image.seed,
-                "usage": usage(result, request),
+                "seed": seed,
+                "usage": usage(completed, request),
             },
         )
 

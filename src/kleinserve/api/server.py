@@ -8,20 +8,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 
 import httpx
 import uvicorn
 from fastapi import FastAPI
 
+from kleinserve.api import bfl
 from kleinserve.api.app import MAX_BODY_BYTES, build_app
 from kleinserve.api.auth import DATABASE_NAME, KeyStore, check_open_binding
 from kleinserve.api.service import Services
 from kleinserve.engine.pipeline import Pipeline
 from kleinserve.errors import InvalidInput
-from kleinserve.jobs.runner import DEFAULT_MAX_WAITING, EngineRunner
+from kleinserve.jobs.events import EventHub
+from kleinserve.jobs.store import SqliteJobStore
+from kleinserve.jobs.webhooks import WebhookSender
+from kleinserve.jobs.worker import Worker, WorkerSettings
 from kleinserve.media import MEDIA_TTL_S, ImageFetcher, MediaStore
 
 log = logging.getLogger(__name__)
@@ -33,7 +39,9 @@ class ServerSettings:
     data_dir: Path
     host: str = "127.0.0.1"
     port: int = 8000
-    max_waiting: int = DEFAULT_MAX_WAITING
+    max_waiting: int = WorkerSettings.max_waiting
+    max_batch: int = WorkerSettings.max_batch
+    max_in_flight_per_key: int = WorkerSettings.max_in_flight_per_key
     media_ttl_s: int = MEDIA_TTL_S
     allow_private_urls: bool = False
     insecure_no_auth: bool = False
@@ -52,13 +60,25 @@ def build_services(settings: ServerSettings, pipeline: Pipeline) -> Services:
     except InvalidInput:
         keys.close()
         raise
-    runner = EngineRunner(pipeline, max_waiting=settings.max_waiting)
-    return Services(
-        runner=runner,
+    store = SqliteJobStore(settings.data_dir / DATABASE_NAME)
+    media = MediaStore.in_data_dir(settings.data_dir, settings.media_ttl_s)
+    hub = EventHub()
+    worker_settings = WorkerSettings(settings.max_batch, settings.max_waiting, settings.max_in_flight_per_key)
+    worker = Worker(pipeline, store, media, settings.data_dir / "inputs", hub, worker_settings)
+    client = httpx.AsyncClient()
+    services = Services(
+        worker=worker,
+        store=store,
+        hub=hub,
         keys=keys,
-        media=MediaStore.in_data_dir(settings.data_dir, settings.media_ttl_s),
-        fetcher=ImageFetcher(httpx.AsyncClient(), allow_private=settings.allow_private_urls),
+        media=media,
+        fetcher=ImageFetcher(client, allow_private=settings.allow_private_urls),
     )
+    webhooks = WebhookSender(
+        client, store, hub, lambda job: bfl.webhook_body(services, job), settings.allow_private_urls
+    )
+    worker.on_finished = webhooks.schedule
+    return services
 
 
 def create_app(settings: ServerSettings, pipeline: Pipeline) -> FastAPI:
@@ -69,17 +89,20 @@ def create_app(settings: ServerSettings, pipeline: Pipeline) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(application: FastAPI) -> AsyncIterator[None]:
-        services.runner.start()
+        services.hub.attach(asyncio.get_running_loop())
+        services.worker.start()
         cleanup = asyncio.create_task(_clean_media(services.media))
         try:
             async with inner_lifespan(application):
                 yield
         finally:
             cleanup.cancel()
-            await asyncio.to_thread(services.runner.stop)
+            await asyncio.to_thread(services.worker.stop)
+            services.store.close()
             services.keys.close()
 
     app.router.lifespan_context = lifespan
+    app.state.worker = services.worker  # for DrainingServer
     return app
 
 
@@ -91,7 +114,31 @@ async def _clean_media(media: MediaStore) -> None:
         await asyncio.sleep(MEDIA_CLEANUP_INTERVAL_S)
 
 
+class DrainingServer(uvicorn.Server):
+    """SIGTERM/SIGINT: stop intake (new work answers 503), let the running batch finish, keep the queue,
+    then exit. A second signal exits at once."""
+
+    def __init__(self, config: uvicorn.Config, worker: Worker) -> None:
+        super().__init__(config)
+        self.worker = worker
+        self._draining = False
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._draining:
+            super().handle_exit(sig, frame)
+            return
+        self._draining = True
+        log.info("draining: no new work; finishing the running batch")
+        self.worker.drain()
+        threading.Thread(target=self._exit_when_idle, daemon=True).start()
+
+    def _exit_when_idle(self) -> None:
+        self.worker.wait_idle()
+        self.should_exit = True
+
+
 def serve(settings: ServerSettings, pipeline: Pipeline) -> None:
     app = create_app(settings, pipeline)
     print(f"kleinserve: serving {pipeline.spec.name} at http://{settings.host}:{settings.port}/", flush=True)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info")
+    DrainingServer(config, app.state.worker).run()

@@ -6,27 +6,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
+import json
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from fastapi import Request
 from PIL import Image
 
 from kleinserve.api.auth import KeyStore, authenticate
 from kleinserve.engine.spec import ModelSpec
-from kleinserve.errors import Cancelled, UnknownModel
-from kleinserve.jobs.runner import EngineRunner
+from kleinserve.errors import Cancelled, EngineError, InvalidInput, UnknownModel
+from kleinserve.jobs.events import EventHub
+from kleinserve.jobs.store import Job, JobStatus, JobStore
+from kleinserve.jobs.worker import Worker
 from kleinserve.media import ImageFetcher, MediaStore
-from kleinserve.types import (
-    GeneratedImage,
-    GenerateRequest,
-    GenerateResult,
-    ImageFormat,
-    StepCallback,
-    encode_image,
-)
+from kleinserve.types import GenerateRequest, ImageFormat, StepCallback, encode_image
 
 T = TypeVar("T")
 DISCONNECT_POLL_S = 0.25
@@ -41,16 +36,18 @@ KLEIN_4B_ALIASES = (
 
 @dataclass(frozen=True)
 class Services:
-    """Everything the routes need, built once at start-up (cli.py) and passed to build_app."""
+    """Everything the routes need, built once at start-up (api/server.py) and passed to build_app."""
 
-    runner: EngineRunner
+    worker: Worker
+    store: JobStore
+    hub: EventHub
     keys: KeyStore
     media: MediaStore
     fetcher: ImageFetcher
 
     @property
     def spec(self) -> ModelSpec:
-        return self.runner.pipeline.spec
+        return self.worker.pipeline.spec
 
     @property
     def model_ids(self) -> tuple[str, ...]:
@@ -70,6 +67,19 @@ class Services:
 def caller(services: Services, request: Request) -> str:
     """The authenticated key name (raises Unauthorized)."""
     return authenticate(services.keys, request.headers)
+
+
+async def read_json_object(request: Request, require_json_type: bool = False) -> dict[str, Any]:
+    """The request body as a JSON object; InvalidInput for a wrong content type or malformed JSON."""
+    if require_json_type and "json" not in request.headers.get("content-type", ""):
+        raise InvalidInput("expected a JSON body", allowed="Content-Type: application/json")
+    try:
+        body = json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"malformed JSON body ({exc})", allowed="a JSON object") from None
+    if not isinstance(body, dict):
+        raise InvalidInput("the JSON body must be an object", allowed="a JSON object")
+    return body
 
 
 async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
@@ -95,28 +105,67 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
             task.cancel()
 
 
+@dataclass(frozen=True)
+class Completed:
+    """A succeeded job as a synchronous dialect answers it: the stored image bytes (in the requested format)
+    and the job row (sizes, seeds, media names, usage)."""
+
+    job: Job
+    images: list[bytes]
+
+    @property
+    def width(self) -> int:
+        return int(self.result["width"])
+
+    @property
+    def height(self) -> int:
+        return int(self.result["height"])
+
+    @property
+    def result(self) -> dict[str, Any]:
+        assert self.job.result is not None
+        return self.job.result
+
+    @property
+    def seeds(self) -> list[int]:
+        return [image["seed"] for image in self.result["images"]]
+
+    @property
+    def media_names(self) -> list[str]:
+        return [image["media"] for image in self.result["images"]]
+
+    @property
+    def output_tokens(self) -> int:
+        """Latent tokens generated: (W/16)*(H/16) per image."""
+        return (self.width // 16) * (self.height // 16) * len(self.images)
+
+    @property
+    def reference_tokens(self) -> int:
+        return sum((w // 16) * (h // 16) for w, h in self.job.params.get("reference_sizes", []))
+
+
 async def generate(
-    services: Services, http_request: Request, request: GenerateRequest, on_step: StepCallback | None = None
-) -> GenerateResult:
-    return await until_disconnected(http_request, services.runner.generate(request, on_step))
+    services: Services,
+    http_request: Request,
+    owner: str,
+    request: GenerateRequest,
+    on_step: StepCallback | None = None,
+) -> Completed:
+    """Submit `request` as a job of `owner`, wait for it (a client disconnect cancels it), read its images."""
+    job = await asyncio.to_thread(services.worker.submit, request, owner, on_step)
+    job = await until_disconnected(http_request, services.worker.wait(job.id))
+    if job.status is JobStatus.CANCELLED:
+        raise Cancelled(job.error or "cancelled")
+    if job.status is not JobStatus.SUCCEEDED:
+        raise EngineError(f"generation failed: {job.error}")
+    names = [image["media"] for image in (job.result or {}).get("images", [])]
+    images = await asyncio.gather(*(asyncio.to_thread(services.media.read, name) for name in names))
+    return Completed(job, list(images))
 
 
-async def encode_all(
-    images: Sequence[GeneratedImage | Image.Image], fmt: ImageFormat, quality: int | None
-) -> list[bytes]:
+async def encode_all(images: Sequence[Image.Image], fmt: ImageFormat, quality: int | None) -> list[bytes]:
     """PNG/JPEG/WebP bytes of every image, encoded on worker threads (never the engine's or the loop's)."""
-    pictures = [image.image if isinstance(image, GeneratedImage) else image for image in images]
-    return await asyncio.gather(*(asyncio.to_thread(encode_image, p, fmt, quality) for p in pictures))
-
-
-def tiles(width: int, height: int) -> int:
-    """Cloudflare-style 512x512 tiles of one image."""
-    return math.ceil(width / 512) * math.ceil(height / 512)
-
-
-def output_tokens(result: GenerateResult) -> int:
-    """Latent tokens generated: (W/16)*(H/16) per image."""
-    return (result.width // 16) * (result.height // 16) * len(result.images)
+    return await asyncio.gather(*(asyncio.to_thread(encode_image, image, fmt, quality) for image in images))
 
 
 def partial_steps(total_steps: int, partial_images: int) -> list[int]:

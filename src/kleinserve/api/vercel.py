@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import math
 from typing import Any
 
@@ -179,14 +178,9 @@ def build_router(services: Services) -> APIRouter:
 
     @router.post("/image-model", summary="Generate images (AI Gateway image model protocol, version 3)")
     async def image_model(http_request: Request) -> dict[str, Any]:
-        service.caller(services, http_request)
+        owner = service.caller(services, http_request)
         services.check_model(http_request.headers.get("ai-model-id"))
-        try:
-            body = json.loads(await http_request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InvalidInput(f"malformed JSON body ({exc})", allowed="a JSON object") from None
-        if not isinstance(body, dict):
-            raise InvalidInput("the JSON body must be an object", allowed="a JSON object")
+        body = await service.read_json_object(http_request)
         if body.get("mask"):
             raise InvalidInput("masks are not supported yet", param="mask")
         warnings: list[dict[str, str]] = []
@@ -205,12 +199,16 @@ def build_router(services: Services) -> APIRouter:
             else:
                 raise InvalidInput(f"{param} is neither a base64 file nor a URL", param=param)
         request = to_request(body, references, services.spec.distilled, options)
-        result = await service.generate(services, http_request, request)
-        encoded = await service.encode_all(result.images, request.output_format, request.output_quality)
+        completed = await service.generate(services, http_request, owner, request)
         return {
-            "images": [base64.b64encode(data).decode() for data in encoded],
+            "images": [base64.b64encode(data).decode() for data in completed.images],
             "warnings": warnings,
-            "providerMetadata": {"kleinserve": {"images": [{"seed": image.seed} for image in result.images]}},
+            "providerMetadata": {
+                "kleinserve": {
+                    "job": completed.job.id,
+                    "images": [{"seed": seed} for seed in completed.seeds],
+                }
+            },
         }
 
     return router

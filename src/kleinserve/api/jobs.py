@@ -1,0 +1,114 @@
+"""kleinserve's own job API: inspect, follow, cancel and list jobs (any dialect's jobs, per key).
+
+    GET  /v1/jobs/{id}            the job: status, progress, result URLs, usage, webhook outcome
+    GET  /v1/jobs/{id}/events     Server-Sent Events: queued (position), each step (small preview), the end
+    POST /v1/jobs/{id}/cancel     queued: cancelled at once; running: at the next step boundary
+    GET  /v1/jobs?status=&limit=  the key's jobs, newest first
+Errors use the OpenAI-style body `{"error": {...}}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import StreamingResponse
+
+from kleinserve.api import service
+from kleinserve.api.service import Services
+from kleinserve.errors import InvalidInput
+from kleinserve.jobs.events import TERMINAL_EVENTS
+from kleinserve.jobs.store import Job, JobStatus
+
+PREFIXES = ("/v1/jobs",)
+HEARTBEAT_S = 15.0
+
+
+def job_body(services: Services, job: Job, base_url: str) -> dict[str, Any]:
+    result = None
+    if job.result is not None:
+        images = [
+            {"url": base_url + services.media.signed_path(image["media"]), "seed": image["seed"]}
+            for image in job.result["images"]
+        ]
+        result = {**{k: v for k, v in job.result.items() if k != "images"}, "images": images}
+    return {
+        "id": job.id,
+        "status": job.status.value,
+        "progress": job.progress,
+        "created": job.created,
+        "started": job.started,
+        "finished": job.finished,
+        "error": job.error,
+        "params": job.params,
+        "result": result,
+        "usage": job.usage,
+        "webhook_status": job.webhook_status,
+    }
+
+
+def _sse(event: dict[str, Any]) -> str:
+    return f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
+
+
+def build_router(services: Services) -> APIRouter:
+    router = APIRouter(tags=["Jobs"])
+
+    @router.get("/v1/jobs", summary="List this key's jobs")
+    async def list_jobs(
+        http_request: Request, status: str | None = None, limit: int = Query(50, ge=1, le=500)
+    ) -> dict[str, Any]:
+        owner = service.caller(services, http_request)
+        try:
+            wanted = JobStatus(status) if status else None
+        except ValueError:
+            allowed = ", ".join(s.value for s in JobStatus)
+            raise InvalidInput(f"unknown status {status!r}", param="status", allowed=allowed) from None
+        base_url = str(http_request.base_url).rstrip("/")
+        jobs = services.store.list(owner, wanted, limit)
+        return {"object": "list", "data": [job_body(services, job, base_url) for job in jobs]}
+
+    @router.get("/v1/jobs/{job_id}", summary="One job")
+    async def get_job(job_id: str, http_request: Request) -> dict[str, Any]:
+        owner = service.caller(services, http_request)
+        return job_body(services, services.store.get(job_id, owner), str(http_request.base_url).rstrip("/"))
+
+    @router.post("/v1/jobs/{job_id}/cancel", summary="Cancel a job")
+    async def cancel_job(job_id: str, http_request: Request) -> dict[str, Any]:
+        owner = service.caller(services, http_request)
+        job = services.worker.cancel(job_id, owner)
+        return job_body(services, job, str(http_request.base_url).rstrip("/"))
+
+    @router.get("/v1/jobs/{job_id}/events", summary="Follow a job (Server-Sent Events)")
+    async def job_events(job_id: str, http_request: Request) -> StreamingResponse:
+        owner = service.caller(services, http_request)
+        services.store.get(job_id, owner)  # NotFound before the stream starts
+        return StreamingResponse(_follow(services, job_id), media_type="text/event-stream")
+
+    return router
+
+
+async def _follow(services: Services, job_id: str) -> AsyncIterator[str]:
+    async with services.hub.subscribe(job_id) as events:
+        job = services.store.get(job_id)
+        if job.status is JobStatus.QUEUED:
+            queued = [j.id for j in services.store.queued()]
+            position = queued.index(job_id) + 1 if job_id in queued else 1
+            yield _sse({"type": "queued", "position": position})
+        elif job.status is JobStatus.RUNNING:
+            yield _sse({"type": "running", "progress": job.progress})
+        if job.status.terminal:
+            yield _sse({"type": job.status.value, **({"error": job.error} if job.error else {})})
+            return
+        while True:
+            try:
+                event = await asyncio.wait_for(events.get(), timeout=HEARTBEAT_S)
+            except TimeoutError:
+                yield ": keep-alive\n\n"
+                continue
+            yield _sse(event)
+            if event["type"] in TERMINAL_EVENTS:
+                return

@@ -1,0 +1,59 @@
+"""Progress fan-out: job events published on any thread, delivered to asyncio subscribers.
+
+    hub = EventHub(); hub.attach(loop)
+    async with hub.subscribe(job_id) as events:     # SSE endpoints, sync API callers
+        event = await events.get()
+    hub.publish(job_id, {"type": "step", "step": 2, "total_steps": 4})   # engine or encoder thread
+
+Event types: `queued` (with `position`), `running`, `step` (`step`, `total_steps`, optional `preview` base64
+PNG), `succeeded`, `failed` (`error`), `cancelled`. The last three end the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from typing import Any
+
+TERMINAL_EVENTS = ("succeeded", "failed", "cancelled")
+Event = dict[str, Any]
+
+
+class EventHub:
+    """Thread-safe publish, asyncio subscribe. Subscribers see events published after they subscribed."""
+
+    def __init__(self) -> None:
+        self.loop: asyncio.AbstractEventLoop | None = None  # set by attach() when the server starts
+        self._subscribers: defaultdict[str, set[asyncio.Queue[Event]]] = defaultdict(set)
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+
+    def publish(self, job_id: str, event: Event) -> None:
+        """Deliver from any thread; never blocks."""
+        if self.loop is None:
+            return
+        try:
+            self.loop.call_soon_threadsafe(self._deliver, job_id, event)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            pass
+
+    def has_subscribers(self, job_id: str) -> bool:
+        return bool(self._subscribers.get(job_id))
+
+    def _deliver(self, job_id: str, event: Event) -> None:
+        for queue in self._subscribers.get(job_id, ()):
+            queue.put_nowait(event)
+
+    @contextlib.asynccontextmanager
+    async def subscribe(self, job_id: str) -> AsyncIterator[asyncio.Queue[Event]]:
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+        self._subscribers[job_id].add(queue)
+        try:
+            yield queue
+        finally:
+            self._subscribers[job_id].discard(queue)
+            if not self._subscribers[job_id]:
+                del self._subscribers[job_id]

@@ -1,0 +1,270 @@
+"""The job store: every accepted request, sync or async, is a row that survives a restart.
+
+`JobStore` is the interface the worker and the API use; `SqliteJobStore` keeps it in
+`<data dir>/kleinserve.db` (WAL mode). A shared database can replace it when several machines serve one queue:
+nothing outside this module writes SQL. Reference images are not in the row: the submitter keeps them as PNG
+files beside it (`inputs/<job id>-<i>.png`), so a job re-runs identically after a restart.
+
+Job lifecycle: queued -> running -> succeeded | failed | cancelled. A job found `running` at start-up was
+interrupted by a crash: it is queued again once, then failed with a reason.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Protocol
+
+from kleinserve.errors import NotFound
+
+MAX_ATTEMPTS = 2  # the first run and one retry after a crash
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One row. `params` is the request without its images (JSON-able); `result` lists
+    {"media": file name, "seed": int} per image plus width/height/steps/guidance; times are Unix seconds."""
+
+    id: str
+    owner: str
+    status: JobStatus
+    params: dict[str, Any]
+    reference_count: int
+    batch_key: str
+    created: float
+    started: float | None = None
+    finished: float | None = None
+    progress: float = 0.0
+    attempts: int = 0
+    error: str | None = None
+    result: dict[str, Any] | None = None
+    usage: dict[str, Any] | None = None
+    webhook_url: str | None = None
+    webhook_secret: str | None = None
+    webhook_status: str | None = None
+    cancel_requested: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class JobStore(Protocol):
+    def add(self, job: Job) -> Job: ...
+    def get(self, job_id: str, owner: str | None = None) -> Job: ...
+    def list(self, owner: str, status: JobStatus | None = None, limit: int = 50) -> list[Job]: ...
+    def queued(self, limit: int = 1000) -> list[Job]: ...
+    def mark_running(self, job_ids: list[str]) -> None: ...
+    def set_progress(self, job_id: str, progress: float) -> None: ...
+    def finish(self, job_id: str, status: JobStatus, **fields: Any) -> Job: ...
+    def request_cancel(self, job_id: str, owner: str) -> Job: ...
+    def set_webhook_status(self, job_id: str, status: str) -> None: ...
+    def in_flight(self, owner: str) -> int: ...
+    def recover(self) -> list[Job]: ...
+    def usage(self, owner: str | None = None, since: float | None = None) -> list[Job]: ...
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    status TEXT NOT NULL,
+    params TEXT NOT NULL,
+    reference_count INTEGER NOT NULL,
+    batch_key TEXT NOT NULL,
+    created REAL NOT NULL,
+    started REAL,
+    finished REAL,
+    progress REAL NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    result TEXT,
+    usage TEXT,
+    webhook_url TEXT,
+    webhook_secret TEXT,
+    webhook_status TEXT,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    extra TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, created);
+CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, created);
+"""
+_JSON_COLUMNS = ("params", "result", "usage", "extra")
+_COLUMNS = (
+    "id, owner, status, params, reference_count, batch_key, created, started, finished, progress, attempts, "
+    "error, result, usage, webhook_url, webhook_secret, webhook_status, cancel_requested, extra"
+)
+
+
+def new_job_id() -> str:
+    """Unguessable: 128 random bits."""
+    return secrets.token_hex(16)
+
+
+class SqliteJobStore:
+    """JobStore on one SQLite file; safe to call from the event loop and the engine/encoder threads."""
+
+    def __init__(self, database: Path) -> None:
+        database.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(database, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+        self._lock = threading.Lock()
+
+    def add(self, job: Job) -> Job:
+        row = _to_row(job)
+        with self._lock:
+            self._db.execute(
+                f"INSERT INTO jobs ({_COLUMNS}) VALUES ({', '.join('?' * len(row))})", tuple(row.values())
+            )
+        return job
+
+    def get(self, job_id: str, owner: str | None = None) -> Job:
+        """The job; NotFound when it does not exist or belongs to another key."""
+        with self._lock:
+            row = self._db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None or (owner is not None and row[1] != owner):
+            raise NotFound(f"no job {job_id!r}")
+        return _from_row(row)
+
+    def list(self, owner: str, status: JobStatus | None = None, limit: int = 50) -> list[Job]:
+        query = f"SELECT {_COLUMNS} FROM jobs WHERE owner = ?"
+        args: list[Any] = [owner]
+        if status is not None:
+            query += " AND status = ?"
+            args.append(status.value)
+        query += " ORDER BY created DESC LIMIT ?"
+        args.append(limit)
+        with self._lock:
+            return [_from_row(row) for row in self._db.execute(query, args).fetchall()]
+
+    def queued(self, limit: int = 1000) -> list[Job]:
+        """Queued jobs, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_COLUMNS} FROM jobs WHERE status = 'queued' ORDER BY created, id LIMIT ?", (limit,)
+            ).fetchall()
+        return [_from_row(row) for row in rows]
+
+    def mark_running(self, job_ids: list[str]) -> None:
+        with self._lock:
+            self._db.executemany(
+                "UPDATE jobs SET status = 'running', started = ?, attempts = attempts + 1, progress = 0 "
+                "WHERE id = ? AND status = 'queued'",
+                [(time.time(), job_id) for job_id in job_ids],
+            )
+
+    def set_progress(self, job_id: str, progress: float) -> None:
+        with self._lock:
+            self._db.execute("UPDATE jobs SET progress = ? WHERE id = ?", (progress, job_id))
+
+    def finish(self, job_id: str, status: JobStatus, **fields: Any) -> Job:
+        """Move a job to a terminal status, setting `error`, `result`, `usage` as given."""
+        sets = {"status": status.value, "finished": time.time(), **fields}
+        if status is JobStatus.SUCCEEDED:
+            sets["progress"] = 1.0
+        values = [json.dumps(v) if k in _JSON_COLUMNS and v is not None else v for k, v in sets.items()]
+        with self._lock:
+            self._db.execute(
+                f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in sets)} WHERE id = ?", (*values, job_id)
+            )
+        return self.get(job_id)
+
+    def request_cancel(self, job_id: str, owner: str) -> Job:
+        """Queued: cancelled at once. Running: flagged (the worker stops it at the next step)."""
+        job = self.get(job_id, owner)
+        with self._lock:
+            self._db.execute(
+                "UPDATE jobs SET status = 'cancelled', finished = ?, error = 'cancelled by the client' "
+                "WHERE id = ? AND status = 'queued'",
+                (time.time(), job_id),
+            )
+            self._db.execute(
+                "UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND status = 'running'", (job_id,)
+            )
+        return self.get(job.id)
+
+    def set_webhook_status(self, job_id: str, status: str) -> None:
+        with self._lock:
+            self._db.execute("UPDATE jobs SET webhook_status = ? WHERE id = ?", (status, job_id))
+
+    def in_flight(self, owner: str) -> int:
+        with self._lock:
+            (count,) = self._db.execute(
+                "SELECT COUNT(*) FROM jobs WHERE owner = ? AND status IN ('queued', 'running')", (owner,)
+            ).fetchone()
+        return int(count)
+
+    def recover(self) -> list[Job]:
+        """After a crash: jobs left running are queued again, or failed after MAX_ATTEMPTS; returns them."""
+        with self._lock:
+            rows = self._db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE status = 'running'").fetchall()
+            for row in rows:
+                job = _from_row(row)
+                if job.attempts >= MAX_ATTEMPTS or job.cancel_requested:
+                    reason = (
+                        "cancelled by the client"
+                        if job.cancel_requested
+                        else (f"interrupted {job.attempts} times by a server crash")
+                    )
+                    status = "cancelled" if job.cancel_requested else "failed"
+                    self._db.execute(
+                        "UPDATE jobs SET status = ?, finished = ?, error = ? WHERE id = ?",
+                        (status, time.time(), reason, job.id),
+                    )
+                else:
+                    self._db.execute(
+                        "UPDATE jobs SET status = 'queued', progress = 0 WHERE id = ?", (job.id,)
+                    )
+        return [self.get(_from_row(row).id) for row in rows]
+
+    def usage(self, owner: str | None = None, since: float | None = None) -> list[Job]:
+        """Succeeded jobs (with their usage), optionally of one key and since a time."""
+        query = f"SELECT {_COLUMNS} FROM jobs WHERE status = 'succeeded'"
+        args: list[Any] = []
+        if owner is not None:
+            query += " AND owner = ?"
+            args.append(owner)
+        if since is not None:
+            query += " AND created >= ?"
+            args.append(since)
+        with self._lock:
+            return [_from_row(row) for row in self._db.execute(query + " ORDER BY created", args).fetchall()]
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def _to_row(job: Job) -> dict[str, Any]:
+    row = {name.strip(): getattr(job, name.strip()) for name in _COLUMNS.split(",")}
+    row["status"] = job.status.value
+    row["cancel_requested"] = int(job.cancel_requested)
+    for name in _JSON_COLUMNS:
+        row[name] = json.dumps(row[name]) if row[name] is not None else None
+    return row
+
+
+def _from_row(row: tuple[Any, ...]) -> Job:
+    values = dict(zip((name.strip() for name in _COLUMNS.split(",")), row, strict=True))
+    for name in _JSON_COLUMNS:
+        values[name] = json.loads(values[name]) if values[name] is not None else None
+    values["status"] = JobStatus(values["status"])
+    values["cancel_requested"] = bool(values["cancel_requested"])
+    values["extra"] = values["extra"] or {}
+    return Job(**values)

@@ -1,0 +1,334 @@
+"""Worker: claims queued jobs, batches compatible ones, runs the engine on its own thread.
+
+    worker = Worker(pipeline, store, outputs, inputs_dir, hub)
+    worker.start()                                   # recovers jobs a crash left running
+    job = worker.submit(request, owner="alice")      # validated, stored, queued (raises Overloaded)
+    job = await worker.wait(job.id)                  # sync APIs; async APIs poll the store instead
+
+Batching: the oldest queued job always runs next, together with younger jobs of the same batch key (size,
+steps, guidance, text length, reference geometry) up to `max_batch` images, so compatible work shares an
+engine call and an older incompatible job never starves. Image encoding and storage happen on an encoder
+thread pool, so the engine starts the next batch at once. Cancel: a queued job is cancelled at once; a
+running job is marked cancelled at the next step boundary (its batch stops when every job in it is cancelled).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import functools
+import io
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from PIL import Image
+
+from kleinserve.engine.pipeline import Pipeline
+from kleinserve.engine.references import to_rgb
+from kleinserve.errors import Cancelled, KleinError, Overloaded, Unavailable
+from kleinserve.jobs import metering
+from kleinserve.jobs.events import EventHub
+from kleinserve.jobs.metrics import Metrics
+from kleinserve.jobs.store import Job, JobStatus, JobStore, new_job_id
+from kleinserve.types import (
+    GenerateRequest,
+    GenerateResult,
+    ImageFormat,
+    Progress,
+    StepCallback,
+    encode_image,
+)
+
+log = logging.getLogger(__name__)
+PREVIEW_SIDE = 256  # step previews in job events are at most this many pixels per side
+IDLE_POLL_S = 0.5
+
+
+class OutputStore(Protocol):
+    """Where result images go (kleinserve.media.MediaStore)."""
+
+    def save(self, data: bytes, fmt: ImageFormat) -> str: ...
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    max_batch: int = 4  # images per engine call
+    max_waiting: int = 64  # queued jobs, all keys together
+    max_in_flight_per_key: int = 24  # queued + running jobs of one key
+
+
+class Worker:
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        store: JobStore,
+        outputs: OutputStore,
+        inputs_dir: Path,
+        hub: EventHub,
+        settings: WorkerSettings = WorkerSettings(),
+        metrics: Metrics | None = None,
+        on_finished: Callable[[Job], None] | None = None,
+    ) -> None:
+        self.pipeline = pipeline
+        self.store = store
+        self.outputs = outputs
+        self.inputs_dir = inputs_dir
+        self.hub = hub
+        self.settings = settings
+        self.metrics = metrics or Metrics(pipeline.prompts.cache)
+        self.on_finished = on_finished  # e.g. webhook delivery; called on the encoder thread
+        inputs_dir.mkdir(parents=True, exist_ok=True)
+        self._wake = threading.Event()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._cancel_requested: set[str] = set()
+        self._listeners: dict[str, StepCallback] = {}  # in-process step callbacks (streaming APIs)
+        self._accepting = True
+        self._warmed = False
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="kleinserve-engine", daemon=True)
+        self._encoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kleinserve-encode")
+
+    # lifecycle
+    @property
+    def ready(self) -> bool:
+        """Warmed up and taking work."""
+        return self._warmed and self._accepting
+
+    def start(self) -> None:
+        for job in self.store.recover():
+            log.warning("job %s was interrupted by a restart: now %s", job.id, job.status.value)
+        self._thread.start()
+
+    def _warm_up(self) -> None:
+        """One tiny generation, so that the first request does not pay one-time costs (kernels, allocator)."""
+        side = 64
+        self.pipeline.generate(GenerateRequest(prompt="warm-up", width=side, height=side, steps=1, seed=0))
+        self._warmed = True
+
+    def drain(self) -> None:
+        """Stop intake (new submissions answer 503); queued jobs stay queued for the next start."""
+        self._accepting = False
+
+    def wait_idle(self) -> None:
+        """Block until no batch is running (after drain(), none will start)."""
+        self._idle.wait()
+
+    def stop(self) -> None:
+        """Drain, let the running batch finish, end the engine thread and the encoders."""
+        self.drain()
+        self._stopping = True
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        self._encoder.shutdown(wait=True)
+
+    # API side
+    def submit(
+        self, request: GenerateRequest, owner: str, on_step: StepCallback | None = None, **job_fields: Any
+    ) -> Job:
+        """Validate, store and queue `request`; `job_fields` (webhook_url, webhook_secret, extra) are stored
+        on the job."""
+        if not self._accepting:
+            raise Unavailable("the server is shutting down; try again shortly", retry_after=30)
+        resolved = self.pipeline.resolve(request)
+        waiting = len(self.store.queued(limit=self.settings.max_waiting + 1))
+        if waiting >= self.settings.max_waiting:
+            raise Overloaded(f"{waiting} jobs are waiting (limit {self.settings.max_waiting})", retry_after=5)
+        in_flight = self.store.in_flight(owner)
+        if in_flight >= self.settings.max_in_flight_per_key:
+            raise Overloaded(
+                f"{in_flight} jobs of this key are in flight (limit {self.settings.max_in_flight_per_key})",
+                retry_after=5,
+            )
+        job_id = new_job_id()
+        for index, image in enumerate(request.reference_images):
+            # As the engine will see it (RGB): any input mode can then be stored losslessly as PNG.
+            to_rgb(image).save(self.inputs_dir / f"{job_id}-{index}.png")
+        job = Job(
+            id=job_id,
+            owner=owner,
+            status=JobStatus.QUEUED,
+            params=metering.request_params(request, resolved),
+            reference_count=len(request.reference_images),
+            batch_key=repr(resolved.batch_key),
+            created=time.time(),
+            **job_fields,
+        )
+        if on_step is not None:
+            self._listeners[job_id] = on_step
+        self.store.add(job)
+        self.metrics.queue_depth.set(waiting + 1)
+        self.hub.publish(job_id, {"type": "queued", "position": waiting + 1})
+        self._wake.set()
+        return job
+
+    async def wait(self, job_id: str) -> Job:
+        """Wait until the job is terminal; cancelling the waiting task cancels the job."""
+        async with self.hub.subscribe(job_id) as events:
+            job = self.store.get(job_id)
+            try:
+                while not job.status.terminal:
+                    try:
+                        await asyncio.wait_for(events.get(), timeout=IDLE_POLL_S * 4)
+                    except TimeoutError:
+                        pass
+                    job = self.store.get(job_id)
+            except asyncio.CancelledError:
+                self.cancel(job_id, job.owner)
+                raise
+        return job
+
+    def cancel(self, job_id: str, owner: str) -> Job:
+        job = self.store.request_cancel(job_id, owner)
+        if job.status is JobStatus.CANCELLED:
+            self._terminal(job)
+        elif job.status is JobStatus.RUNNING:
+            self._cancel_requested.add(job_id)
+        return job
+
+    def load_request(self, job: Job) -> GenerateRequest:
+        references = []
+        for index in range(job.reference_count):
+            with Image.open(self.inputs_dir / f"{job.id}-{index}.png") as image:
+                references.append(image.copy())
+        return metering.params_request(job.params, references)
+
+    # engine thread
+    def _run(self) -> None:
+        self._warm_up()
+        while not self._stopping:
+            batch = self._next_batch() if self._accepting else []
+            if not batch:
+                self._wake.wait(IDLE_POLL_S)
+                self._wake.clear()
+                continue
+            self._idle.clear()
+            try:
+                self._run_batch(batch)
+            finally:
+                self._idle.set()
+
+    def _next_batch(self) -> list[Job]:
+        queued = self.store.queued()
+        self.metrics.queue_depth.set(len(queued))
+        if not queued:
+            return []
+        key = queued[0].batch_key
+        batch: list[Job] = []
+        images = 0
+        for job in queued:
+            count = job.params["num_images"]
+            if job.batch_key != key or (batch and images + count > self.settings.max_batch):
+                continue
+            batch.append(job)
+            images += count
+        return batch
+
+    def _run_batch(self, batch: list[Job]) -> None:
+        self.store.mark_running([job.id for job in batch])
+        now = time.time()
+        for job in batch:
+            self.metrics.queue_wait.observe(now - job.created)
+            self.hub.publish(job.id, {"type": "running"})
+        self.metrics.batch_size.observe(sum(job.params["num_images"] for job in batch))
+        live = {job.id for job in batch}
+        last_step = [time.perf_counter()]
+
+        def on_step(progress: Progress) -> None:
+            self.metrics.step.observe(time.perf_counter() - last_step[0])
+            for job_id in list(live & self._cancel_requested):
+                live.discard(job_id)
+                self._terminal(
+                    self.store.finish(job_id, JobStatus.CANCELLED, error="cancelled by the client")
+                )
+            decoded = functools.cache(progress.preview)  # one VAE pass per step, whoever asks
+            previews = self._previews(decoded, batch, live)
+            offset = 0
+            for job in batch:
+                count = job.params["num_images"]
+                if job.id in live:
+                    self.store.set_progress(job.id, progress.step / progress.total_steps)
+                    event = {"type": "step", "step": progress.step, "total_steps": progress.total_steps}
+                    self.hub.publish(job.id, {**event, **previews.get(job.id, {})})
+                    if listener := self._listeners.get(job.id):
+                        own = functools.partial(lambda o, c: decoded()[o : o + c], offset, count)
+                        listener(Progress(progress.step, progress.total_steps, preview=own))
+                offset += count
+            last_step[0] = time.perf_counter()
+
+        try:
+            requests = [self.load_request(job) for job in batch]
+            results = self.pipeline.generate_batch(requests, on_step, cancelled=lambda: not live)
+        except Cancelled:
+            return
+        except Exception as exc:
+            message = exc.message if isinstance(exc, KleinError) else "internal error in the engine"
+            if not isinstance(exc, KleinError):
+                log.exception("engine failed on jobs %s", [job.id for job in batch])
+            for job in batch:
+                if job.id in live:
+                    self._terminal(self.store.finish(job.id, JobStatus.FAILED, error=message))
+            return
+        finally:
+            self._cancel_requested -= {job.id for job in batch}
+        self.metrics.text_encoding.observe(results[0].timings.get("text_encoding", 0.0))
+        self.metrics.vae_decode.observe(results[0].timings.get("vae_decode", 0.0))
+        for job, result in zip(batch, results, strict=True):
+            if job.id in live:
+                self._encoder.submit(self._store_result, job, result)
+
+    def _previews(
+        self, decoded: Callable[[], list[Image.Image]], batch: list[Job], live: set[str]
+    ) -> dict[str, dict[str, Any]]:
+        """Small base64 PNG previews for the jobs someone is watching (decoding costs a VAE pass)."""
+        if not any(job.id in live and self.hub.has_subscribers(job.id) for job in batch):
+            return {}
+        images = iter(decoded())
+        previews: dict[str, dict[str, Any]] = {}
+        for job in batch:
+            first = [next(images) for _ in range(job.params["num_images"])][0].copy()
+            first.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE))
+            buffer = io.BytesIO()
+            first.save(buffer, format="PNG")
+            previews[job.id] = {"preview": base64.b64encode(buffer.getvalue()).decode()}
+        return previews
+
+    # encoder threads
+    def _store_result(self, job: Job, result: GenerateResult) -> None:
+        try:
+            fmt = ImageFormat(job.params["output_format"])
+            images = []
+            for image in result.images:
+                start = time.perf_counter()
+                data = encode_image(image.image, fmt, job.params.get("output_quality"))
+                self.metrics.image_encoding.observe(time.perf_counter() - start)
+                images.append({"media": self.outputs.save(data, fmt), "seed": image.seed})
+            summary = {
+                "images": images,
+                "width": result.width,
+                "height": result.height,
+                "steps": result.steps,
+                "guidance": result.guidance,
+            }
+            usage = metering.usage(result, engine_seconds=sum(result.timings.values()))
+            self._terminal(self.store.finish(job.id, JobStatus.SUCCEEDED, result=summary, usage=usage))
+        except Exception:
+            log.exception("storing the result of job %s failed", job.id)
+            self._terminal(self.store.finish(job.id, JobStatus.FAILED, error="storing the result failed"))
+
+    def _terminal(self, job: Job) -> None:
+        self._listeners.pop(job.id, None)
+        self.metrics.jobs.labels(job.status.value).inc()
+        event: dict[str, Any] = {"type": job.status.value}
+        if job.error:
+            event["error"] = job.error
+        self.hub.publish(job.id, event)
+        if self.on_finished is not None:
+            self.on_finished(job)
