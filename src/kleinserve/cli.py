@@ -6,6 +6,7 @@
     kleinserve model info DIR
     kleinserve serve --model DIR --port 8000
     kleinserve keys create --name alice
+    kleinserve usage --key alice --since 2026-01-01
 
 Errors kleinserve expects (bad input, unusable model) print one line and exit 2; only bugs show a traceback.
 """
@@ -24,6 +25,7 @@ from kleinserve.errors import InvalidInput, KleinError
 
 if TYPE_CHECKING:
     from kleinserve.engine.pipeline import Pipeline
+    from kleinserve.jobs.store import Job
 
 DEFAULT_MODEL = os.environ.get("KLEINSERVE_MODEL", "tiny-random")
 
@@ -34,6 +36,13 @@ def _size(text: str) -> tuple[int, int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not WIDTHxHEIGHT, e.g. 1024x768") from None
     return width, height
+
+
+def _date(text: str) -> float:
+    try:
+        return time.mktime(time.strptime(text, "%Y-%m-%d"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date YYYY-MM-DD") from None
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -86,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     _add_data_dir(serve)
     serve.add_argument("--queue-size", type=int, default=64, help="requests that may wait for the engine")
+    serve.add_argument("--max-batch", type=int, default=4, help="images per engine call")
+    serve.add_argument(
+        "--max-in-flight-per-key", type=int, default=24, help="queued + running jobs one key may have"
+    )
     serve.add_argument("--media-ttl", type=int, default=600, help="seconds a result URL stays valid")
     serve.add_argument(
         "--allow-private-urls", action="store_true", help="fetch references from private hosts"
@@ -94,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--insecure-no-auth", action="store_true", help="allow a non-loopback host without keys"
     )
     _add_model_options(serve)
+
+    usage = commands.add_parser("usage", help="usage per key: succeeded jobs, images, tiles, megapixels")
+    usage.add_argument("--key", help="only this key (default: every key)")
+    usage.add_argument("--since", type=_date, help="only jobs created on or after YYYY-MM-DD (local time)")
+    _add_data_dir(usage)
 
     keys = commands.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
     create = keys.add_parser("create", help="create a key and print it (shown once)")
@@ -120,6 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args)
         if args.command == "keys":
             return _keys(args)
+        if args.command == "usage":
+            return _usage(args)
         if args.model_command == "create-tiny":
             from kleinserve.engine.tiny import create_tiny
 
@@ -202,7 +222,9 @@ def _load(args: argparse.Namespace) -> Pipeline:
 
 def _serve(args: argparse.Namespace) -> int:
     from kleinserve.api.auth import DATABASE_NAME, KeyStore, check_open_binding
+    from kleinserve.logs import configure
 
+    configure()  # JSON lines on stderr, model loading included
     # Before importing the server (torch, diffusers: seconds) and before minutes of model loading.
     keys = KeyStore(args.data_dir / DATABASE_NAME)
     try:
@@ -217,6 +239,8 @@ def _serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         max_waiting=args.queue_size,
+        max_batch=args.max_batch,
+        max_in_flight_per_key=args.max_in_flight_per_key,
         media_ttl_s=args.media_ttl,
         allow_private_urls=args.allow_private_urls,
         insecure_no_auth=args.insecure_no_auth,
@@ -245,6 +269,66 @@ def _keys(args: argparse.Namespace) -> int:
                 f"{key.name}\t{state}\tcreated {time.strftime('%Y-%m-%d %H:%M', time.localtime(key.created))}"
             )
     return 0
+
+
+USAGE_COLUMNS = (
+    ("jobs", "jobs"),
+    ("images", "images"),
+    ("tiles_in", "tiles in"),
+    ("tiles_out", "tiles out"),
+    ("megapixels_in", "MP in"),
+    ("megapixels_out", "MP out"),
+    ("steps", "steps"),
+    ("engine_seconds", "engine s"),
+)
+
+
+def usage_totals(jobs: Sequence[Job]) -> dict[str, dict[str, float]]:
+    """Per key (sorted by name): the sums of the succeeded jobs' usage, and their count as `jobs`."""
+    totals: dict[str, dict[str, float]] = {}
+    for job in jobs:
+        row = totals.setdefault(job.owner, dict.fromkeys((name for name, _ in USAGE_COLUMNS), 0.0))
+        row["jobs"] += 1
+        for name, _ in USAGE_COLUMNS[1:]:
+            row[name] += float((job.usage or {}).get(name, 0))
+    return dict(sorted(totals.items()))
+
+
+def _usage(args: argparse.Namespace) -> int:
+    from kleinserve.api.auth import DATABASE_NAME
+    from kleinserve.jobs.store import SqliteJobStore
+
+    database = args.data_dir / DATABASE_NAME
+    if not database.exists():
+        raise InvalidInput(f"{database}: no job database (is --data-dir right?)", param="data-dir")
+    store = SqliteJobStore(database)
+    try:
+        totals = usage_totals(store.usage(args.key, args.since))
+    finally:
+        store.close()
+    header = ["key", *(title for _, title in USAGE_COLUMNS)]
+    rows = [
+        [owner, *(_figure(name, row[name]) for name, _ in USAGE_COLUMNS)] for owner, row in totals.items()
+    ]
+    if len(rows) > 1:
+        grand = {name: sum(row[name] for row in totals.values()) for name, _ in USAGE_COLUMNS}
+        rows.append(["total", *(_figure(name, grand[name]) for name, _ in USAGE_COLUMNS)])
+    widths = [max(len(line[i]) for line in (header, *rows)) for i in range(len(header))]
+    for line in (header, *rows):
+        rest = (cell.rjust(width) for cell, width in zip(line[1:], widths[1:], strict=True))
+        cells = [line[0].ljust(widths[0]), *rest]
+        print("  ".join(cells).rstrip())
+    if not rows:
+        print("(no succeeded jobs)", file=sys.stderr)
+    return 0
+
+
+def _figure(name: str, value: float) -> str:
+    if name.startswith("megapixels"):
+        return f"{value:.4f}"
+    if name == "engine_seconds":
+        return f"{value:.3f}"
+    return str(int(value))
 
 
 def _info(args: argparse.Namespace) -> int:

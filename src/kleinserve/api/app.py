@@ -20,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from kleinserve import logs
 from kleinserve.api import bfl, cloudflare, jobs, openai, vercel
 from kleinserve.api.service import Services
 from kleinserve.errors import InvalidInput, KleinError, NotFound, PayloadTooLarge
@@ -69,7 +70,7 @@ def as_klein_error(exc: Exception) -> KleinError:
         error.status = exc.status_code
         error.code = "http_error"
         return error
-    request_id = secrets.token_hex(8)
+    request_id = logs.request_id.get() or secrets.token_hex(8)
     log.exception("unhandled error, request id %s", request_id)
     return KleinError(f"internal error (request id {request_id})")
 

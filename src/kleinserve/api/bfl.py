@@ -14,6 +14,7 @@ import asyncio
 import functools
 import time
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
@@ -64,7 +65,18 @@ def _side(value: int | None, name: str) -> int | None:
     return value
 
 
+def _check_webhook_url(url: str | None) -> None:
+    """An http(s) URL with a host, refused at submit rather than failing at every delivery attempt.
+    (Whether its host is public is checked at delivery, where the address is resolved.)"""
+    if url is None:
+        return
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InvalidInput(f"webhook_url {url!r} is not an http(s) URL", param="webhook_url")
+
+
 def to_request(wire: FluxKleinInputs, references: list[Any]) -> GenerateRequest:
+    _check_webhook_url(wire.webhook_url)
     if not wire.prompt.strip():
         raise InvalidInput("prompt is empty", param="prompt", allowed="1-32000 characters")
     return GenerateRequest(

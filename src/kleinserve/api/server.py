@@ -28,6 +28,7 @@ from kleinserve.jobs.events import EventHub
 from kleinserve.jobs.store import SqliteJobStore
 from kleinserve.jobs.webhooks import WebhookSender
 from kleinserve.jobs.worker import Worker, WorkerSettings
+from kleinserve.logs import LOG_CONFIG, RequestId
 from kleinserve.media import MEDIA_TTL_S, ImageFetcher, MediaStore
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ def create_app(settings: ServerSettings, pipeline: Pipeline) -> FastAPI:
     """The app with its background duties (engine thread, media clean-up) tied to its lifespan."""
     services = build_services(settings, pipeline)
     app = build_app(services, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestId)  # outermost of the app's middleware: its id is in every log line
     inner_lifespan = app.router.lifespan_context
 
     @contextlib.asynccontextmanager
@@ -140,5 +142,7 @@ class DrainingServer(uvicorn.Server):
 def serve(settings: ServerSettings, pipeline: Pipeline) -> None:
     app = create_app(settings, pipeline)
     print(f"kleinserve: serving {pipeline.spec.name} at http://{settings.host}:{settings.port}/", flush=True)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info")
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level="info", log_config=LOG_CONFIG
+    )
     DrainingServer(config, app.state.worker).run()

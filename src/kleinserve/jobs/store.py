@@ -69,7 +69,7 @@ class JobStore(Protocol):
     def get(self, job_id: str, owner: str | None = None) -> Job: ...
     def list(self, owner: str, status: JobStatus | None = None, limit: int = 50) -> list[Job]: ...
     def queued(self, limit: int = 1000) -> list[Job]: ...
-    def mark_running(self, job_ids: list[str]) -> None: ...
+    def mark_running(self, job_ids: list[str]) -> list[str]: ...
     def set_progress(self, job_id: str, progress: float) -> None: ...
     def finish(self, job_id: str, status: JobStatus, **fields: Any) -> Job: ...
     def request_cancel(self, job_id: str, owner: str) -> Job: ...
@@ -162,13 +162,20 @@ class SqliteJobStore:
             ).fetchall()
         return [_from_row(row) for row in rows]
 
-    def mark_running(self, job_ids: list[str]) -> None:
+    def mark_running(self, job_ids: list[str]) -> list[str]:
+        """Claim queued jobs for the engine; returns the ids claimed (one cancelled meanwhile is not)."""
+        now = time.time()
+        claimed = []
         with self._lock:
-            self._db.executemany(
-                "UPDATE jobs SET status = 'running', started = ?, attempts = attempts + 1, progress = 0 "
-                "WHERE id = ? AND status = 'queued'",
-                [(time.time(), job_id) for job_id in job_ids],
-            )
+            for job_id in job_ids:
+                cursor = self._db.execute(
+                    "UPDATE jobs SET status = 'running', started = ?, attempts = attempts + 1, progress = 0 "
+                    "WHERE id = ? AND status = 'queued'",
+                    (now, job_id),
+                )
+                if cursor.rowcount:
+                    claimed.append(job_id)
+        return claimed
 
     def set_progress(self, job_id: str, progress: float) -> None:
         with self._lock:

@@ -40,14 +40,14 @@ class WebhookSender:
         hub: EventHub,
         render: Callable[[Job], dict[str, Any]],
         allow_private: bool = False,
-        retry_delays: tuple[float, ...] = RETRY_DELAYS_S,
+        retry_delays: tuple[float, ...] | None = None,
     ) -> None:
         self.client = client
         self.store = store
         self.hub = hub  # its event loop runs the deliveries
         self.render = render
         self.allow_private = allow_private
-        self.retry_delays = retry_delays
+        self.retry_delays = retry_delays  # None: the module's RETRY_DELAYS_S, read at each delivery
 
     def schedule(self, job: Job) -> None:
         """Deliver in the background (callable from any thread) if the job has a webhook."""
@@ -62,10 +62,12 @@ class WebhookSender:
         if job.webhook_secret:
             headers["X-BFL-Signature"] = signature(body, job.webhook_secret)
         outcome = ""
-        for attempt, delay in enumerate((0.0, *self.retry_delays), start=1):
+        delays = RETRY_DELAYS_S if self.retry_delays is None else self.retry_delays
+        for attempt, delay in enumerate((0.0, *delays), start=1):
             await asyncio.sleep(delay)
             try:
-                check_public_url(job.webhook_url, "webhook_url", self.allow_private)
+                # Resolving blocks: on a worker thread, never on the event loop.
+                await asyncio.to_thread(check_public_url, job.webhook_url, "webhook_url", self.allow_private)
                 response = await self.client.post(
                     job.webhook_url, content=body, headers=headers, timeout=WEBHOOK_TIMEOUT_S
                 )

@@ -88,6 +88,7 @@ class Worker:
         self._idle = threading.Event()
         self._idle.set()
         self._cancel_requested: set[str] = set()
+        self._submit_lock = threading.Lock()
         self._listeners: dict[str, StepCallback] = {}  # in-process step callbacks (streaming APIs)
         self._accepting = True
         self._warmed = False
@@ -138,32 +139,34 @@ class Worker:
         if not self._accepting:
             raise Unavailable("the server is shutting down; try again shortly", retry_after=30)
         resolved = self.pipeline.resolve(request)
-        waiting = len(self.store.queued(limit=self.settings.max_waiting + 1))
-        if waiting >= self.settings.max_waiting:
-            raise Overloaded(f"{waiting} jobs are waiting (limit {self.settings.max_waiting})", retry_after=5)
-        in_flight = self.store.in_flight(owner)
-        if in_flight >= self.settings.max_in_flight_per_key:
-            raise Overloaded(
-                f"{in_flight} jobs of this key are in flight (limit {self.settings.max_in_flight_per_key})",
-                retry_after=5,
+        with self._submit_lock:  # the limits are checked and the job added as one step
+            limits = self.settings
+            waiting = len(self.store.queued(limit=limits.max_waiting + 1))
+            if waiting >= limits.max_waiting:
+                raise Overloaded(f"{waiting} jobs are waiting (limit {limits.max_waiting})", retry_after=5)
+            in_flight = self.store.in_flight(owner)
+            if in_flight >= limits.max_in_flight_per_key:
+                raise Overloaded(
+                    f"{in_flight} jobs of this key are in flight (limit {limits.max_in_flight_per_key})",
+                    retry_after=5,
+                )
+            job_id = new_job_id()
+            for index, image in enumerate(request.reference_images):
+                # As the engine will see it (RGB): any input mode can then be stored losslessly as PNG.
+                to_rgb(image).save(self.inputs_dir / f"{job_id}-{index}.png")
+            job = Job(
+                id=job_id,
+                owner=owner,
+                status=JobStatus.QUEUED,
+                params=metering.request_params(request, resolved),
+                reference_count=len(request.reference_images),
+                batch_key=repr(resolved.batch_key),
+                created=time.time(),
+                **job_fields,
             )
-        job_id = new_job_id()
-        for index, image in enumerate(request.reference_images):
-            # As the engine will see it (RGB): any input mode can then be stored losslessly as PNG.
-            to_rgb(image).save(self.inputs_dir / f"{job_id}-{index}.png")
-        job = Job(
-            id=job_id,
-            owner=owner,
-            status=JobStatus.QUEUED,
-            params=metering.request_params(request, resolved),
-            reference_count=len(request.reference_images),
-            batch_key=repr(resolved.batch_key),
-            created=time.time(),
-            **job_fields,
-        )
-        if on_step is not None:
-            self._listeners[job_id] = on_step
-        self.store.add(job)
+            if on_step is not None:
+                self._listeners[job_id] = on_step
+            self.store.add(job)
         self.metrics.queue_depth.set(waiting + 1)
         self.hub.publish(job_id, {"type": "queued", "position": waiting + 1})
         self._wake.set()
@@ -202,12 +205,16 @@ class Worker:
 
     # engine thread
     def _run(self) -> None:
-        self._warm_up()
+        try:
+            self._warm_up()
+        except Exception:  # the server stays up (and not ready) so that /readyz and the logs say why
+            log.exception("warm-up failed: the engine cannot generate; jobs stay queued")
+            return
         while not self._stopping:
+            self._wake.clear()  # before looking, so that a submit during the look is not missed
             batch = self._next_batch() if self._accepting else []
             if not batch:
                 self._wake.wait(IDLE_POLL_S)
-                self._wake.clear()
                 continue
             self._idle.clear()
             try:
@@ -232,7 +239,11 @@ class Worker:
         return batch
 
     def _run_batch(self, batch: list[Job]) -> None:
-        self.store.mark_running([job.id for job in batch])
+        # A job cancelled between _next_batch() and here is not claimed, and must not run.
+        claimed = set(self.store.mark_running([job.id for job in batch]))
+        batch = [job for job in batch if job.id in claimed]
+        if not batch:
+            return
         now = time.time()
         for job in batch:
             self.metrics.queue_wait.observe(now - job.created)
@@ -325,6 +336,9 @@ class Worker:
 
     def _terminal(self, job: Job) -> None:
         self._listeners.pop(job.id, None)
+        self._cancel_requested.discard(job.id)
+        for index in range(job.reference_count):  # the inputs are only needed to (re-)run the job
+            (self.inputs_dir / f"{job.id}-{index}.png").unlink(missing_ok=True)
         self.metrics.jobs.labels(job.status.value).inc()
         event: dict[str, Any] = {"type": job.status.value}
         if job.error:

@@ -1,0 +1,185 @@
+"""Webhooks against a live kleinserve (wire-formats.md section 4.6): a BFL submit with webhook_url and
+webhook_secret gets one signed POST on completion at a loopback receiver; failed deliveries are retried;
+without --allow-private-urls a loopback target is refused. The outcome is on the job (`webhook_status`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import http.server
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import pytest
+
+from kleinserve.jobs import webhooks
+from tests.api.conftest import RunningServer
+
+SUBMIT = "/v1/flux-2-klein-4b"
+SECRET = "s3cret-for-tests"
+
+
+@dataclass
+class Delivery:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+@dataclass
+class Receiver:
+    """A loopback webhook receiver; answers with `statuses` in turn (then 200) and records every POST."""
+
+    url: str
+    statuses: list[int] = field(default_factory=list)
+    deliveries: list[Delivery] = field(default_factory=list)
+
+    def wait(self, count: int, timeout: float = 20.0) -> list[Delivery]:
+        deadline = time.monotonic() + timeout
+        while len(self.deliveries) < count:
+            assert time.monotonic() < deadline, f"{len(self.deliveries)} of {count} deliveries arrived"
+            time.sleep(0.02)
+        return self.deliveries
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    state = Receiver(url="")
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            status = state.statuses.pop(0) if state.statuses else 200
+            state.deliveries.append(Delivery(self.path, dict(self.headers.items()), body))
+            self.send_response(status)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    state.url = f"http://127.0.0.1:{httpd.server_address[1]}/hook"
+    yield state
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join(timeout=10)
+
+
+@pytest.fixture
+def short_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Retries after 50 ms instead of 1, 5 and 30 s (the sender reads the module's delays at delivery)."""
+    monkeypatch.setattr(webhooks, "RETRY_DELAYS_S", (0.05, 0.05, 0.05))
+
+
+def submit(http: httpx.Client, **body: Any) -> dict[str, Any]:
+    response = http.post(SUBMIT, json={"prompt": "a hook", "width": 64, "height": 64, "seed": 11, **body})
+    assert response.status_code == 200, response.text
+    return dict(response.json())
+
+
+def webhook_status(http: httpx.Client, job_id: str, done: Callable[[str], bool], timeout: float = 20) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        status = http.get(f"/v1/jobs/{job_id}").json()["webhook_status"]
+        if status is not None and done(status):
+            return str(status)
+        assert time.monotonic() < deadline, f"webhook_status is {status!r}"
+        time.sleep(0.02)
+
+
+def expected_signature(body: bytes, secret: str = SECRET) -> str:
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def test_signed_delivery(start_server: Callable[..., RunningServer], receiver: Receiver) -> None:
+    running = start_server(allow_private_urls=True)
+    with httpx.Client(base_url=running.base_url, timeout=30) as http:
+        answer = submit(http, prompt="a hooked fish", webhook_url=receiver.url, webhook_secret=SECRET)
+        assert answer["webhook_url"] == receiver.url
+        assert answer["status"] == "Pending"
+        (delivery,) = receiver.wait(1)
+        assert delivery.path == "/hook"
+        assert delivery.headers["Content-Type"] == "application/json"
+        assert delivery.headers["X-BFL-Signature"] == expected_signature(delivery.body)
+        assert not hmac.compare_digest(delivery.headers["X-BFL-Signature"], expected_signature(b"x"))
+        body = delivery.json
+        assert set(body) >= {"id", "status", "result", "timestamp"}
+        assert body["id"] == answer["id"]
+        assert body["status"] == "Ready"
+        assert body["result"]["seed"] == 11
+        assert body["result"]["prompt"] == "a hooked fish"
+        assert abs(body["timestamp"] - time.time()) < 60
+        sample = http.get(body["result"]["sample"])  # the sample URL in the webhook works
+        assert sample.status_code == 200 and sample.headers["content-type"] == "image/jpeg"
+
+        status = webhook_status(http, answer["id"], lambda s: True)
+        assert status.startswith("delivered on attempt 1"), status
+        time.sleep(0.2)
+        assert len(receiver.deliveries) == 1  # exactly one POST
+
+
+def test_retried_until_delivered(
+    start_server: Callable[..., RunningServer], receiver: Receiver, short_retries: None
+) -> None:
+    running = start_server(allow_private_urls=True)
+    receiver.statuses = [500, 500]
+    with httpx.Client(base_url=running.base_url, timeout=30) as http:
+        answer = submit(http, webhook_url=receiver.url, webhook_secret=SECRET)
+        status = webhook_status(http, answer["id"], lambda s: s.startswith(("delivered", "failed")))
+        assert status.startswith("delivered on attempt 3"), status
+    deliveries = receiver.wait(3)
+    assert len(deliveries) == 3
+    assert len({delivery.body for delivery in deliveries}) == 1  # the same body, the same signature
+    assert all(d.headers["X-BFL-Signature"] == expected_signature(d.body) for d in deliveries)
+
+
+def test_gives_up_after_retries(
+    start_server: Callable[..., RunningServer], receiver: Receiver, short_retries: None
+) -> None:
+    running = start_server(allow_private_urls=True)
+    receiver.statuses = [503] * 10
+    with httpx.Client(base_url=running.base_url, timeout=30) as http:
+        answer = submit(http, webhook_url=receiver.url)  # no secret: no signature
+        status = webhook_status(http, answer["id"], lambda s: s.startswith(("delivered", "failed")))
+    assert status.startswith("failed after 4 attempts"), status
+    assert "503" in status
+    assert len(receiver.deliveries) == 4
+    assert "X-BFL-Signature" not in receiver.deliveries[0].headers
+
+
+def test_cancelled_job_posts_error(start_server: Callable[..., RunningServer], receiver: Receiver) -> None:
+    running = start_server(allow_private_urls=True)
+    with httpx.Client(base_url=running.base_url, timeout=30) as http:
+        blocker = submit(http, width=1024, height=1024)
+        answer = submit(http, webhook_url=receiver.url, webhook_secret=SECRET)
+        http.post(f"/v1/jobs/{answer['id']}/cancel")
+        http.post(f"/v1/jobs/{blocker['id']}/cancel")
+        (delivery,) = receiver.wait(1)
+    body = delivery.json
+    assert body["id"] == answer["id"]
+    assert body["status"] == "Error"
+    assert body["message"]
+    assert delivery.headers["X-BFL-Signature"] == expected_signature(delivery.body)
+
+
+def test_loopback_refused_by_default(server: RunningServer, receiver: Receiver) -> None:
+    with httpx.Client(base_url=server.base_url, timeout=30) as http:
+        answer = submit(http, webhook_url=receiver.url, webhook_secret=SECRET)
+        status = webhook_status(http, answer["id"], lambda s: True)
+    assert status.startswith("refused"), status
+    assert "loopback" in status
+    assert receiver.deliveries == []

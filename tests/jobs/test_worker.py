@@ -1,0 +1,434 @@
+"""Worker driven directly: a real SqliteJobStore, MediaStore and EventHub, on the session's fp32 pipeline.
+
+Slow paths are made deterministic with a blocking step callback (a `Gate`, run on the engine thread), never
+with sleeps. Expected pixels are computed with `pipeline.generate` before the worker starts (the engine is
+single-threaded), and every worker is stopped before its test ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from kleinserve.engine import Pipeline
+from kleinserve.engine.references import to_rgb
+from kleinserve.errors import Unavailable
+from kleinserve.jobs import metering
+from kleinserve.jobs.events import EventHub
+from kleinserve.jobs.store import MAX_ATTEMPTS, Job, JobStatus, SqliteJobStore
+from kleinserve.jobs.worker import Worker, WorkerSettings
+from kleinserve.media import MediaStore
+from kleinserve.types import GenerateRequest, Progress
+from tests.conftest import max_difference, pixels, random_image
+
+WAIT_S = 20  # upper bound for anything the tests wait for; never reached when things work
+
+
+def _request(
+    prompt: str = "a red circle", seed: int = 1, size: int = 64, steps: int = 2, **more: Any
+) -> GenerateRequest:
+    return GenerateRequest(prompt=prompt, width=size, height=size, steps=steps, seed=seed, **more)
+
+
+class Gate:
+    """An on_step callback that holds the engine thread at step 1 until `release()`."""
+
+    def __init__(self) -> None:
+        self.reached = threading.Event()
+        self.opened = threading.Event()
+        self.steps: list[int] = []
+
+    def __call__(self, progress: Progress) -> None:
+        self.steps.append(progress.step)
+        self.reached.set()
+        if not self.opened.wait(WAIT_S):
+            raise TimeoutError("the test never opened the gate")
+
+    def release(self) -> None:
+        self.opened.set()
+
+
+class StepLog:
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def __call__(self, progress: Progress) -> None:
+        self.steps.append(progress.step)
+
+
+class Setup:
+    """One data dir: store, media, hub, and the workers made on it (stopped after the test)."""
+
+    def __init__(self, tmp_path: Path, pipeline: Pipeline) -> None:
+        self.tmp_path = tmp_path
+        self.pipeline = pipeline
+        self.store = SqliteJobStore(tmp_path / "db")
+        self.media = MediaStore(tmp_path / "media", b"x" * 32)
+        self.hub = EventHub()
+        self.inputs = tmp_path / "inputs"
+        self.workers: list[Worker] = []
+        self.gates: list[Gate] = []
+
+    def worker(self, **settings: Any) -> Worker:
+        worker = Worker(
+            self.pipeline, self.store, self.media, self.inputs, self.hub, WorkerSettings(**settings)
+        )
+        self.workers.append(worker)
+        return worker
+
+    def gate(self) -> Gate:
+        gate = Gate()
+        self.gates.append(gate)
+        return gate
+
+    def image(self, name: str) -> Image.Image:
+        with Image.open(io.BytesIO(self.media.read(name))) as image:
+            image.load()
+            return image.copy()
+
+    def close(self) -> None:
+        for gate in self.gates:
+            gate.release()
+        for worker in self.workers:
+            worker.stop()
+        self.store.close()
+
+
+@pytest.fixture
+def setup(tmp_path: Path, pipeline: Pipeline) -> Iterator[Setup]:
+    made = Setup(tmp_path, pipeline)
+    yield made
+    made.close()
+
+
+def run(setup: Setup, scenario: Callable[[], Any]) -> None:
+    """asyncio.run with the hub attached to the loop."""
+
+    async def main() -> None:
+        setup.hub.attach(asyncio.get_running_loop())
+        await scenario()
+
+    asyncio.run(main())
+
+
+async def reach(event: threading.Event) -> None:
+    if not await asyncio.to_thread(event.wait, WAIT_S):
+        raise AssertionError("the engine never reached the expected step")
+
+
+async def until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting until {what}")
+        await asyncio.sleep(0.01)
+
+
+async def finished(worker: Worker, job: Job) -> Job:
+    return await asyncio.wait_for(worker.wait(job.id), WAIT_S)
+
+
+def test_submit_wait_succeeds_with_the_pipelines_pixels(setup: Setup, pipeline: Pipeline) -> None:
+    request = _request("two circles", seed=41, num_images=2)
+    expected = [pipeline.generate(_request("two circles", seed=seed)).images[0].image for seed in (41, 42)]
+    worker = setup.worker()
+    worker.start()
+
+    async def scenario() -> None:
+        job = worker.submit(request, owner="alice")
+        assert job.status is JobStatus.QUEUED
+        assert setup.store.get(job.id, "alice").status is JobStatus.QUEUED
+        done = await finished(worker, job)
+        assert done.status is JobStatus.SUCCEEDED, done.error
+        assert done.progress == 1.0
+        assert done.attempts == 1
+        assert done.result is not None and done.usage is not None
+        assert [image["seed"] for image in done.result["images"]] == [41, 42]
+        assert (done.result["width"], done.result["height"], done.result["steps"]) == (64, 64, 2)
+        assert done.usage["images"] == 2 and done.usage["tiles_out"] == 2
+        for image, want in zip(done.result["images"], expected, strict=True):
+            assert (setup.tmp_path / "media" / image["media"]).is_file()
+            assert max_difference(setup.image(image["media"]), want) <= 1
+
+    run(setup, scenario)
+
+
+def test_reference_images_are_stored_as_png_and_reload_identically(setup: Setup, pipeline: Pipeline) -> None:
+    reference = random_image(72, 80, seed=3, mode="RGBA")
+    request = _request("edit it", seed=5, reference_images=(reference,))
+    expected = pipeline.generate(request).images[0].image
+    worker = setup.worker()
+    worker.start()
+
+    async def scenario() -> None:
+        job = worker.submit(request, owner="alice")
+        assert job.reference_count == 1
+        assert job.params["reference_sizes"]  # the processed size, known at submit time
+        stored = setup.inputs / f"{job.id}-0.png"
+        with Image.open(stored) as image:
+            assert image.format == "PNG"
+            assert image.mode == "RGB"
+            assert (pixels(image) == pixels(to_rgb(reference))).all()
+        reloaded = worker.load_request(job)
+        assert len(reloaded.reference_images) == 1
+        assert (pixels(reloaded.reference_images[0]) == pixels(to_rgb(reference))).all()
+        assert (reloaded.prompt, reloaded.seed, reloaded.width, reloaded.steps) == ("edit it", 5, 64, 2)
+        done = await finished(worker, job)
+        assert done.status is JobStatus.SUCCEEDED, done.error
+        assert done.result is not None
+        assert max_difference(setup.image(done.result["images"][0]["media"]), expected) <= 1
+
+    run(setup, scenario)
+
+
+def test_compatible_jobs_run_as_one_batch_without_starving_older_ones(setup: Setup) -> None:
+    worker = setup.worker(max_batch=2)
+    worker.start()
+    gate = setup.gate()
+
+    async def scenario() -> None:
+        blocker = worker.submit(_request("blocker"), owner="alice", on_step=gate)
+        await reach(gate.reached)
+        first = worker.submit(_request("first", seed=10), owner="alice")
+        other = worker.submit(_request("other size", size=80), owner="bob")  # incompatible, older
+        second = worker.submit(_request("second", seed=20), owner="carol")
+        third = worker.submit(_request("third", seed=30), owner="alice")
+        assert [job.id for job in setup.store.queued()] == [first.id, other.id, second.id, third.id]
+        gate.release()
+        jobs = [await finished(worker, job) for job in (blocker, first, other, second, third)]
+        assert all(job.status is JobStatus.SUCCEEDED for job in jobs), [job.error for job in jobs]
+        blocker, first, other, second, third = jobs
+        assert first.started == second.started  # one engine call, up to max_batch images
+        assert first.started is not None and other.started is not None and third.started is not None
+        assert first.started < other.started < third.started  # the older job beats younger compatible ones
+        assert first.result is not None and second.result is not None
+        assert first.result["images"][0]["seed"] == 10 and second.result["images"][0]["seed"] == 20
+        sample = worker.metrics.registry.get_sample_value
+        assert sample("kleinserve_batch_images_count") == 4  # blocker, [first, second], other, third
+        assert sample("kleinserve_batch_images_sum") == 5
+        assert sample("kleinserve_batch_images_bucket", {"le": "1.0"}) == 3
+
+    run(setup, scenario)
+
+
+def test_three_compatible_jobs_share_one_batch(setup: Setup, pipeline: Pipeline) -> None:
+    expected = pipeline.generate(_request("second", seed=20)).images[0].image
+    worker = setup.worker(max_batch=4)
+    worker.start()
+    gate = setup.gate()
+
+    async def scenario() -> None:
+        blocker = worker.submit(_request("blocker"), owner="alice", on_step=gate)
+        await reach(gate.reached)
+        first = worker.submit(_request("first", seed=10), owner="alice")
+        other = worker.submit(_request("other size", size=80), owner="bob")
+        second = worker.submit(_request("second", seed=20), owner="alice")
+        third = worker.submit(_request("third", seed=30), owner="alice")
+        gate.release()
+        jobs = [await finished(worker, job) for job in (blocker, first, other, second, third)]
+        assert all(job.status is JobStatus.SUCCEEDED for job in jobs), [job.error for job in jobs]
+        _, first, other, second, third = jobs
+        assert first.started == second.started == third.started
+        assert first.started is not None and other.started is not None and first.started < other.started
+        assert worker.metrics.registry.get_sample_value("kleinserve_batch_images_bucket", {"le": "3.0"}) == 3
+        assert second.result is not None  # batching does not change an image
+        assert max_difference(setup.image(second.result["images"][0]["media"]), expected) <= 1
+
+    run(setup, scenario)
+
+
+def test_cancelling_a_queued_job_is_immediate_and_it_never_runs(setup: Setup) -> None:
+    worker = setup.worker()
+    worker.start()
+    gate = setup.gate()
+    left = StepLog()
+
+    async def scenario() -> None:
+        blocker = worker.submit(_request("blocker"), owner="alice", on_step=gate)
+        await reach(gate.reached)
+        leaving = worker.submit(_request("leaves"), owner="bob", on_step=left)
+        with pytest.raises(Exception, match="no job"):
+            worker.cancel(leaving.id, "alice")  # not alice's job
+        cancelled = worker.cancel(leaving.id, "bob")
+        assert cancelled.status is JobStatus.CANCELLED  # at once, while the engine is still busy
+        assert not gate.opened.is_set()
+        assert (await finished(worker, leaving)).status is JobStatus.CANCELLED
+        gate.release()
+        assert (await finished(worker, blocker)).status is JobStatus.SUCCEEDED
+        after = await finished(worker, worker.submit(_request("after"), owner="bob"))
+        assert after.status is JobStatus.SUCCEEDED
+        never = setup.store.get(leaving.id)
+        assert never.started is None and never.attempts == 0
+        assert left.steps == []
+
+    run(setup, scenario)
+
+
+def test_cancelling_a_running_job_stops_it_at_the_next_step(setup: Setup) -> None:
+    worker = setup.worker()
+    worker.start()
+    gate = setup.gate()
+
+    async def scenario() -> None:
+        job = worker.submit(_request("long", steps=8), owner="alice", on_step=gate)
+        await reach(gate.reached)  # step 1 done, the engine thread held inside the callback
+        flagged = worker.cancel(job.id, "alice")
+        assert flagged.status is JobStatus.RUNNING and flagged.cancel_requested
+        gate.release()
+        done = await finished(worker, job)
+        assert done.status is JobStatus.CANCELLED
+        assert done.error == "cancelled by the client"
+        assert done.result is None
+        assert 0 < done.progress < 1
+        assert gate.steps == [1]
+        # Alone in its batch, the engine stopped: two steps ran, not eight.
+        assert worker.metrics.registry.get_sample_value("kleinserve_denoising_step_seconds_count") == 2
+        after = await finished(worker, worker.submit(_request("after"), owner="alice"))
+        assert after.status is JobStatus.SUCCEEDED
+
+    run(setup, scenario)
+
+
+def test_a_job_batched_with_a_cancelled_one_still_succeeds(setup: Setup, pipeline: Pipeline) -> None:
+    expected = pipeline.generate(_request("stays", seed=7, steps=4)).images[0].image
+    worker = setup.worker()
+    gate = setup.gate()
+
+    async def scenario() -> None:
+        # Queued before the engine starts: both are waiting when it picks its first batch.
+        leaving = worker.submit(_request("leaves", seed=3, steps=4), owner="alice", on_step=gate)
+        staying = worker.submit(_request("stays", seed=7, steps=4), owner="bob")
+        worker.start()
+        await reach(gate.reached)
+        assert setup.store.get(staying.id).status is JobStatus.RUNNING  # in the same batch
+        worker.cancel(leaving.id, "alice")
+        gate.release()
+        cancelled, done = await finished(worker, leaving), await finished(worker, staying)
+        assert cancelled.status is JobStatus.CANCELLED
+        assert done.status is JobStatus.SUCCEEDED, done.error
+        assert cancelled.started == done.started
+        assert done.result is not None
+        assert max_difference(setup.image(done.result["images"][0]["media"]), expected) <= 1
+
+    run(setup, scenario)
+
+
+def test_drain_refuses_new_work_and_keeps_the_queue(setup: Setup) -> None:
+    worker = setup.worker()
+    worker.start()
+    gate = setup.gate()
+
+    async def scenario() -> None:
+        running = worker.submit(_request("running"), owner="alice", on_step=gate)
+        await reach(gate.reached)
+        queued = worker.submit(_request("queued"), owner="alice")
+        worker.drain()
+        assert not worker.ready
+        with pytest.raises(Unavailable) as refused:
+            worker.submit(_request("late"), owner="alice")
+        assert refused.value.status == 503
+        assert refused.value.retry_after >= 1
+        gate.release()
+        assert (await finished(worker, running)).status is JobStatus.SUCCEEDED  # the running batch ends
+        await asyncio.to_thread(worker.wait_idle)
+        await asyncio.to_thread(worker.stop)
+        assert setup.store.get(queued.id).status is JobStatus.QUEUED  # kept for the next start
+        assert [job.id for job in setup.store.queued()] == [queued.id]
+
+    run(setup, scenario)
+
+
+def test_stop_lets_the_running_batch_finish(setup: Setup) -> None:
+    worker = setup.worker()
+    worker.start()
+    gate = setup.gate()
+
+    async def scenario() -> None:
+        running = worker.submit(_request("running", steps=3), owner="alice", on_step=gate)
+        await reach(gate.reached)
+        stopping = asyncio.ensure_future(asyncio.to_thread(worker.stop))
+        await asyncio.sleep(0.1)
+        assert not stopping.done()  # waiting for the batch
+        gate.release()
+        await asyncio.wait_for(stopping, WAIT_S)
+        done = setup.store.get(running.id)
+        assert done.status is JobStatus.SUCCEEDED, done.error  # finished and stored, not abandoned
+        assert gate.steps == [1, 2, 3]
+        with pytest.raises(Unavailable):
+            worker.submit(_request(), owner="alice")
+
+    run(setup, scenario)
+
+
+def _crashed_job(setup: Setup, request: GenerateRequest, attempts: int) -> Job:
+    """A job row as a crash leaves it: running, with its input files beside it."""
+    resolved = setup.pipeline.resolve(request)
+    job = Job(
+        id="crashed" + str(attempts),
+        owner="alice",
+        status=JobStatus.RUNNING,
+        params=metering.request_params(request, resolved),
+        reference_count=len(request.reference_images),
+        batch_key=repr(resolved.batch_key),
+        created=time.time() - 60,
+        started=time.time() - 30,
+        attempts=attempts,
+        progress=0.5,
+    )
+    setup.inputs.mkdir(parents=True, exist_ok=True)
+    for index, image in enumerate(request.reference_images):
+        to_rgb(image).save(setup.inputs / f"{job.id}-{index}.png")
+    return setup.store.add(job)
+
+
+def test_a_job_interrupted_by_a_crash_is_run_again(setup: Setup, pipeline: Pipeline) -> None:
+    request = _request("interrupted", seed=9, reference_images=(random_image(80, 64, seed=4),))
+    expected = pipeline.generate(request).images[0].image
+    job = _crashed_job(setup, request, attempts=1)
+    worker = setup.worker()
+    worker.start()
+
+    async def scenario() -> None:
+        done = await finished(worker, job)
+        assert done.status is JobStatus.SUCCEEDED, done.error
+        assert done.attempts == 2
+        assert done.result is not None
+        assert max_difference(setup.image(done.result["images"][0]["media"]), expected) <= 1
+
+    run(setup, scenario)
+
+
+def test_a_job_interrupted_too_often_fails_with_the_reason(setup: Setup) -> None:
+    job = _crashed_job(setup, _request("interrupted"), attempts=MAX_ATTEMPTS)
+    worker = setup.worker()
+    worker.start()
+
+    async def scenario() -> None:
+        done = await finished(worker, job)
+        assert done.status is JobStatus.FAILED
+        assert done.error == f"interrupted {MAX_ATTEMPTS} times by a server crash"
+        assert done.attempts == MAX_ATTEMPTS
+        assert done.result is None
+
+    run(setup, scenario)
+
+
+def test_warm_up_sets_ready(setup: Setup) -> None:
+    worker = setup.worker()
+    assert not worker.ready
+
+    async def scenario() -> None:
+        worker.start()
+        await until(lambda: worker.ready, "the worker is warmed up")
+        worker.drain()
+        assert not worker.ready
+
+    run(setup, scenario)
