@@ -20,6 +20,7 @@ bench/engine.py reports by how much (PSNR).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import psutil
@@ -182,14 +183,16 @@ def _blocks(module: nn.Module) -> list[nn.Module]:
     return [block for name in names for block in getattr(module, name, [])]
 
 
-def _linears(module: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
-    """(parent, attribute name, Linear) for every nn.Linear below `module`, in module order."""
-    return [
-        (parent, name, child)
-        for parent in module.modules()
-        for name, child in parent.named_children()
-        if type(child) is nn.Linear
-    ]
+def _linears(module: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Linear]]:
+    """(parent, attribute name, Linear) for every nn.Linear below `module`, in module order.
+
+    A generator on purpose: the caller replaces each Linear as it goes, and holding them all in a list would
+    keep every original weight alive next to its converted copy (the whole model twice at the peak).
+    """
+    for parent in module.modules():
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                yield parent, name, child
 
 
 def _convert_other_parameters(module: nn.Module, dtype: torch.dtype) -> None:
