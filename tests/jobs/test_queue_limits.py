@@ -11,7 +11,6 @@ import json
 import logging
 import select
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -23,11 +22,11 @@ import pytest
 from kleinserve.api.auth import KeyStore
 from kleinserve.jobs.store import Job, JobStatus
 from kleinserve.jobs.worker import Worker
-from kleinserve.types import GenerateRequest, Progress
+from kleinserve.types import GenerateRequest
 from tests.api import conftest as api_fixtures
 from tests.api.conftest import RunningServer
+from tests.jobs.gate import WAIT_S, Gate
 
-WAIT_S = 20  # upper bound for anything the tests wait for; never reached when things work
 OPENAI = "/v1/images/generations"
 CLOUDFLARE = "/client/v4/accounts/test/ai/run/@cf/black-forest-labs/flux-2-klein-4b"
 VERCEL = "/image-model"
@@ -41,24 +40,6 @@ start_server = api_fixtures.start_server
 
 def _body(prompt: str, seed: int = 2) -> dict[str, Any]:
     return {"prompt": prompt, "size": f"{SIZE}x{SIZE}", "num_inference_steps": STEPS, "seed": seed}
-
-
-class Gate:
-    """An on_step callback that holds the engine thread at step 1 until `release()`."""
-
-    def __init__(self) -> None:
-        self.reached = threading.Event()
-        self.opened = threading.Event()
-        self.steps: list[int] = []
-
-    def __call__(self, progress: Progress) -> None:
-        self.steps.append(progress.step)
-        self.reached.set()
-        if not self.opened.wait(WAIT_S):
-            raise TimeoutError("the test never opened the gate")
-
-    def release(self) -> None:
-        self.opened.set()
 
 
 @pytest.fixture

@@ -28,32 +28,13 @@ from kleinserve.jobs.worker import Worker, WorkerSettings
 from kleinserve.media import MediaStore
 from kleinserve.types import GenerateRequest, Progress
 from tests.conftest import max_difference, pixels, random_image
-
-WAIT_S = 20  # upper bound for anything the tests wait for; never reached when things work
+from tests.jobs.gate import WAIT_S, Gate
 
 
 def _request(
     prompt: str = "a red circle", seed: int = 1, size: int = 64, steps: int = 2, **more: Any
 ) -> GenerateRequest:
     return GenerateRequest(prompt=prompt, width=size, height=size, steps=steps, seed=seed, **more)
-
-
-class Gate:
-    """An on_step callback that holds the engine thread at step 1 until `release()`."""
-
-    def __init__(self) -> None:
-        self.reached = threading.Event()
-        self.opened = threading.Event()
-        self.steps: list[int] = []
-
-    def __call__(self, progress: Progress) -> None:
-        self.steps.append(progress.step)
-        self.reached.set()
-        if not self.opened.wait(WAIT_S):
-            raise TimeoutError("the test never opened the gate")
-
-    def release(self) -> None:
-        self.opened.set()
 
 
 class StepLog:
