@@ -272,6 +272,9 @@ def load_components(source: ModelSource, placement: Placement) -> ModelComponent
     te_dtype = choose_load_dtype(placement, info.fp32_bytes, info.stored_16bit("text_encoder"))
     dit_dtype = choose_load_dtype(placement, info.fp32_bytes, info.stored_16bit("transformer"))
     vae_dtype = choose_load_dtype(placement, info.fp32_bytes, stored_16bit=False)
+    # disable_mmap (text encoder): a memory-mapped checkpoint stays mapped, counted in RSS, while any tensor
+    # still points into it (the 0.4 B-value embedding table does). diffusers' disable_mmap leaves its files
+    # open (ResourceWarning), so the transformer and VAE still load mapped.
     with _quiet_library_logs():
         try:
             tokenizer = AutoTokenizer.from_pretrained(directory / "tokenizer")
@@ -280,7 +283,11 @@ def load_components(source: ModelSource, placement: Placement) -> ModelComponent
         text_encoder = _load(
             directory / "text_encoder",
             lambda p: Qwen3Model.from_pretrained(
-                p, num_hidden_layers=max(TEXT_ENCODER_LAYERS), dtype=te_dtype, output_loading_info=True
+                p,
+                num_hidden_layers=max(TEXT_ENCODER_LAYERS),
+                dtype=te_dtype,
+                output_loading_info=True,
+                disable_mmap=True,
             ),
         )
         # The last hidden state a Qwen3Model returns has gone through the final RMSNorm. With the model cut
