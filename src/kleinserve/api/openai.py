@@ -223,9 +223,10 @@ def build_router(services: Services) -> APIRouter:
             await services.fetcher.image(text, f"images[{i}]") for i, text in enumerate(wire.images or [])
         ]
         request = to_request(wire, references, services.spec.distilled)
-        # Bad input answers before any streaming starts.
-        resolved = await asyncio.to_thread(services.worker.pipeline.resolve, request)
         if wire.stream:
+            # Checked here as well as on submit: once streaming starts, errors can only be events. Other
+            # requests are checked once, by the worker (resolving resizes up to four references).
+            resolved = await asyncio.to_thread(services.worker.pipeline.resolve, request)
             partial_at = service.partial_steps(resolved.steps, wire.partial_images or 0)
             events = _stream(services, http_request, owner, request, partial_at, kind)
             return StreamingResponse(events, media_type="text/event-stream")
