@@ -5,8 +5,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NODE_DIR := tests/node
 NODE_STAMP := $(NODE_DIR)/node_modules/.installed
+CHROMIUM := /usr/bin/chromium
 
-.PHONY: setup node-setup test lint serve bench clean
+.PHONY: setup node-setup browser-setup test lint serve bench clean
 
 setup: $(STAMP)
 
@@ -26,11 +27,19 @@ $(NODE_STAMP): $(NODE_DIR)/package.json $(NODE_DIR)/package-lock.json
 	cd $(NODE_DIR) && npm ci --no-audit --no-fund
 	touch $(NODE_STAMP)
 
+# Debian's Chromium for the playground tests (tests/web drive it with the playwright package from the dev
+# extras, which never downloads a browser of its own); installed only when missing. Needs root, as apt does.
+browser-setup: setup
+	@test -x $(CHROMIUM) || { \
+		echo "make: installing Debian's chromium for tests/web"; \
+		apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium; \
+	}
+
 lint: setup
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 
-test: setup node-setup lint
+test: setup node-setup browser-setup lint
 	$(BIN)/python -m pytest -q
 
 serve: setup

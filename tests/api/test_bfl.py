@@ -21,6 +21,7 @@ import httpx
 import pytest
 from PIL import Image
 
+from kleinserve.api import bfl
 from kleinserve.api.auth import KeyStore
 from tests.api.conftest import RunningServer
 from tests.conftest import random_image
@@ -163,6 +164,23 @@ def test_validation_errors(client: httpx.Client, body: dict[str, Any], field: st
     assert isinstance(detail, list) and detail
     assert detail[0]["loc"] == ["body", field]
     assert detail[0]["msg"] and detail[0]["type"]
+
+
+def test_steps_and_guidance_apply_to_base_variants_only(client: httpx.Client) -> None:
+    """BFL's klein endpoint has no steps/guidance and a distilled variant ignores them, as BFL does; base
+    variants take them under [flex]'s names (the playground sets them so)."""
+    wire = bfl.FluxKleinInputs(prompt="x", steps=2, guidance=2.5)
+    distilled = bfl.to_request(wire, [], distilled=True)
+    assert (distilled.steps, distilled.guidance) == (None, None)
+    base = bfl.to_request(wire, [], distilled=False)
+    assert (base.steps, base.guidance) == (2, 2.5)
+
+    answer = client.post(MODEL_PATH, json={"prompt": "x", "width": 64, "height": 64, "steps": 2})
+    assert answer.status_code == 200, answer.text
+    job = client.get(f"/v1/jobs/{answer.json()['id']}")  # a BFL id is a kleinserve job id
+    assert job.status_code == 200 and job.json()["params"]["steps"] == 4  # the tiny model is distilled
+    too_many = client.post(MODEL_PATH, json={"prompt": "x", "steps": 51})
+    assert too_many.status_code == 422 and too_many.json()["detail"][0]["loc"] == ["body", "steps"]
 
 
 def test_bad_input_image_is_422(client: httpx.Client) -> None:

@@ -427,6 +427,7 @@ def test_models_list_and_retrieve_publish_the_parameter_schema(client: openai.Op
     [n_range] = [option for option in properties["n"]["anyOf"] if option.get("type") == "integer"]
     assert (n_range["minimum"], n_range["maximum"]) == (1, 4)
     assert properties["num_inference_steps"]["default"] == 4
+    assert properties["guidance_scale"]["readOnly"] is True  # distilled: a guidance sent is ignored
     assert properties["output_compression"]["default"] == 100
     # ids with slashes work as path segments too
     assert (

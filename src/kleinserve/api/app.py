@@ -24,6 +24,7 @@ from kleinserve import logs
 from kleinserve.api import bfl, cloudflare, jobs, openai, vercel
 from kleinserve.api.service import Services
 from kleinserve.errors import InvalidInput, KleinError, NotFound, PayloadTooLarge
+from kleinserve.web import routes as web
 
 log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 50 * 1024 * 1024
@@ -124,6 +125,7 @@ def build_app(services: Services, max_body_bytes: int = MAX_BODY_BYTES) -> FastA
     app.include_router(vercel.build_router(services))
     app.include_router(jobs.build_router(services))
     app.include_router(bfl.build_router(services))  # last: its POST /v1/{model} matches any one segment
+    app.include_router(web.build_router())  # the playground page: no key needed to load it
 
     @app.get("/media/{name}", include_in_schema=False)
     async def media(name: str, expires: int, signature: str) -> FileResponse:

@@ -6,6 +6,11 @@ queue. Polling answers `{id, status: Pending | Ready | Error | Task not found, r
 needed) turns into the image bytes. `webhook_url` + `webhook_secret` get a signed POST on completion
 (jobs/webhooks.py). Errors use BFL's bodies: 422 `{"detail": [{loc, msg, type}]}`,
 429 `{"error": "rate_limit_exceeded", ...}`.
+
+BFL's klein endpoints take no `steps`/`guidance` (the distilled model is fixed at 4 steps, guidance 1.0),
+and a distilled variant here ignores them too, as BFL does. The base variants, which BFL does not host, take
+them under the names of BFL's FLUX.2 [flex] endpoint, so that a BFL-shaped job (and the playground) can set
+them.
 """
 
 from __future__ import annotations
@@ -39,7 +44,8 @@ _FORMATS = {"jpeg": ImageFormat.JPEG, "png": ImageFormat.PNG, "webp": ImageForma
 
 
 class FluxKleinInputs(BaseModel):
-    """BFL's Flux2KleinInputs; unknown fields (aspect_ratio, steps, guidance, raw ...) are ignored."""
+    """BFL's Flux2KleinInputs plus [flex]'s steps/guidance (base variants only); unknown fields
+    (aspect_ratio, raw ...) are ignored."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -51,6 +57,8 @@ class FluxKleinInputs(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**63 - 8)
     width: int | None = Field(None, ge=0, le=2048, description="multiple of 16, min 64; 0 or absent = auto")
     height: int | None = Field(None, ge=0, le=2048, description="multiple of 16, min 64; 0 or absent = auto")
+    steps: int | None = Field(None, ge=1, le=50, description="base variants only; distilled: ignored")
+    guidance: float | None = Field(None, ge=0, le=10, description="base variants only; distilled: ignored")
     safety_tolerance: int | None = Field(None, ge=0, le=6, description="accepted, not applied")
     output_format: Literal["jpeg", "png", "webp"] | None = "jpeg"
     webhook_url: str | None = Field(None, min_length=1, max_length=2083)
@@ -75,7 +83,8 @@ def _check_webhook_url(url: str | None) -> None:
         raise InvalidInput(f"webhook_url {url!r} is not an http(s) URL", param="webhook_url")
 
 
-def to_request(wire: FluxKleinInputs, references: list[Any]) -> GenerateRequest:
+def to_request(wire: FluxKleinInputs, references: list[Any], distilled: bool = True) -> GenerateRequest:
+    """The internal request; `steps`/`guidance` apply only when the loaded variant is not `distilled`."""
     _check_webhook_url(wire.webhook_url)
     if not wire.prompt.strip():
         raise InvalidInput("prompt is empty", param="prompt", allowed="1-32000 characters")
@@ -83,6 +92,8 @@ def to_request(wire: FluxKleinInputs, references: list[Any]) -> GenerateRequest:
         prompt=wire.prompt,
         width=_side(wire.width, "width"),
         height=_side(wire.height, "height"),
+        steps=None if distilled else wire.steps,
+        guidance=None if distilled else wire.guidance,
         seed=wire.seed,
         reference_images=tuple(references),
         output_format=_FORMATS[wire.output_format or "jpeg"],
@@ -149,7 +160,7 @@ def build_router(services: Services) -> APIRouter:
         job = await asyncio.to_thread(
             functools.partial(
                 services.worker.submit,
-                to_request(wire, references),
+                to_request(wire, references, services.spec.distilled),
                 owner,
                 webhook_url=wire.webhook_url,
                 webhook_secret=wire.webhook_secret,

@@ -374,6 +374,10 @@ def parameter_schema(services: Services) -> dict[str, Any]:
     properties = schema["properties"]
     properties["num_inference_steps"]["default"] = services.spec.default_steps
     properties["guidance_scale"]["default"] = services.spec.default_guidance
+    if services.spec.guidance_fixed:
+        # JSON Schema's word for "the server decides, a value sent is ignored" (to_request drops it); the
+        # playground shows steps and guidance only for variants without it.
+        properties["guidance_scale"]["readOnly"] = True
     properties["n"]["default"] = 1
     properties["output_format"]["default"] = "png"
     properties["output_compression"]["default"] = DEFAULT_COMPRESSION
