@@ -7,6 +7,7 @@ Accepted sources (`resolve_source`):
   HF_HUB_OFFLINE environment variable is honoured by huggingface_hub);
 - BFL's single-file transformer (`flux-2-klein-4b.safetensors`), with the text encoder, tokenizer, VAE and
   scheduler taken from a diffusers-layout directory (`components`, default: the file's own directory);
+- `flux-2-klein-toy`, the embedded default model (src/kleinserve/models/, trained by `kleinserve toy train`);
 - `tiny-random`, written once by `create_tiny` into kleinserve's cache directory and loaded like any other.
 
 Every problem with a source is a ModelLoadError naming the file and what was expected.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
 from diffusers.utils import logging as diffusers_logging
-from safetensors.torch import load_file
+from safetensors.torch import load
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen3Model
 from transformers.utils import logging as transformers_logging
 
@@ -41,6 +43,10 @@ _COMPONENT_CONFIGS = {
     "vae": "config.json",
 }
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+# The embedded default model, trained here by `kleinserve toy train` (src/kleinserve/toy) and shipped with
+# the package: a real FLUX.2 [klein] at toy size that draws the shapes it is asked for.
+TOY_NAME = "flux-2-klein-toy"
+TOY_DIR = Path(__file__).resolve().parents[1] / "models" / TOY_NAME
 _TINY_VERSION = 1  # bump when create_tiny changes what it writes
 
 
@@ -71,6 +77,12 @@ def cache_dir() -> Path:
 
 def resolve_source(model: str, *, components: str | None = None, download: bool = False) -> ModelSource:
     """Turn what the user typed (`--model`, `--components`) into a ModelSource on local disk."""
+    if model == TOY_NAME:
+        if not (TOY_DIR / "model_index.json").exists():
+            raise ModelLoadError(
+                f"{TOY_DIR}: the embedded toy model is missing; `kleinserve toy train` makes it"
+            )
+        return ModelSource(directory=TOY_DIR)
     if model == TINY_NAME:
         directory = cache_dir() / f"{TINY_NAME}-v{_TINY_VERSION}"
         if not (directory / "model_index.json").exists():
@@ -272,9 +284,9 @@ def load_components(source: ModelSource, placement: Placement) -> ModelComponent
     te_dtype = choose_load_dtype(placement, info.fp32_bytes, info.stored_16bit("text_encoder"))
     dit_dtype = choose_load_dtype(placement, info.fp32_bytes, info.stored_16bit("transformer"))
     vae_dtype = choose_load_dtype(placement, info.fp32_bytes, stored_16bit=False)
-    # disable_mmap (text encoder): a memory-mapped checkpoint stays mapped, counted in RSS, while any tensor
-    # still points into it (the 0.4 B-value embedding table does). diffusers' disable_mmap leaves its files
-    # open (ResourceWarning), so the transformer and VAE still load mapped.
+    # disable_mmap everywhere: a memory-mapped checkpoint stays mapped, and counted in RSS, while any tensor
+    # still points into it; at 4B that kept ~7 GiB of pages resident next to the packed copies (22.5 GiB
+    # peak against 15.3 GiB without mmap, same pixels; bench/engine.py).
     with _quiet_library_logs():
         try:
             tokenizer = AutoTokenizer.from_pretrained(directory / "tokenizer")
@@ -295,13 +307,15 @@ def load_components(source: ModelSource, placement: Placement) -> ModelComponent
         text_encoder.norm = torch.nn.Identity()
         vae = _load(
             directory / "vae",
-            lambda p: AutoencoderKLFlux2.from_pretrained(p, torch_dtype=vae_dtype, output_loading_info=True),
+            lambda p: AutoencoderKLFlux2.from_pretrained(
+                p, torch_dtype=vae_dtype, output_loading_info=True, disable_mmap=True
+            ),
         )
         if source.transformer_file is None:
             transformer = _load(
                 directory / "transformer",
                 lambda p: Flux2Transformer2DModel.from_pretrained(
-                    p, torch_dtype=dit_dtype, output_loading_info=True
+                    p, torch_dtype=dit_dtype, output_loading_info=True, disable_mmap=True
                 ),
             )
         else:
@@ -336,7 +350,8 @@ def _load(folder: Path, loader: Any) -> Any:
 
 def _load_bfl_transformer(file: Path, config: dict[str, Any], dtype: torch.dtype) -> Flux2Transformer2DModel:
     """Build on the meta device, then assign the converted tensors: no second copy of the weights."""
-    state = checkpoints.bfl_to_diffusers_transformer(load_file(str(file)))
+    # Read, not mapped (see load_components).
+    state = checkpoints.bfl_to_diffusers_transformer(load(file.read_bytes()))
     with torch.device("meta"):
         transformer = Flux2Transformer2DModel.from_config(config)
     state = {key: value.to(dtype) for key, value in state.items()}
@@ -348,9 +363,14 @@ def _load_bfl_transformer(file: Path, config: dict[str, Any], dtype: torch.dtype
 
 
 class _quiet_library_logs:
-    """Loading a trimmed Qwen3 makes transformers print a table of the unused layers; that is expected."""
+    """Loading a trimmed Qwen3 makes transformers print a table of the unused layers; that is expected.
+    diffusers' disable_mmap reads with `open(path).read()` and never closes the file (the ResourceWarning is
+    theirs; CPython closes it at once)."""
 
     def __enter__(self) -> None:
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        warnings.simplefilter("ignore", ResourceWarning)
         self._levels = (transformers_logging.get_verbosity(), diffusers_logging.get_verbosity())
         transformers_logging.set_verbosity_error()
         diffusers_logging.set_verbosity_error()
@@ -360,3 +380,4 @@ class _quiet_library_logs:
         transformers_logging.set_verbosity(self._levels[0])
         diffusers_logging.set_verbosity(self._levels[1])
         transformers_logging.enable_progress_bar()
+        self._warnings.__exit__(*exc)
