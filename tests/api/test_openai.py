@@ -429,6 +429,7 @@ def test_models_list_and_retrieve_publish_the_parameter_schema(client: openai.Op
     assert properties["num_inference_steps"]["default"] == 4
     assert properties["guidance_scale"]["readOnly"] is True  # distilled: a guidance sent is ignored
     assert properties["output_compression"]["default"] == 100
+    assert properties["size"]["default"] == "1024x1024"  # the model's default side
     # ids with slashes work as path segments too
     assert (
         client.models.retrieve("black-forest-labs/FLUX.2-klein-4B").id == "black-forest-labs/FLUX.2-klein-4B"

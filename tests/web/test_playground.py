@@ -22,13 +22,14 @@ from typing import Any
 import httpx
 import pytest
 from PIL import Image
-from playwright.sync_api import Browser, Page, expect
+from playwright.sync_api import Browser, Page, Route, expect
 
 from kleinserve.api.auth import DATABASE_NAME, KeyStore
 from kleinserve.api.server import ServerSettings
 from kleinserve.engine import Pipeline, load_pipeline
+from kleinserve.engine.tiny import create_tiny
 from kleinserve.types import CancelCheck, Progress, StepCallback
-from tests.api.conftest import RunningServer, _start
+from tests.api.conftest import RunningServer, serve_in_thread
 from tests.conftest import random_image
 from tests.jobs.gate import WAIT_S, Gate
 from tests.web.conftest import open_page, snapshot
@@ -324,7 +325,7 @@ def test_api_key_is_kept_and_sent(
 def base_server(tmp_path_factory: pytest.TempPathFactory, tiny_base_dir: Path) -> Iterator[RunningServer]:
     """A server with an undistilled (CFG) tiny model: steps and guidance can be set."""
     pipeline: Pipeline = load_pipeline(str(tiny_base_dir), dtype="float32")
-    running = _start(ServerSettings(data_dir=tmp_path_factory.mktemp("base-data")), pipeline)
+    running = serve_in_thread(ServerSettings(data_dir=tmp_path_factory.mktemp("base-data")), pipeline)
     yield running
     running.stop()
 
@@ -342,6 +343,46 @@ def test_base_variant_offers_steps_and_guidance(page: Page, base_server: Running
     expect(results(page).locator(".details")).to_have_text(f"seed {seed} · 512×512 · 2 steps · guidance 2.5")
     python = show_snippet(page, "python")
     assert 'extra_body={"num_inference_steps": 2, "guidance_scale": 2.5},' in python
+
+
+@pytest.fixture(scope="module")
+def small_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """A server whose model defaults to 256x256 (as the toy model does): the tiny model, so marked."""
+    directory = create_tiny(tmp_path_factory.mktemp("models") / "tiny-256")
+    index_path = directory / "model_index.json"
+    index_path.write_text(json.dumps({**json.loads(index_path.read_text()), "_kleinserve_default_side": 256}))
+    pipeline = load_pipeline(str(directory), dtype="float32")
+    assert pipeline.spec.default_side == 256
+    running = serve_in_thread(ServerSettings(data_dir=tmp_path_factory.mktemp("small-data")), pipeline)
+    yield running
+    running.stop()
+
+
+def test_size_starts_at_the_models_default(
+    page: Page, server: RunningServer, small_server: RunningServer
+) -> None:
+    page.goto(server.base_url + "/")
+    expect(page.locator("#model")).to_contain_text("tiny-random")
+    expect(page.locator("#size")).to_have_value("1024x1024")
+
+    page.goto(small_server.base_url + "/")
+    expect(page.locator("#size")).to_have_value("256x256")  # from the schema's size.default
+    page.fill("#prompt", PROMPT)
+    page.click("#generate")
+    expect(results(page)).to_have_count(1)
+    assert loaded_size(page, "#gallery figure[data-seed] img") == [True, 256, 256]
+    expect(results(page).locator(".details")).to_contain_text("256×256")
+
+
+def test_size_picked_before_the_schema_arrives_is_kept(page: Page, small_server: RunningServer) -> None:
+    def pick_then_answer(route: Route) -> None:
+        page.select_option("#size", "128x128")  # the user is quicker than the model's schema
+        route.continue_()
+
+    page.route("**/v1/models/*", pick_then_answer)
+    page.goto(small_server.base_url + "/")
+    expect(page.locator("#model")).to_contain_text("tiny-random")  # the schema has been read
+    expect(page.locator("#size")).to_have_value("128x128")
 
 
 HELD_PROMPT = "a slow fox"
@@ -379,7 +420,7 @@ def held(tmp_path: Path, tiny_dir: Path) -> Iterator[tuple[RunningServer, HeldEn
         return run_batch(requests, step, cancelled)
 
     pipeline.generate_batch = generate_batch  # type: ignore[method-assign]
-    running = _start(ServerSettings(data_dir=tmp_path / "held-data"), pipeline)
+    running = serve_in_thread(ServerSettings(data_dir=tmp_path / "held-data"), pipeline)
     yield running, gates
     gates.before_first.release()
     gates.after_second.release()

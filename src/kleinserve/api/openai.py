@@ -124,7 +124,7 @@ def _size(wire: ImageRequest) -> tuple[int | None, int | None]:
         return width, height
     if wire.aspect_ratio:
         return ASPECT_RATIOS[wire.aspect_ratio]
-    return None, None  # auto: the first reference's size, else 1024x1024
+    return None, None  # auto: the first reference's size, else the variant's default (1024x1024 for klein)
 
 
 def to_request(wire: ImageRequest, references: list[Any], spec_distilled: bool) -> GenerateRequest:
@@ -379,6 +379,7 @@ def parameter_schema(services: Services) -> dict[str, Any]:
         # playground shows steps and guidance only for variants without it.
         properties["guidance_scale"]["readOnly"] = True
     properties["n"]["default"] = 1
+    properties["size"]["default"] = f"{services.spec.default_side}x{services.spec.default_side}"
     properties["output_format"]["default"] = "png"
     properties["output_compression"]["default"] = DEFAULT_COMPRESSION
     properties["response_format"]["default"] = "b64_json"

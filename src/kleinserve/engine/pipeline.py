@@ -103,7 +103,7 @@ def resolve_request(request: GenerateRequest, spec: ModelSpec) -> ResolvedReques
         )
     _check_range(request.max_sequence_length, 1, limits.MAX_SEQUENCE_LENGTH, "max_sequence_length", "tokens")
     references = tuple(prepare_reference(img, i) for i, img in enumerate(request.reference_images))
-    default_width, default_height = references[0].size if references else (limits.DEFAULT_SIDE,) * 2
+    default_width, default_height = references[0].size if references else (spec.default_side,) * 2
     width = _floor_side(request.width, "width") if request.width is not None else default_width
     height = _floor_side(request.height, "height") if request.height is not None else default_height
     steps = request.steps if request.steps is not None else spec.default_steps
@@ -186,7 +186,7 @@ class Pipeline:
         noise = L.pack(L.draw_noise(seeds, channels, h, w)).to(self.device, self.dtype)  # (B, h*w, C)
         ids = torch.cat([L.image_ids(h, w), L.reference_ids([r.grid for r in first.references])])
         forward = partial(
-            self._velocity,
+            self.velocity,
             embeds=embeds,
             reference_tokens=reference_tokens,
             img_ids=ids.to(self.device),
@@ -230,7 +230,7 @@ class Pipeline:
         per_request = [encode_references(list(r.references), vae, self.dtype) for r in resolved]
         return torch.cat([tokens for r, tokens in zip(resolved, per_request, strict=True) for _ in r.seeds])
 
-    def _velocity(
+    def velocity(
         self,
         x: torch.Tensor,
         t: torch.Tensor,

@@ -22,6 +22,7 @@ const gallery = new Gallery(ui.gallery, ui.empty);
 const state = {
   references: [], // {name, dataUrl}
   variant: null, // {tunable, steps, guidance}: what GET /v1/models/{id} says of the loaded variant
+  sizeChosen: false, // the user picked a size in this page load: the model's default no longer replaces it
   busy: false, // a Generate is under way (Ctrl+Enter submits even while the button is disabled)
   jobs: [], // the latest Generate's jobs: {id, card, progress, done, failed}
   snippet: null, // the kind of code shown, kept up to date as the settings change
@@ -71,6 +72,13 @@ async function loadVariant() {
     const guidance = range(properties.guidance_scale);
     state.variant = { tunable, steps, guidance };
     ui.sampling.hidden = !tunable;
+    // The model's default size (256x256 for the toy model, which draws garbage at 1024x1024) replaces the
+    // page's 1024x1024 when it is one of the presets and the user has not picked a size yet.
+    const defaultSize = properties.size?.default;
+    if (!state.sizeChosen && [...ui.size.options].some((option) => option.value === defaultSize)) {
+      ui.size.value = defaultSize;
+      onSizeChange();
+    }
     if (tunable) {
       // A base variant's default (50) lies above the OpenAI schema's maximum (12); the BFL endpoint takes it.
       Object.assign(ui.steps, { min: steps.min ?? 1, max: Math.max(steps.max ?? 50, steps.default ?? 0) });
@@ -92,7 +100,7 @@ async function loadVariant() {
 // --- settings ----------------------------------------------------------------------------------------
 
 function chosenSize() {
-  if (ui.size.value === "auto") return null; // the first reference's size, else 1024x1024
+  if (ui.size.value === "auto") return null; // the first reference's size, else the model's default
   if (ui.size.value === "custom") return { width: Number(ui.width.value), height: Number(ui.height.value) };
   const [width, height] = ui.size.value.split("x").map(Number);
   return { width, height };
@@ -317,7 +325,10 @@ function start() {
   ui.apiKey.value = api.apiKey();
   ui.apiKey.addEventListener("change", useKey);
   ui.keyForm.addEventListener("submit", useKey);
-  ui.size.addEventListener("change", onSizeChange);
+  ui.size.addEventListener("change", () => {
+    state.sizeChosen = true;
+    onSizeChange();
+  });
   ui.seed.addEventListener("input", () => (ui.seedLock.checked = ui.seed.value !== ""));
   ui.controls.addEventListener("submit", generate);
   ui.controls.addEventListener("input", refreshSnippet);
