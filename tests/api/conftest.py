@@ -40,7 +40,7 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _start(settings: ServerSettings, pipeline: Pipeline) -> RunningServer:
+def serve_in_thread(settings: ServerSettings, pipeline: Pipeline) -> RunningServer:
     settings = replace(settings, port=_free_port())
     config = uvicorn.Config(
         create_app(settings, pipeline), host=settings.host, port=settings.port, log_level="warning"
@@ -64,7 +64,9 @@ def server_pipeline(tiny_dir: Path) -> Pipeline:
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory, server_pipeline: Pipeline) -> Iterator[RunningServer]:
-    running = _start(ServerSettings(data_dir=tmp_path_factory.mktemp("server-data")), server_pipeline)
+    running = serve_in_thread(
+        ServerSettings(data_dir=tmp_path_factory.mktemp("server-data")), server_pipeline
+    )
     yield running
     running.stop()
 
@@ -76,7 +78,7 @@ def start_server(tmp_path: Path, server_pipeline: Pipeline) -> Iterator[Callable
 
     def start(**overrides: Any) -> RunningServer:
         settings = ServerSettings(data_dir=tmp_path / f"data-{len(started)}", **overrides)
-        running = _start(settings, server_pipeline)
+        running = serve_in_thread(settings, server_pipeline)
         started.append(running)
         return running
 

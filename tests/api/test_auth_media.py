@@ -27,7 +27,7 @@ from kleinserve.engine import Pipeline
 from kleinserve.errors import InvalidInput, KleinError
 from kleinserve.media import MediaStore
 from kleinserve.types import ImageFormat
-from tests.api.conftest import RunningServer, _start
+from tests.api.conftest import RunningServer, serve_in_thread
 
 OPENAI = "/v1/images/generations"
 CLOUDFLARE = "/client/v4/accounts/test/ai/run/@cf/black-forest-labs/flux-2-klein-4b"
@@ -294,7 +294,7 @@ def test_secret_is_created_once_private_and_survives_restarts(
     tmp_path: Path, server_pipeline: Pipeline
 ) -> None:
     settings = ServerSettings(data_dir=tmp_path / "data")
-    first = _start(settings, server_pipeline)
+    first = serve_in_thread(settings, server_pipeline)
     try:
         secret_file = settings.data_dir / "secret.key"
         assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
@@ -306,7 +306,7 @@ def test_secret_is_created_once_private_and_survives_restarts(
     finally:
         first.stop()
 
-    second = _start(settings, server_pipeline)  # a restart on the same data dir (another port)
+    second = serve_in_thread(settings, server_pipeline)  # a restart on the same data dir (another port)
     try:
         assert secret_file.read_bytes() == secret
         assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600

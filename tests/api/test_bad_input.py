@@ -34,7 +34,7 @@ import kleinserve.api.app
 import kleinserve.media
 from kleinserve.api.server import ServerSettings
 from kleinserve.engine import Pipeline
-from tests.api.conftest import RunningServer, _start
+from tests.api.conftest import RunningServer, serve_in_thread
 from tests.conftest import random_image
 
 OPENAI_GENERATIONS = "/v1/images/generations"
@@ -243,7 +243,7 @@ def module_server(
         key = repr(sorted(overrides.items()))
         if key not in started:
             data_dir = tmp_path_factory.mktemp("bad-input-data")
-            started[key] = _start(ServerSettings(data_dir=data_dir, **overrides), server_pipeline)
+            started[key] = serve_in_thread(ServerSettings(data_dir=data_dir, **overrides), server_pipeline)
         return started[key]
 
     yield start
