@@ -42,7 +42,7 @@ class GenerateRequest:
     num_images: int = 1
     reference_images: tuple[Image.Image, ...] = ()
     negative_prompt: str = ""
-    max_sequence_length: int = 512
+    max_sequence_length: int | None = None  # prompt tokens; None: the model's own (512 for klein)
     output_format: ImageFormat = ImageFormat.PNG
     output_quality: int | None = None
 

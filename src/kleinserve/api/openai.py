@@ -74,7 +74,9 @@ class ImageRequest(BaseModel):
     output_compression: int | None = Field(None, ge=0, le=100, description="jpeg/webp quality, default 100")
     response_format: Literal["url", "b64_json"] | None = Field(None, description="default b64_json")
     return_base64: bool | None = None
-    max_sequence_length: int | None = Field(None, ge=64, le=512, description="prompt tokens, default 512")
+    max_sequence_length: int | None = Field(
+        None, ge=64, le=512, description="prompt tokens (default: the model's)"
+    )
     images: list[str] | None = Field(
         None, max_length=4, description="reference images: URLs, data URLs, base64"
     )
@@ -146,7 +148,7 @@ def to_request(wire: ImageRequest, references: list[Any], spec_distilled: bool) 
         num_images=wire.n or wire.num_images or 1,
         reference_images=tuple(references),
         negative_prompt=wire.negative_prompt or "",
-        max_sequence_length=wire.max_sequence_length or 512,
+        max_sequence_length=wire.max_sequence_length,
         output_format=wire.image_format,
         output_quality=DEFAULT_COMPRESSION if wire.output_compression is None else wire.output_compression,
     )
@@ -155,7 +157,7 @@ def to_request(wire: ImageRequest, references: list[Any], spec_distilled: bool) 
 def usage(completed: Completed, request: GenerateRequest) -> dict[str, Any]:
     """OpenAI-shaped usage in the model's own tokens (prompt positions, reference and output latent tokens),
     plus kleinserve's metering (tiles, megapixels, steps, engine seconds)."""
-    text = request.max_sequence_length
+    text = completed.job.params["max_sequence_length"]
     image = completed.reference_tokens
     output = completed.output_tokens
     return {

@@ -61,6 +61,7 @@ class ResolvedRequest:
     steps: int
     guidance: float
     seeds: tuple[int, ...]
+    max_sequence_length: int
     references: tuple[PreparedReference, ...]
     use_cfg: bool
 
@@ -69,7 +70,7 @@ class ResolvedRequest:
         """Requests with equal keys can run as one batch."""
         guidance = self.guidance if self.use_cfg else None
         grids = tuple(r.grid for r in self.references)
-        return (self.width, self.height, self.steps, guidance, self.request.max_sequence_length, grids)
+        return (self.width, self.height, self.steps, guidance, self.max_sequence_length, grids)
 
 
 def _check_range(value: float, low: float, high: float, param: str, what: str) -> None:
@@ -101,7 +102,8 @@ def resolve_request(request: GenerateRequest, spec: ModelSpec) -> ResolvedReques
             param="reference_images",
             allowed="at most 4",
         )
-    _check_range(request.max_sequence_length, 1, limits.MAX_SEQUENCE_LENGTH, "max_sequence_length", "tokens")
+    length = request.max_sequence_length or spec.max_sequence_length
+    _check_range(length, 1, limits.MAX_SEQUENCE_LENGTH, "max_sequence_length", "tokens")
     references = tuple(prepare_reference(img, i) for i, img in enumerate(request.reference_images))
     default_width, default_height = references[0].size if references else (spec.default_side,) * 2
     width = _floor_side(request.width, "width") if request.width is not None else default_width
@@ -121,6 +123,7 @@ def resolve_request(request: GenerateRequest, spec: ModelSpec) -> ResolvedReques
         steps=steps,
         guidance=guidance,
         seeds=tuple(seed + i for i in range(request.num_images)),
+        max_sequence_length=length,
         references=references,
         # As in diffusers: CFG only for the base variants and only with a scale above 1.
         use_cfg=spec.uses_cfg and guidance > 1.0,
@@ -169,7 +172,7 @@ class Pipeline:
         components = self.components
         h, w = first.height // limits.SIZE_MULTIPLE, first.width // limits.SIZE_MULTIPLE
         seeds = [seed for r in resolved for seed in r.seeds]
-        length = first.request.max_sequence_length
+        length = first.max_sequence_length
 
         with self._timed(timings, "text_encoding"), self._resident(components.text_encoder):
             prompts = [r.request.prompt for r in resolved for _ in r.seeds]

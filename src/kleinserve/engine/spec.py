@@ -47,6 +47,7 @@ class ModelSpec:
     default_guidance: float
     parameters: int  # transformer parameters
     default_side: int = DEFAULT_SIDE  # pixels per side when a request gives no size and no reference
+    max_sequence_length: int = MAX_SEQUENCE_LENGTH  # prompt tokens the transformer was trained to read
 
     @property
     def uses_cfg(self) -> bool:
@@ -64,8 +65,8 @@ def detect_spec(
     name: str | None = None,
 ) -> ModelSpec:
     """The spec of a checkpoint. `name` overrides the derived name; a model_index.json may name itself with
-    `_kleinserve_name` and set the size it was trained for with `_kleinserve_default_side` (the tiny and toy
-    models do; diffusers ignores keys starting with an underscore)."""
+    `_kleinserve_name` and set the size and text length it was trained for with `_kleinserve_default_side` and
+    `_kleinserve_max_sequence_length` (the toy model does; diffusers ignores keys starting with "_")."""
     # diffusers: a model_index without `is_distilled` means False (the base checkpoints omit it).
     distilled = bool(model_index.get("is_distilled", False))
     width = transformer_config["num_attention_heads"] * transformer_config["attention_head_dim"]
@@ -78,4 +79,5 @@ def detect_spec(
         default_guidance=1.0 if distilled else 4.0,
         parameters=transformer_parameters,
         default_side=int(model_index.get("_kleinserve_default_side", DEFAULT_SIDE)),
+        max_sequence_length=int(model_index.get("_kleinserve_max_sequence_length", MAX_SEQUENCE_LENGTH)),
     )

@@ -36,7 +36,7 @@ def request_params(request: GenerateRequest, resolved: ResolvedRequest) -> dict[
         "seed": resolved.seeds[0],
         "num_images": request.num_images,
         "negative_prompt": request.negative_prompt,
-        "max_sequence_length": request.max_sequence_length,
+        "max_sequence_length": resolved.max_sequence_length,
         "output_format": request.output_format.value,
         "output_quality": request.output_quality,
         "reference_sizes": [list(reference.size) for reference in resolved.references],
