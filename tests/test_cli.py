@@ -82,6 +82,7 @@ def cli(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ru
         "bad_model": [["generate", "a fox", "--model", str(work / "no-such-model"), "--size", "64x64"]],
         "bad_size": [["generate", "a fox", *model, "--size", "32x32", "--seed", "1"]],
         "bad_ref": [["generate", "a fox", *model, "--ref", str(work / "broken.png"), "--size", "64x64"]],
+        "default_model": [["generate", "a red circle on a white background", "--seed", "1", "-o", "toy.png"]],
         "tiny": [["model", "create-tiny", "made"], ["model", "info", "made"]],
         "tiny_base": [["model", "create-tiny", "made", "--base"], ["model", "info", "made"]],
     }
@@ -109,6 +110,12 @@ def assert_one_line_error(run: Run, *fragments: str) -> None:
 
 
 # --- generate ---------------------------------------------------------------------------------------------
+
+
+def test_generate_without_model_uses_the_embedded_toy_at_its_default_size(cli: Runs) -> None:
+    run = cli["default_model"]
+    assert_ok(run)
+    assert run.stdout.splitlines() == ["toy.png\tseed=1\t256x256"]
 
 
 def test_generate_png(cli: Runs, pipeline: Pipeline) -> None:

@@ -4,6 +4,8 @@
     kleinserve generate "make it blue" --ref fox.png --model DIR
     kleinserve model create-tiny DIR
     kleinserve model info DIR
+    kleinserve toy train --out DIR
+    kleinserve toy eval
     kleinserve serve --model DIR --port 8000
     kleinserve keys create --name alice
     kleinserve usage --key alice --since 2026-01-01
@@ -27,7 +29,7 @@ if TYPE_CHECKING:
     from kleinserve.engine.pipeline import Pipeline
     from kleinserve.jobs.store import Job
 
-DEFAULT_MODEL = os.environ.get("KLEINSERVE_MODEL", "tiny-random")
+DEFAULT_MODEL = os.environ.get("KLEINSERVE_MODEL", "flux-2-klein-toy")
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -48,7 +50,9 @@ def _date(text: str) -> float:
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument(
-        "--model", default=DEFAULT_MODEL, help="directory, BFL .safetensors, repo id or tiny-random"
+        "--model",
+        default=DEFAULT_MODEL,
+        help="directory, BFL .safetensors, repo id, flux-2-klein-toy (default) or tiny-random",
     )
     group.add_argument("--components", help="with a BFL single file: directory or repo id of the other parts")
     group.add_argument("--download", action="store_true", help="fetch a repo id from the Hugging Face Hub")
@@ -89,6 +93,19 @@ def build_parser() -> argparse.ArgumentParser:
     info = model.add_parser("info", help="variant, parameters, dtype and memory of a model")
     info.add_argument("model")
     info.add_argument("--components")
+
+    toy = commands.add_parser("toy", help="the embedded toy model").add_subparsers(
+        dest="toy_command", required=True
+    )
+    train = toy.add_parser(
+        "train", help="train the toy model from scratch (deterministic, ~45 min on 2 cores)"
+    )
+    train.add_argument("--out", type=Path, required=True, help="directory to write (diffusers layout)")
+    train.add_argument("--seed", type=int, default=0)
+    evaluate = toy.add_parser("eval", help="score colour, position and edits on held-out captions")
+    evaluate.add_argument("--model", default="flux-2-klein-toy", help="the toy model's directory or name")
+    evaluate.add_argument("--count", type=int, default=48, help="held-out captions to render")
+    evaluate.add_argument("--edits", type=int, default=24, help="recolouring edits to render")
 
     serve = commands.add_parser("serve", help="the HTTP server (OpenAI, Cloudflare, Vercel dialects)")
     serve.add_argument("--host", default="127.0.0.1")
@@ -140,6 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _keys(args)
         if args.command == "usage":
             return _usage(args)
+        if args.command == "toy":
+            return _toy(args)
         if args.model_command == "create-tiny":
             from kleinserve.engine.tiny import create_tiny
 
@@ -203,6 +222,30 @@ def _generate(args: argparse.Namespace) -> int:
         path.write_bytes(image.encode(request.output_format))
         print(f"{path}\tseed={image.seed}\t{result.width}x{result.height}")
     return 0
+
+
+def _toy(args: argparse.Namespace) -> int:
+    if args.toy_command == "train":
+        from kleinserve.toy.train import TrainConfig, train
+
+        print(train(args.out, TrainConfig(seed=args.seed), log=lambda line: print(line, flush=True)))
+        return 0
+    from kleinserve.engine import load_pipeline
+    from kleinserve.toy.evaluate import TARGETS, evaluate
+
+    # fp32: the figures should not depend on whether this CPU has bf16.
+    score = evaluate(load_pipeline(args.model, dtype="float32"), count=args.count, edits=args.edits)
+    rows = [
+        ("colour", score.colour, f">= {TARGETS['colour']:.0%}"),
+        ("position", score.position, f">= {TARGETS['position']:.0%}"),
+        ("background", score.background, ""),
+        ("edit colour", score.edit_colour, f">= {TARGETS['edit_colour']:.0%}"),
+        ("edit position", score.edit_position, ""),
+    ]
+    print(f"{score.text_count} held-out captions, {score.edit_count} recolouring edits (128 and 256 px)")
+    for name, value, target in rows:
+        print(f"{name:<14} {value:6.1%}  {target}")
+    return 0 if score.meets_targets() else 1
 
 
 def _load(args: argparse.Namespace) -> Pipeline:

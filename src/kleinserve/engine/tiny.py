@@ -35,7 +35,7 @@ BFL_TINY_FILE = "flux-2-klein-tiny.safetensors"
 
 # Qwen3's chat template reduced to what the pipeline renders: one user turn, the generation prompt, and the
 # empty think block that `enable_thinking=False` adds.
-_CHAT_TEMPLATE = (
+CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n"
     "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}"
@@ -72,8 +72,36 @@ def make_byte_tokenizer() -> PreTrainedTokenizerFast:
     tokenizer.add_special_tokens(
         {"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<think>", "</think>"]}
     )
-    tokenizer.chat_template = _CHAT_TEMPLATE
+    tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
+
+
+def small_qwen3(vocab_size: int, hidden_size: int, head_dim: int) -> Qwen3ForCausalLM:
+    """A randomly initialised Qwen3 with the 28 layers the pipeline needs (it reads layer 27's output)."""
+    config = Qwen3Config(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=28,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=head_dim,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+    )
+    return Qwen3ForCausalLM(config).eval()
+
+
+def save_named(pipeline: Flux2KleinPipeline, directory: Path, **index_entries: object) -> Path:
+    """Write `pipeline` in the diffusers layout (safetensors) and add kleinserve's `_kleinserve_*` entries
+    (`name=...` becomes `_kleinserve_name`) to its model_index.json; diffusers ignores them."""
+    directory.mkdir(parents=True, exist_ok=True)
+    pipeline.save_pretrained(directory, safe_serialization=True)
+    index_path = directory / "model_index.json"
+    model_index = json.loads(index_path.read_text())
+    model_index.update({f"_kleinserve_{key}": value for key, value in index_entries.items()})
+    index_path.write_text(json.dumps(model_index, indent=2) + "\n")
+    return directory
 
 
 def build_tiny_pipeline(seed: int = 0, distilled: bool = True, text_dim: int = 16) -> Flux2KleinPipeline:
@@ -81,19 +109,7 @@ def build_tiny_pipeline(seed: int = 0, distilled: bool = True, text_dim: int = 1
     tokenizer = make_byte_tokenizer()
     latent_channels = 4
     torch.manual_seed(seed)
-    text_encoder = Qwen3ForCausalLM(
-        Qwen3Config(
-            vocab_size=len(tokenizer),
-            hidden_size=text_dim,
-            intermediate_size=2 * text_dim,
-            num_hidden_layers=28,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            head_dim=8,
-            max_position_embeddings=1024,
-            tie_word_embeddings=True,
-        )
-    ).eval()
+    text_encoder = small_qwen3(len(tokenizer), text_dim, head_dim=8)
     vae = AutoencoderKLFlux2(
         block_out_channels=(8, 8, 16, 16),
         layers_per_block=1,
@@ -131,12 +147,7 @@ def build_tiny_pipeline(seed: int = 0, distilled: bool = True, text_dim: int = 1
 def create_tiny(directory: Path, seed: int = 0, distilled: bool = True) -> Path:
     """Write the tiny model to `directory` (diffusers layout + BFL single file); returns the directory."""
     pipeline = build_tiny_pipeline(seed=seed, distilled=distilled)
-    directory.mkdir(parents=True, exist_ok=True)
-    pipeline.save_pretrained(directory, safe_serialization=True)
-    index_path = directory / "model_index.json"
-    model_index = json.loads(index_path.read_text())
-    model_index["_kleinserve_name"] = TINY_NAME if distilled else TINY_BASE_NAME
-    index_path.write_text(json.dumps(model_index, indent=2) + "\n")
+    save_named(pipeline, directory, name=TINY_NAME if distilled else TINY_BASE_NAME)
     state = {k: v.contiguous() for k, v in pipeline.transformer.state_dict().items()}
     save_file(diffusers_to_bfl_transformer(state), str(directory / BFL_TINY_FILE))
     return directory

@@ -1,0 +1,103 @@
+"""The toy model's architecture: the real FLUX.2 [klein] classes at a size that trains on 2 CPU cores.
+
+Shape rules are tiny-random's (engine/tiny.py): transformer `in_channels = 4 * latent_channels`,
+`joint_attention_dim = 3 * text hidden size`, `sum(axes_dims_rope) = attention_head_dim`, four VAE levels,
+a 28-layer Qwen3 so that layer 27 is a raw layer output.
+
+Two choices specific to the toy:
+- a word-level tokenizer over the scenes' vocabulary (scenes.vocabulary): one token per word, so that the
+  frozen text encoder hands the transformer whole words rather than bytes to assemble;
+- the text encoder stays random and frozen, with token embeddings scaled up (EMBEDDING_STD) so that each
+  token's identity dominates its residual stream through all 27 layers instead of drowning in the mixing of
+  27 random layers (initialised at std 0.02, the embedding would be as small as each layer's update).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKLFlux2,
+    FlowMatchEulerDiscreteScheduler,
+    Flux2KleinPipeline,
+    Flux2Transformer2DModel,
+)
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from kleinserve.engine.loading import TOY_NAME
+from kleinserve.engine.tiny import CHAT_TEMPLATE, SCHEDULER_CONFIG, save_named, small_qwen3
+from kleinserve.toy.scenes import vocabulary
+
+TEXT_DIM = 32
+LATENT_CHANNELS = 8
+EMBEDDING_STD = 0.5
+TOY_SIDE = 256  # trained at 128 and 256 px; the default size of a request that gives none
+# Prompt tokens (klein reads 512). Captions need ~35; with 512, the transformer had to find ~20 informative
+# tokens among ~490 near-identical pads, and after 1,000 steps it still ignored the prompt. 64 tokens also
+# make a training step ~3x cheaper.
+TEXT_LENGTH = 64
+PAD, UNKNOWN = "<|endoftext|>", "<|unk|>"
+
+
+def make_word_tokenizer() -> PreTrainedTokenizerFast:
+    """Lower-cased words and punctuation marks, one token each; unknown words share one token; id 0 pads."""
+    words = [PAD, UNKNOWN, *vocabulary(), "user", "assistant"]
+    core = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token=UNKNOWN))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, eos_token=PAD, pad_token=PAD, unk_token=UNKNOWN, padding_side="right"
+    )
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<think>", "</think>"]}
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_toy_pipeline(seed: int) -> Flux2KleinPipeline:
+    """The untrained toy model (random weights from `seed`), as a diffusers pipeline."""
+    tokenizer = make_word_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = small_qwen3(len(tokenizer), TEXT_DIM, head_dim=16)
+    with torch.no_grad():
+        embeddings = text_encoder.get_input_embeddings().weight
+        embeddings.mul_(EMBEDDING_STD / embeddings.std())
+    vae = AutoencoderKLFlux2(
+        block_out_channels=(16, 32, 64, 64),
+        layers_per_block=1,
+        latent_channels=LATENT_CHANNELS,
+        norm_num_groups=8,
+        sample_size=128,
+    )
+    transformer = Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=4 * LATENT_CHANNELS,
+        num_layers=2,
+        num_single_layers=4,
+        num_attention_heads=4,
+        attention_head_dim=32,
+        joint_attention_dim=3 * TEXT_DIM,
+        axes_dims_rope=(8, 8, 8, 8),
+        timestep_guidance_channels=256,
+        mlp_ratio=3.0,
+        rope_theta=2000,
+        guidance_embeds=False,
+    )
+    return Flux2KleinPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+        is_distilled=True,
+    )
+
+
+def save_toy(pipeline: Flux2KleinPipeline, directory: Path) -> Path:
+    """Write the diffusers layout (safetensors) under `directory`, named `flux-2-klein-toy`."""
+    return save_named(
+        pipeline, directory, name=TOY_NAME, default_side=TOY_SIDE, max_sequence_length=TEXT_LENGTH
+    )

@@ -1,0 +1,247 @@
+"""`kleinserve toy train`: the VAE, then the transformer, on procedurally drawn scenes; deterministic.
+
+Stage 1 trains AutoencoderKLFlux2 (L1 + a light KL, decoding the posterior mean) on whole scenes drawn
+at 64 px, then at 128 px (not crops: a crop of flat colour gives GroupNorm nothing to normalise), and sets its
+BatchNorm statistics to those of the patchified latents, so normalised latents have unit variance.
+Stage 2 trains Flux2Transformer2DModel with the rectified-flow objective (x_t = (1 - s) x0 + s noise, target
+v = noise - x0) through the engine's own text encoding, reference encoding and transformer call
+(`Pipeline.velocity`), so training sees exactly the sequence inference builds. Half the noise levels are the
+four of klein's 4-step schedule at the batch's size, the other half uniform (other step counts still work).
+
+Same seed and thread count, same weights: every random choice comes from a seeded `random.Random` or
+`torch.Generator`. Step counts are fixed, never time-based.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import Flux2KleinPipeline
+
+from kleinserve.engine import latents as L
+from kleinserve.engine.loading import ModelComponents
+from kleinserve.engine.pipeline import Pipeline
+from kleinserve.engine.precision import Placement
+from kleinserve.engine.references import encode_references, prepare_reference
+from kleinserve.engine.sampling import make_scheduler
+from kleinserve.engine.spec import SIZE_MULTIPLE, detect_spec
+from kleinserve.toy import scenes
+from kleinserve.toy.model import TEXT_LENGTH, build_toy_pipeline, save_toy
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0
+    vae_small_steps: int = 3400  # batches of 8 whole scenes drawn at 64 px
+    vae_full_steps: int = 300  # batches of 4 whole scenes drawn at 128 px
+    vae_lr: float = 3e-4  # 1e-3 diverges: flat colour fields make GroupNorm statistics nearly singular
+    transformer_steps: int = 5000
+    transformer_lr: float = 8e-4
+    warmup_steps: int = 150
+    ema_decay: float = 0.998
+    batch_128: int = 8
+    batch_256: int = 4
+    share_256: float = 0.25  # fraction of transformer batches at 256 px
+    schedule_share: float = 0.5  # fraction of noise levels taken from the 4-step schedule
+
+
+# Transformer batch kinds and their shares; a batch holds one kind so that its reference geometry is shared.
+BATCH_KINDS: dict[str, float] = {
+    "text": 0.45,
+    "pair": 0.15,
+    "recolour": 0.2,
+    "background": 0.08,
+    "compose": 0.12,
+}
+
+
+def random_example(kind: str, rng: random.Random) -> scenes.Example:
+    if kind == "text":
+        return scenes.text_example(rng)
+    if kind == "pair":
+        return scenes.text_example(rng, shapes=2)
+    return {"recolour": scenes.recolour_example, "background": scenes.background_example}.get(
+        kind, scenes.compose_example
+    )(rng)
+
+
+def to_pixels(images: list) -> torch.Tensor:
+    """PIL RGB images -> (B, 3, H, W) in [-1, 1]."""
+    return torch.stack([prepare_reference(image).pixels[0] for image in images])
+
+
+def train(out: Path, config: TrainConfig = TrainConfig(), log: Log = print) -> Path:
+    """Train the toy model and write it to `out` in the diffusers layout; returns `out`."""
+    torch.manual_seed(config.seed)
+    pipeline = build_toy_pipeline(config.seed)
+    train_vae(pipeline, config, log)
+    train_transformer(pipeline, config, log)
+    return save_toy(pipeline, out)
+
+
+def _cosine(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _captioned_scene_image(rng: random.Random, side: int):
+    kind = rng.choice(list(BATCH_KINDS))
+    example = random_example(kind, rng)
+    scene = rng.choice([example.target, *example.references])
+    return scenes.render(scene, side)
+
+
+def train_vae(pipeline: Flux2KleinPipeline, config: TrainConfig, log: Log) -> None:
+    vae = pipeline.vae.train()
+    rng = random.Random(config.seed + 1)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
+    total = config.vae_small_steps + config.vae_full_steps
+    start = time.perf_counter()
+    for step in range(total):
+        small = step < config.vae_small_steps
+        side, count = (64, 8) if small else (128, 4)
+        pixels = to_pixels([scenes.busy_scene(rng, side) for _ in range(count)])
+        for group in optimizer.param_groups:
+            group["lr"] = config.vae_lr * _cosine(step, total, 200)
+        posterior = vae.encode(pixels).latent_dist
+        decoded = vae.decode(posterior.mode()).sample
+        loss = F.l1_loss(decoded, pixels) + 1e-7 * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        if step % 100 == 0 or step == total - 1:
+            log(f"vae step {step}/{total} l1 {loss.item():.4f} ({time.perf_counter() - start:.0f} s)")
+    vae.eval().requires_grad_(False)
+    _set_latent_statistics(vae, rng)
+
+
+@torch.inference_mode()
+def _set_latent_statistics(vae: torch.nn.Module, rng: random.Random, count: int = 96) -> None:
+    """BatchNorm running mean/var := per-channel statistics of patchified latent means of `count` scenes."""
+    latents = torch.cat(
+        [
+            L.patchify(vae.encode(to_pixels([_captioned_scene_image(rng, 128)])).latent_dist.mode())
+            for _ in range(count)
+        ]
+    )
+    vae.bn.running_mean.copy_(latents.mean(dim=(0, 2, 3)))
+    vae.bn.running_var.copy_(latents.var(dim=(0, 2, 3)))
+
+
+def _training_pipeline(pipeline: Flux2KleinPipeline) -> Pipeline:
+    """The engine's Pipeline around the in-memory modules (fp32 CPU, nothing packed: gradients must flow)."""
+    transformer = pipeline.transformer
+    parameters = sum(p.numel() for p in transformer.parameters())
+    components = ModelComponents(
+        spec=detect_spec(dict(pipeline.config), dict(transformer.config), parameters, name="toy-training"),
+        tokenizer=pipeline.tokenizer,
+        text_encoder=pipeline.text_encoder.model.requires_grad_(False),
+        transformer=transformer,
+        vae=pipeline.vae,
+        scheduler_config=dict(pipeline.scheduler.config),
+        placement=Placement(torch.device("cpu"), torch.float32),
+    )
+    return Pipeline(components)
+
+
+def _encode_images(engine: Pipeline, images: list) -> torch.Tensor:
+    """(B, N, C) normalised packed latents, each image encoded alone as references are."""
+    tokens = [
+        encode_references([prepare_reference(image)], engine.components.vae, torch.float32)
+        for image in images
+    ]
+    return torch.cat(tokens).clone()  # a normal tensor: inference-mode tensors cannot enter autograd
+
+
+def train_transformer(
+    pipeline: Flux2KleinPipeline,
+    config: TrainConfig,
+    log: Log,
+    on_snapshot: Callable[[int, torch.nn.Module], None] | None = None,
+) -> None:
+    """Train `pipeline.transformer` in place; it ends holding the EMA weights. `on_snapshot(step, ema)` is
+    called every 500 steps (to watch quality while a long run goes on)."""
+    engine = _training_pipeline(pipeline)
+    transformer = pipeline.transformer.train().requires_grad_(True)
+    ema = copy.deepcopy(transformer).requires_grad_(False)
+    rng = random.Random(config.seed + 2)
+    generator = torch.Generator().manual_seed(config.seed + 2)
+    optimizer = torch.optim.AdamW(transformer.parameters(), lr=config.transformer_lr, weight_decay=0.01)
+    schedules = {
+        side: make_scheduler(engine.components.scheduler_config, 4, (side // SIZE_MULTIPLE) ** 2).sigmas[:4]
+        for side in (128, 256)
+    }
+    kinds, weights = list(BATCH_KINDS), list(BATCH_KINDS.values())
+    start, running = time.perf_counter(), 0.0
+    for step in range(config.transformer_steps):
+        side = 256 if rng.random() < config.share_256 else 128
+        size = config.batch_256 if side == 256 else config.batch_128
+        kind = rng.choices(kinds, weights)[0]
+        examples = [random_example(kind, rng) for _ in range(size)]
+        x0 = _encode_images(engine, [scenes.render(e.target, side) for e in examples])
+        references = None
+        grids: list[tuple[int, int]] = []
+        if examples[0].references:
+            count = len(examples[0].references)
+            per_reference = [
+                _encode_images(engine, [scenes.render(e.references[i], side) for e in examples])
+                for i in range(count)
+            ]
+            references = torch.cat(per_reference, dim=1)
+            grids = [(side // SIZE_MULTIPLE,) * 2] * count
+        with torch.inference_mode():
+            embeds = engine.prompts.encode([e.prompt for e in examples], TEXT_LENGTH, torch.device("cpu"))
+        embeds = embeds.clone()
+
+        from_schedule = torch.rand(size, generator=generator) < config.schedule_share
+        sigma = torch.where(
+            from_schedule,
+            schedules[side][torch.randint(0, 4, (size,), generator=generator)].float(),
+            torch.rand(size, generator=generator),
+        )
+        noise = torch.randn(x0.shape, generator=generator)
+        s = sigma.view(-1, 1, 1)
+        x_t = (1 - s) * x0 + s * noise
+        grid = side // SIZE_MULTIPLE
+        ids = torch.cat([L.image_ids(grid, grid), L.reference_ids(grids)])
+        predicted = engine.velocity(
+            x_t,
+            sigma,
+            embeds=embeds,
+            reference_tokens=references,
+            img_ids=ids,
+            txt_ids=L.text_ids(embeds.shape[1]),
+        )
+        loss = F.mse_loss(predicted, noise - x0)
+
+        for group in optimizer.param_groups:
+            group["lr"] = config.transformer_lr * _cosine(step, config.transformer_steps, config.warmup_steps)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
+        optimizer.step()
+        with torch.no_grad():
+            decay = min(config.ema_decay, (1 + step) / (10 + step))
+            for averaged, current in zip(ema.parameters(), transformer.parameters(), strict=True):
+                averaged.lerp_(current, 1 - decay)
+        running = loss.item() if step == 0 else 0.98 * running + 0.02 * loss.item()
+        if step % 50 == 0 or step == config.transformer_steps - 1:
+            elapsed = time.perf_counter() - start
+            log(f"transformer step {step}/{config.transformer_steps} loss {running:.4f} ({elapsed:.0f} s)")
+        if on_snapshot is not None and step % 500 == 499:
+            on_snapshot(step + 1, ema)
+    transformer.load_state_dict(ema.state_dict())
+    transformer.eval().requires_grad_(False)

@@ -1,0 +1,72 @@
+"""The toy world: scenes render deterministically and the evaluation analyser reads back what was drawn."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from kleinserve.toy import scenes
+from kleinserve.toy.evaluate import analyse
+from kleinserve.toy.model import UNKNOWN, make_word_tokenizer
+
+
+@pytest.mark.parametrize("side", [128, 256, 96])
+def test_analyser_reads_back_every_drawn_single_shape_scene(side: int) -> None:
+    rng = random.Random(side)
+    for _ in range(150):
+        example = scenes.text_example(rng, held_out=rng.random() < 0.5)
+        shape = example.target.shapes[0]
+        found = analyse(scenes.render(example.target, side))
+        assert (found.colour, found.position, found.background) == (
+            shape.colour,
+            shape.position,
+            example.target.background,
+        ), example
+
+
+def test_analyser_finds_no_foreground_on_a_plain_background() -> None:
+    found = analyse(scenes.render(scenes.Scene((), "pink"), 128))
+    assert (found.background, found.colour, found.position) == ("pink", None, None)
+
+
+def test_examples_and_renders_are_deterministic() -> None:
+    first = [scenes.compose_example(random.Random(7)) for _ in range(2)]
+    assert first[0] == first[1]
+    assert scenes.render(first[0].target, 128).tobytes() == scenes.render(first[1].target, 128).tobytes()
+
+
+def test_edits_change_only_what_the_prompt_names() -> None:
+    rng = random.Random(3)
+    recolour = scenes.recolour_example(rng)
+    (before,), after = recolour.references, recolour.target
+    assert before.background == after.background
+    assert before.shapes[0].position == after.shapes[0].position
+    assert before.shapes[0].colour != after.shapes[0].colour
+    assert after.shapes[0].colour in recolour.prompt
+    compose = scenes.compose_example(rng)
+    assert compose.target.shapes == compose.references[0].shapes
+    assert compose.target.background == compose.references[1].background
+
+
+def test_held_out_combinations_never_reach_training_captions() -> None:
+    rng = random.Random(0)
+    held = {scenes.random_shape(rng, held_out=True) for _ in range(2000)}
+    trained = {scenes.text_example(rng).target.shapes[0] for _ in range(2000)}
+    assert held and not held & trained
+    assert 0.08 < len(held) / (len(held) + len(trained)) < 0.2
+
+
+def test_every_caption_word_is_in_the_tokenizer() -> None:
+    tokenizer = make_word_tokenizer()
+    unknown = tokenizer.convert_tokens_to_ids(UNKNOWN)
+    rng = random.Random(1)
+    for make in (
+        scenes.text_example,
+        scenes.recolour_example,
+        scenes.background_example,
+        scenes.compose_example,
+    ):
+        prompt = make(rng).prompt
+        assert unknown not in tokenizer(prompt)["input_ids"], prompt
+    assert tokenizer("a zebra")["input_ids"][1] == unknown
