@@ -92,6 +92,45 @@ def small_qwen3(vocab_size: int, hidden_size: int, head_dim: int) -> Qwen3ForCau
     return Qwen3ForCausalLM(config).eval()
 
 
+def small_transformer(
+    latent_channels: int, text_dim: int, *, layers: int, single_layers: int, heads: int, head_dim: int
+) -> Flux2Transformer2DModel:
+    """A randomly initialised klein transformer of any size; the widths that must agree with the VAE and the
+    text encoder are derived here (module docstring), the rest is klein's (model.md section 2)."""
+    return Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=4 * latent_channels,
+        num_layers=layers,
+        num_single_layers=single_layers,
+        num_attention_heads=heads,
+        attention_head_dim=head_dim,
+        joint_attention_dim=3 * text_dim,
+        axes_dims_rope=(head_dim // 4,) * 4,
+        timestep_guidance_channels=256,
+        mlp_ratio=3.0,
+        rope_theta=2000,
+        guidance_embeds=False,
+    )
+
+
+def assemble(
+    tokenizer: PreTrainedTokenizerFast,
+    text_encoder: Qwen3ForCausalLM,
+    vae: AutoencoderKLFlux2,
+    transformer: Flux2Transformer2DModel,
+    distilled: bool,
+) -> Flux2KleinPipeline:
+    """The diffusers pipeline around the parts, with FLUX.2's scheduler configuration."""
+    return Flux2KleinPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+        is_distilled=distilled,
+    )
+
+
 def save_named(pipeline: Flux2KleinPipeline, directory: Path, **index_entries: object) -> Path:
     """Write `pipeline` in the diffusers layout (safetensors) and add kleinserve's `_kleinserve_*` entries
     (`name=...` becomes `_kleinserve_name`) to its model_index.json; diffusers ignores them."""
@@ -120,28 +159,10 @@ def build_tiny_pipeline(seed: int = 0, distilled: bool = True, text_dim: int = 1
     # Random BatchNorm statistics, so that a missing latent (de)normalisation changes the pixels.
     vae.bn.running_mean.normal_(0.0, 0.5)
     vae.bn.running_var.uniform_(0.5, 2.0)
-    transformer = Flux2Transformer2DModel(
-        patch_size=1,
-        in_channels=4 * latent_channels,
-        num_layers=1,
-        num_single_layers=2,
-        num_attention_heads=2,
-        attention_head_dim=16,
-        joint_attention_dim=3 * text_dim,
-        axes_dims_rope=(4, 4, 4, 4),
-        timestep_guidance_channels=256,
-        mlp_ratio=3.0,
-        rope_theta=2000,
-        guidance_embeds=False,
-    ).eval()
-    return Flux2KleinPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        transformer=transformer,
-        is_distilled=distilled,
+    transformer = small_transformer(
+        latent_channels, text_dim, layers=1, single_layers=2, heads=2, head_dim=16
     )
+    return assemble(tokenizer, text_encoder, vae, transformer.eval(), distilled)
 
 
 def create_tiny(directory: Path, seed: int = 0, distilled: bool = True) -> Path:

@@ -38,8 +38,8 @@ def _nearest(rgb: np.ndarray, palette: dict[str, tuple[int, int, int]]) -> str:
     return min(palette, key=lambda name: float(np.sum((rgb - np.array(palette[name])) ** 2)))
 
 
-def foreground(image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
-    """(mask (H, W) of foreground pixels, background RGB (3,)) of an image."""
+def foreground(image: Image.Image) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mask (H, W) of foreground pixels, background RGB (3,), pixels (H, W, 3) float) of an image."""
     pixels = np.asarray(image.convert("RGB"), dtype=np.float64)
     height, width, _ = pixels.shape
     frame = max(1, min(height, width) // 32)
@@ -52,30 +52,23 @@ def foreground(image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
         ]
     )
     background = np.median(border, axis=0)
-    return np.linalg.norm(pixels - background, axis=2) > FOREGROUND_DISTANCE, background
+    return np.linalg.norm(pixels - background, axis=2) > FOREGROUND_DISTANCE, background, pixels
 
 
 def analyse(image: Image.Image) -> Analysis:
     """Background colour, foreground colour and position of a one-shape image."""
-    mask, background_rgb = foreground(image)
+    mask, background_rgb, pixels = foreground(image)
     height, width = mask.shape
     background = _nearest(background_rgb, scenes.BACKGROUNDS)
     fraction = float(mask.mean())
     if fraction < MIN_FOREGROUND:
         return Analysis(background, None, None, fraction)
-    pixels = np.asarray(image.convert("RGB"), dtype=np.float64)
     colour = _nearest(np.median(pixels[mask], axis=0), scenes.COLOURS)
     ys, xs = np.nonzero(mask)
     row = _ROWS[min(2, int(3 * ys.mean() / height))]
     column = _COLUMNS[min(2, int(3 * xs.mean() / width))]
     position = "-".join(part for part in (row, column) if part) or "centre"
     return Analysis(background, colour, position, fraction)
-
-
-def shape_overlap(first: Image.Image, second: Image.Image) -> float:
-    """Intersection over union of two same-sized images' foreground masks (1.0: the same silhouette)."""
-    a, b = foreground(first)[0], foreground(second)[0]
-    return float((a & b).sum() / max(1, (a | b).sum()))
 
 
 @dataclass(frozen=True)

@@ -19,15 +19,13 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKLFlux2,
-    FlowMatchEulerDiscreteScheduler,
     Flux2KleinPipeline,
-    Flux2Transformer2DModel,
 )
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from kleinserve.engine.loading import TOY_NAME
-from kleinserve.engine.tiny import CHAT_TEMPLATE, SCHEDULER_CONFIG, save_named, small_qwen3
+from kleinserve.engine.tiny import CHAT_TEMPLATE, assemble, save_named, small_qwen3, small_transformer
 from kleinserve.toy.scenes import vocabulary
 
 TEXT_DIM = 32
@@ -72,28 +70,10 @@ def build_toy_pipeline(seed: int) -> Flux2KleinPipeline:
         norm_num_groups=8,
         sample_size=128,
     )
-    transformer = Flux2Transformer2DModel(
-        patch_size=1,
-        in_channels=4 * LATENT_CHANNELS,
-        num_layers=2,
-        num_single_layers=4,
-        num_attention_heads=4,
-        attention_head_dim=32,
-        joint_attention_dim=3 * TEXT_DIM,
-        axes_dims_rope=(8, 8, 8, 8),
-        timestep_guidance_channels=256,
-        mlp_ratio=3.0,
-        rope_theta=2000,
-        guidance_embeds=False,
+    transformer = small_transformer(
+        LATENT_CHANNELS, TEXT_DIM, layers=2, single_layers=4, heads=4, head_dim=32
     )
-    return Flux2KleinPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        transformer=transformer,
-        is_distilled=True,
-    )
+    return assemble(tokenizer, text_encoder, vae, transformer, distilled=True)
 
 
 def save_toy(pipeline: Flux2KleinPipeline, directory: Path) -> Path:
