@@ -226,6 +226,39 @@ def test_three_compatible_jobs_share_one_batch(setup: Setup, pipeline: Pipeline)
     run(setup, scenario)
 
 
+def test_step_previews_are_made_only_for_subscribers_that_want_them(setup: Setup) -> None:
+    # A sync caller waiting for the end must not pay a VAE decode + PNG per step (the server's overhead).
+    worker = setup.worker()
+    worker.start()
+
+    async def steps(previews: bool) -> list[dict]:
+        gate = setup.gate()  # the engine is busy with a blocker until both listeners have subscribed
+        blocker = worker.submit(_request("blocker"), owner="alice", on_step=gate)
+        await reach(gate.reached)
+        job = worker.submit(_request(f"previews {previews}", steps=3), owner="alice")
+        events: list[dict] = []
+        async with setup.hub.subscribe(job.id, previews=previews) as queue:
+            waiting = asyncio.create_task(worker.wait(job.id))  # the sync caller: never wants previews
+            await asyncio.sleep(0)
+            gate.release()
+            while not events or events[-1]["type"] not in ("succeeded", "failed", "cancelled"):
+                events.append(await asyncio.wait_for(queue.get(), WAIT_S))
+            assert (await waiting).status is JobStatus.SUCCEEDED
+        assert (await finished(worker, blocker)).status is JobStatus.SUCCEEDED
+        return [event for event in events if event["type"] == "step"]
+
+    async def scenario() -> None:
+        watched = await steps(previews=True)
+        assert [event["step"] for event in watched] == [1, 2, 3]
+        assert all(event["preview"] for event in watched)
+        waited = await steps(previews=False)
+        assert [event["step"] for event in waited] == [1, 2, 3]
+        assert not any("preview" in event for event in waited)
+        assert not setup.hub.wants_previews("any job")
+
+    run(setup, scenario)
+
+
 def test_cancelling_a_queued_job_is_immediate_and_it_never_runs(setup: Setup) -> None:
     worker = setup.worker()
     worker.start()

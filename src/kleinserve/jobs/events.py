@@ -1,19 +1,23 @@
 """Progress fan-out: job events published on any thread, delivered to asyncio subscribers.
 
     hub = EventHub(); hub.attach(loop)
-    async with hub.subscribe(job_id) as events:     # SSE endpoints, sync API callers
+    async with hub.subscribe(job_id) as events:     # SSE endpoints: step events carry previews
         event = await events.get()
+    async with hub.subscribe(job_id, previews=False) as events:   # sync API callers wait for the end
     hub.publish(job_id, {"type": "step", "step": 2, "total_steps": 4})   # engine or encoder thread
 
 Event types: `queued` (with `position`), `running`, `step` (`step`, `total_steps`, optional `preview` base64
 PNG), `succeeded`, `failed` (`error`), `cancelled`. The last three end the stream.
+
+A preview costs a VAE decode and a PNG encode per step on the engine thread (as much as the denoising step
+itself for small images), so previews are made only while a subscriber that wants them is listening.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -27,6 +31,7 @@ class EventHub:
     def __init__(self) -> None:
         self.loop: asyncio.AbstractEventLoop | None = None  # set by attach() when the server starts
         self._subscribers: defaultdict[str, set[asyncio.Queue[Event]]] = defaultdict(set)
+        self._preview_watchers: Counter[str] = Counter()
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -40,20 +45,26 @@ class EventHub:
         except RuntimeError:  # the loop is closed: nobody is listening any more
             pass
 
-    def has_subscribers(self, job_id: str) -> bool:
-        return bool(self._subscribers.get(job_id))
+    def wants_previews(self, job_id: str) -> bool:
+        """Someone subscribed with previews=True is listening to this job."""
+        return self._preview_watchers[job_id] > 0
 
     def _deliver(self, job_id: str, event: Event) -> None:
         for queue in self._subscribers.get(job_id, ()):
             queue.put_nowait(event)
 
     @contextlib.asynccontextmanager
-    async def subscribe(self, job_id: str) -> AsyncIterator[asyncio.Queue[Event]]:
+    async def subscribe(self, job_id: str, previews: bool = True) -> AsyncIterator[asyncio.Queue[Event]]:
+        """The job's events from now on; with `previews`, step events carry a preview image."""
         queue: asyncio.Queue[Event] = asyncio.Queue()
         self._subscribers[job_id].add(queue)
+        self._preview_watchers[job_id] += previews
         try:
             yield queue
         finally:
             self._subscribers[job_id].discard(queue)
             if not self._subscribers[job_id]:
                 del self._subscribers[job_id]
+            self._preview_watchers[job_id] -= previews
+            if self._preview_watchers[job_id] <= 0:
+                del self._preview_watchers[job_id]

@@ -174,7 +174,7 @@ class Worker:
 
     async def wait(self, job_id: str) -> Job:
         """Wait until the job is terminal; cancelling the waiting task cancels the job."""
-        async with self.hub.subscribe(job_id) as events:
+        async with self.hub.subscribe(job_id, previews=False) as events:
             job = self.store.get(job_id)
             try:
                 while not job.status.terminal:
@@ -299,7 +299,7 @@ class Worker:
         self, decoded: Callable[[], list[Image.Image]], batch: list[Job], live: set[str]
     ) -> dict[str, dict[str, Any]]:
         """Small base64 PNG previews for the jobs someone is watching (decoding costs a VAE pass)."""
-        if not any(job.id in live and self.hub.has_subscribers(job.id) for job in batch):
+        if not any(job.id in live and self.hub.wants_previews(job.id) for job in batch):
             return {}
         images = iter(decoded())
         previews: dict[str, dict[str, Any]] = {}
