@@ -47,6 +47,7 @@ from kleinserve.types import (
 MAX_SEED = 2**63 - 1 - limits.MAX_IMAGES_PER_REQUEST
 MAX_STEPS = 200
 MAX_GUIDANCE = 30.0
+DECODE_PIXELS = 1024 * 1024  # output pixels per VAE decode call (1 MP: one image at a time at klein sizes)
 
 _postprocessor = Flux2ImageProcessor(vae_scale_factor=limits.SIZE_MULTIPLE)
 
@@ -257,14 +258,17 @@ class Pipeline:
         return out[:, : x.shape[1]]
 
     def _decode(self, packed: torch.Tensor, h: int, w: int) -> list:
-        """Packed clean latents (B, h*w, C) -> PIL images, one VAE decode per image (bounded memory)."""
+        """Packed clean latents (B, h*w, C) -> PIL images. Images are decoded together up to DECODE_PIXELS
+        per VAE call: one call per small image costs the same per-call overhead B times (batched serving of
+        small images), while decoding several large images at once only raises peak memory."""
         vae = self.components.vae
         mean, std = latent_statistics(vae)
         latents = L.unpatchify(L.denormalize(L.unpack(packed.float(), h, w), mean.float(), std.float()))
         images = []
         vae_device = next(vae.parameters()).device
         vae_dtype = next(vae.parameters()).dtype
-        for latent in latents.split(1):
+        per_call = max(1, DECODE_PIXELS // (h * w * limits.SIZE_MULTIPLE**2))
+        for latent in latents.split(per_call):
             decoded = vae.decode(latent.to(vae_device, vae_dtype), return_dict=False)[0]
             images.extend(_postprocessor.postprocess(decoded.float(), output_type="pil"))
         return images
