@@ -6,7 +6,11 @@ its own data dir and settings (keys, queue size, body limit ...) and stops it af
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -85,3 +89,47 @@ def start_server(tmp_path: Path, server_pipeline: Pipeline) -> Iterator[Callable
     yield start
     for running in started:
         running.stop()
+
+
+# --- the Vercel AI SDK under Node: tests/node/generate.mjs, versions locked in its package-lock.json ---
+
+NODE_DIR = Path(__file__).resolve().parents[1] / "node"
+SDK_SCRIPT = NODE_DIR / "generate.mjs"
+MIN_NODE_MAJOR = 20
+SDK_PACKAGES = ("ai", "@ai-sdk/openai-compatible", "@ai-sdk/gateway", "@ai-sdk/black-forest-labs")
+
+
+@pytest.fixture(scope="session")
+def node() -> str:
+    """The node binary, after checking that it and the locked SDK packages are there (fails, never skips)."""
+    path = shutil.which("node")
+    if path is None:
+        pytest.fail(
+            f"Node.js >= {MIN_NODE_MAJOR} is required for the Vercel AI SDK tests and `node` is not on PATH: "
+            "install Node.js and npm, then run `make node-setup`"
+        )
+    version = subprocess.run([path, "--version"], capture_output=True, text=True, check=True).stdout.strip()
+    if int(version.lstrip("v").split(".")[0]) < MIN_NODE_MAJOR:
+        pytest.fail(f"Node.js >= {MIN_NODE_MAJOR} is required for the Vercel AI SDK tests; found {version}")
+    for package in SDK_PACKAGES:
+        if not (NODE_DIR / "node_modules" / package / "package.json").is_file():
+            pytest.fail(f"the npm package {package} is not installed in {NODE_DIR}: run `make node-setup`")
+    return path
+
+
+def run_sdk(
+    node: str, provider: str, base_url: str, *calls: dict[str, Any], api_key: str = "unused"
+) -> list[dict[str, Any]]:
+    """Run generate.mjs (`provider`: openai-compatible | gateway | bfl) with one JSON argument per
+    generateImage call; returns one result per call."""
+    command = [node, str(SDK_SCRIPT), provider, base_url, *(json.dumps(call) for call in calls)]
+    env = {**os.environ, "KLEINSERVE_API_KEY": api_key}
+    done = subprocess.run(
+        command, cwd=NODE_DIR, env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, (
+        f"node exited {done.returncode}\nstdout: {done.stdout}\nstderr: {done.stderr}"
+    )
+    results = json.loads(done.stdout)["results"]
+    assert len(results) == len(calls)
+    return results

@@ -1,17 +1,13 @@
 """Black Forest Labs' async API against a live kleinserve (wire-formats.md section 4): submit to
 POST /v1/flux-2-klein-4b with `x-key`, poll the absolute `polling_url` until `Ready`, GET `result.sample`.
 Then the Vercel AI SDK's `@ai-sdk/black-forest-labs` provider (section 5.2) under Node, unchanged: it submits,
-polls and downloads the sample itself (tests/node/bfl.mjs; versions locked in tests/node/package-lock.json).
+polls and downloads the sample itself (`tests/node/generate.mjs bfl`).
 """
 
 from __future__ import annotations
 
 import base64
 import io
-import json
-import os
-import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,11 +19,9 @@ from PIL import Image
 
 from kleinserve.api import bfl
 from kleinserve.api.auth import KeyStore
-from tests.api.conftest import RunningServer
+from tests.api.conftest import RunningServer, run_sdk
 from tests.conftest import random_image
 
-NODE_DIR = Path(__file__).resolve().parents[1] / "node"
-SCRIPT = NODE_DIR / "bfl.mjs"
 MODEL_PATH = "/v1/flux-2-klein-4b"
 PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 HEADERS = {"x-key": "unused"}  # the shared server has no keys; BFL clients send x-key anyway
@@ -192,38 +186,15 @@ def test_bad_input_image_is_422(client: httpx.Client) -> None:
 # --- @ai-sdk/black-forest-labs under Node ------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def node() -> str:
-    """The node binary and the locked BFL provider (fails, never skips: `make node-setup` installs it)."""
-    path = shutil.which("node")
-    if path is None:
-        pytest.fail("Node.js >= 20 is required for the AI SDK tests: install it, then run `make node-setup`")
-    for package in ("ai", "@ai-sdk/black-forest-labs"):
-        if not (NODE_DIR / "node_modules" / package / "package.json").is_file():
-            pytest.fail(f"the npm package {package} is not installed in {NODE_DIR}: run `make node-setup`")
-    return path
-
-
-def run_bfl_sdk(node: str, base_url: str, *calls: dict[str, Any], api_key: str) -> list[dict[str, Any]]:
-    command = [node, str(SCRIPT), base_url, *(json.dumps(call) for call in calls)]
-    env = {**os.environ, "KLEINSERVE_API_KEY": api_key}
-    done = subprocess.run(command, cwd=NODE_DIR, env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, (
-        f"node exited {done.returncode}\nstdout: {done.stdout}\nstderr: {done.stderr}"
-    )
-    results = json.loads(done.stdout)["results"]
-    assert len(results) == len(calls)
-    return results
-
-
 def test_ai_sdk_black_forest_labs_provider(node: str, start_server: Any, tmp_path: Path) -> None:
     """With a key: the provider's x-key authenticates the submit, the polls and the sample download."""
     keys = KeyStore(tmp_path / "data-0" / "kleinserve.db")  # start_server's first data dir
     key = keys.create("alice")
     keys.close()
     running = start_server()
-    with_seed, without_seed = run_bfl_sdk(
+    with_seed, without_seed = run_sdk(
         node,
+        "bfl",
         running.base_url,
         {"prompt": "a paper boat", "size": "256x256", "seed": 42},
         {"prompt": "a paper plane", "size": "128x192"},
@@ -247,5 +218,5 @@ def test_ai_sdk_black_forest_labs_provider(node: str, start_server: Any, tmp_pat
     assert with_seed["requests"][0]["json"]["seed"] == 42
 
     # A wrong key is a clean SDK error, not a hang.
-    (refused,) = run_bfl_sdk(node, running.base_url, {"prompt": "x", "size": "64x64"}, api_key="wrong")
+    (refused,) = run_sdk(node, "bfl", running.base_url, {"prompt": "x", "size": "64x64"}, api_key="wrong")
     assert refused["error"]["statusCode"] == 401

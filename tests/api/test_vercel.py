@@ -13,10 +13,7 @@ import base64
 import functools
 import http.server
 import io
-import json
-import os
 import shutil
-import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,48 +25,10 @@ from PIL import Image
 
 from kleinserve.api.auth import KeyStore
 from kleinserve.api.vercel import size_for_aspect_ratio
-from tests.api.conftest import RunningServer
+from tests.api.conftest import RunningServer, run_sdk
 from tests.conftest import random_image
 
-NODE_DIR = Path(__file__).resolve().parents[1] / "node"
-SCRIPT = NODE_DIR / "generate.mjs"
-MIN_NODE_MAJOR = 20
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(scope="module")
-def node() -> str:
-    """The node binary, after checking that it and the locked SDK packages are there (fails, never skips)."""
-    path = shutil.which("node")
-    if path is None:
-        pytest.fail(
-            f"Node.js >= {MIN_NODE_MAJOR} is required for the Vercel AI SDK tests and `node` is not on PATH: "
-            "install Node.js and npm, then run `make node-setup`"
-        )
-    version = subprocess.run([path, "--version"], capture_output=True, text=True, check=True).stdout.strip()
-    if int(version.lstrip("v").split(".")[0]) < MIN_NODE_MAJOR:
-        pytest.fail(f"Node.js >= {MIN_NODE_MAJOR} is required for the Vercel AI SDK tests; found {version}")
-    for package in ("ai", "@ai-sdk/openai-compatible", "@ai-sdk/gateway"):
-        if not (NODE_DIR / "node_modules" / package / "package.json").is_file():
-            pytest.fail(f"the npm package {package} is not installed in {NODE_DIR}: run `make node-setup`")
-    return path
-
-
-def run_sdk(
-    node: str, provider: str, base_url: str, *calls: dict[str, Any], api_key: str = "unused"
-) -> list[dict[str, Any]]:
-    """Run generate.mjs with one JSON argument per generateImage call; returns one result per call."""
-    command = [node, str(SCRIPT), provider, base_url, *(json.dumps(call) for call in calls)]
-    env = {**os.environ, "KLEINSERVE_API_KEY": api_key}
-    done = subprocess.run(
-        command, cwd=NODE_DIR, env=env, capture_output=True, text=True, timeout=120, check=False
-    )
-    assert done.returncode == 0, (
-        f"node exited {done.returncode}\nstdout: {done.stdout}\nstderr: {done.stderr}"
-    )
-    results = json.loads(done.stdout)["results"]
-    assert len(results) == len(calls)
-    return results
 
 
 def pngs(result: dict[str, Any]) -> list[bytes]:

@@ -1,10 +1,12 @@
 // Calls kleinserve through the Vercel AI SDK's `generateImage`, as an application would, and prints what the
-// SDK returned (plus what it sent) as one JSON object on stdout. tests/api/test_vercel.py runs it.
+// SDK returned (plus what it sent) as one JSON object on stdout. tests/api/test_vercel.py and test_bfl.py run it.
 //
 //   node generate.mjs <provider> <base-url> <call-json> [<call-json> ...]
 //
 // <provider>  "openai-compatible": createOpenAICompatible({name: "kleinserve", baseURL: <base-url>/v1})
 //             "gateway":           createGateway({baseURL: <base-url>})  (POST <base-url>/image-model)
+//             "bfl":               createBlackForestLabs({baseURL: <base-url>/v1}): the SDK submits, polls
+//                                  polling_url and downloads result.sample itself
 // <call-json> {"prompt": "...", "images"?: ["<PNG path>" | "http(s)://..."], "n"?, "size"?, "aspectRatio"?,
 //              "seed"?, "providerOptions"?, "model"?}. With "images" the prompt becomes
 //              {text, images: [Uint8Array | URL string]}, the SDK's way of asking for an edit.
@@ -16,6 +18,7 @@
 
 import { readFileSync } from "node:fs";
 
+import { createBlackForestLabs } from "@ai-sdk/black-forest-labs";
 import { createGateway } from "@ai-sdk/gateway";
 import { createOpenAICompatible } from "@ai-sdk/openai-compatible";
 import * as ai from "ai";
@@ -26,7 +29,7 @@ globalThis.AI_SDK_LOG_WARNINGS = false; // warnings are returned in the JSON ins
 
 const [providerName, baseURL, ...calls] = process.argv.slice(2);
 if (!providerName || !baseURL || calls.length === 0) {
-  console.error("usage: node generate.mjs <openai-compatible|gateway> <base-url> <call-json> ...");
+  console.error("usage: node generate.mjs <openai-compatible|gateway|bfl> <base-url> <call-json> ...");
   process.exit(2);
 }
 const apiKey = process.env.KLEINSERVE_API_KEY ?? "unused";
@@ -71,6 +74,10 @@ function imageModel(modelId) {
   if (providerName === "gateway") {
     const provider = createGateway({ baseURL, apiKey, fetch: recordingFetch });
     return provider.imageModel(modelId ?? "bfl/flux-2-klein-4b");
+  }
+  if (providerName === "bfl") {
+    const provider = createBlackForestLabs({ baseURL: `${baseURL}/v1`, apiKey, fetch: recordingFetch });
+    return provider.image(modelId ?? "flux-2-klein-4b");
   }
   throw new Error(`unknown provider ${providerName}`);
 }
