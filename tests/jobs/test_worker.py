@@ -58,11 +58,14 @@ class Setup:
         self.workers: list[Worker] = []
         self.gates: list[Gate] = []
 
-    def worker(self, **settings: Any) -> Worker:
+    def worker(self, start: bool = True, **settings: Any) -> Worker:
+        """A worker on this data dir, started (recovery, warm-up, engine thread) unless `start` is False."""
         worker = Worker(
             self.pipeline, self.store, self.media, self.inputs, self.hub, WorkerSettings(**settings)
         )
         self.workers.append(worker)
+        if start:
+            worker.start()
         return worker
 
     def gate(self) -> Gate:
@@ -121,7 +124,6 @@ def test_submit_wait_succeeds_with_the_pipelines_pixels(setup: Setup, pipeline: 
     request = _request("two circles", seed=41, num_images=2)
     expected = [pipeline.generate(_request("two circles", seed=seed)).images[0].image for seed in (41, 42)]
     worker = setup.worker()
-    worker.start()
 
     async def scenario() -> None:
         job = worker.submit(request, owner="alice")
@@ -147,7 +149,6 @@ def test_reference_images_are_stored_as_png_and_reload_identically(setup: Setup,
     request = _request("edit it", seed=5, reference_images=(reference,))
     expected = pipeline.generate(request).images[0].image
     worker = setup.worker()
-    worker.start()
 
     async def scenario() -> None:
         job = worker.submit(request, owner="alice")
@@ -172,7 +173,6 @@ def test_reference_images_are_stored_as_png_and_reload_identically(setup: Setup,
 
 def test_compatible_jobs_run_as_one_batch_without_starving_older_ones(setup: Setup) -> None:
     worker = setup.worker(max_batch=2)
-    worker.start()
     gate = setup.gate()
 
     async def scenario() -> None:
@@ -203,7 +203,6 @@ def test_compatible_jobs_run_as_one_batch_without_starving_older_ones(setup: Set
 def test_three_compatible_jobs_share_one_batch(setup: Setup, pipeline: Pipeline) -> None:
     expected = pipeline.generate(_request("second", seed=20)).images[0].image
     worker = setup.worker(max_batch=4)
-    worker.start()
     gate = setup.gate()
 
     async def scenario() -> None:
@@ -229,7 +228,6 @@ def test_three_compatible_jobs_share_one_batch(setup: Setup, pipeline: Pipeline)
 def test_step_previews_are_made_only_for_subscribers_that_want_them(setup: Setup) -> None:
     # A sync caller waiting for the end must not pay a VAE decode + PNG per step (the server's overhead).
     worker = setup.worker()
-    worker.start()
 
     async def steps(previews: bool) -> list[dict]:
         gate = setup.gate()  # the engine is busy with a blocker until both listeners have subscribed
@@ -261,7 +259,6 @@ def test_step_previews_are_made_only_for_subscribers_that_want_them(setup: Setup
 
 def test_cancelling_a_queued_job_is_immediate_and_it_never_runs(setup: Setup) -> None:
     worker = setup.worker()
-    worker.start()
     gate = setup.gate()
     left = StepLog()
 
@@ -288,7 +285,6 @@ def test_cancelling_a_queued_job_is_immediate_and_it_never_runs(setup: Setup) ->
 
 def test_cancelling_a_running_job_stops_it_at_the_next_step(setup: Setup) -> None:
     worker = setup.worker()
-    worker.start()
     gate = setup.gate()
 
     async def scenario() -> None:
@@ -313,7 +309,7 @@ def test_cancelling_a_running_job_stops_it_at_the_next_step(setup: Setup) -> Non
 
 def test_a_job_batched_with_a_cancelled_one_still_succeeds(setup: Setup, pipeline: Pipeline) -> None:
     expected = pipeline.generate(_request("stays", seed=7, steps=4)).images[0].image
-    worker = setup.worker()
+    worker = setup.worker(start=False)
     gate = setup.gate()
 
     async def scenario() -> None:
@@ -337,7 +333,6 @@ def test_a_job_batched_with_a_cancelled_one_still_succeeds(setup: Setup, pipelin
 
 def test_drain_refuses_new_work_and_keeps_the_queue(setup: Setup) -> None:
     worker = setup.worker()
-    worker.start()
     gate = setup.gate()
 
     async def scenario() -> None:
@@ -362,7 +357,6 @@ def test_drain_refuses_new_work_and_keeps_the_queue(setup: Setup) -> None:
 
 def test_stop_lets_the_running_batch_finish(setup: Setup) -> None:
     worker = setup.worker()
-    worker.start()
     gate = setup.gate()
 
     async def scenario() -> None:
@@ -408,7 +402,6 @@ def test_a_job_interrupted_by_a_crash_is_run_again(setup: Setup, pipeline: Pipel
     expected = pipeline.generate(request).images[0].image
     job = _crashed_job(setup, request, attempts=1)
     worker = setup.worker()
-    worker.start()
 
     async def scenario() -> None:
         done = await finished(worker, job)
@@ -423,7 +416,6 @@ def test_a_job_interrupted_by_a_crash_is_run_again(setup: Setup, pipeline: Pipel
 def test_a_job_interrupted_too_often_fails_with_the_reason(setup: Setup) -> None:
     job = _crashed_job(setup, _request("interrupted"), attempts=MAX_ATTEMPTS)
     worker = setup.worker()
-    worker.start()
 
     async def scenario() -> None:
         done = await finished(worker, job)
@@ -436,7 +428,7 @@ def test_a_job_interrupted_too_often_fails_with_the_reason(setup: Setup) -> None
 
 
 def test_warm_up_sets_ready(setup: Setup) -> None:
-    worker = setup.worker()
+    worker = setup.worker(start=False)
     assert not worker.ready
 
     async def scenario() -> None:
