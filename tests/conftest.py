@@ -57,6 +57,16 @@ def random_image(width: int, height: int, seed: int, mode: str = "RGB") -> Image
     return Image.fromarray(pixels).convert(mode)
 
 
+def random_png_files(folder: Path, count: int, side: int, seed: int) -> list[Path]:
+    """`count` distinct noise PNGs of side x side in `folder` (reference-0.png ...), seeds seed, seed + 1."""
+    paths = []
+    for index in range(count):
+        path = folder / f"reference-{index}.png"
+        random_image(side, side, seed=seed + index).save(path)
+        paths.append(path)
+    return paths
+
+
 def pixels(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.int16)
 

@@ -24,7 +24,7 @@ from PIL import Image
 
 from kleinserve.api.auth import KeyStore
 from tests.api.conftest import RunningServer
-from tests.conftest import max_difference, random_image
+from tests.conftest import max_difference, random_image, random_png_files
 
 CURL = "/usr/bin/curl"
 ACCOUNT_ID = "023e105f4ecef8ad9ca31a8372d0c353"  # the shape of a Cloudflare account id: 32 hex digits
@@ -96,13 +96,7 @@ def assert_error(status: int, body: dict[str, Any], code: int, http_status: int)
 @pytest.fixture(scope="module")
 def references(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """Four small distinct PNG files to send as input_image_0 .. input_image_3."""
-    folder = tmp_path_factory.mktemp("cloudflare-references")
-    paths = []
-    for index in range(4):
-        path = folder / f"reference-{index}.png"
-        random_image(128, 128, seed=100 + index).save(path)
-        paths.append(path)
-    return paths
+    return random_png_files(tmp_path_factory.mktemp("cloudflare-references"), 4, 128, seed=100)
 
 
 def test_docs_example_verbatim(server: RunningServer) -> None:

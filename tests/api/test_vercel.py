@@ -26,7 +26,7 @@ from PIL import Image
 from kleinserve.api.auth import KeyStore
 from kleinserve.api.vercel import size_for_aspect_ratio
 from tests.api.conftest import RunningServer, run_sdk
-from tests.conftest import random_image
+from tests.conftest import random_png_files
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -55,13 +55,7 @@ def only_request(result: dict[str, Any]) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def reference_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    folder = tmp_path_factory.mktemp("vercel-references")
-    paths = []
-    for index in range(2):
-        path = folder / f"reference-{index}.png"
-        random_image(96, 96, seed=200 + index).save(path)
-        paths.append(path)
-    return paths
+    return random_png_files(tmp_path_factory.mktemp("vercel-references"), 2, 96, seed=200)
 
 
 @pytest.fixture
