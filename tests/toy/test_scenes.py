@@ -55,6 +55,10 @@ def test_held_out_combinations_never_reach_training_captions() -> None:
     trained = {scenes.text_example(rng).target.shapes[0] for _ in range(2000)}
     assert held and not held & trained
     assert 0.08 < len(held) / (len(held) + len(trained)) < 0.2
+    # Every position, colour and shape is both trained and held out (one held-out position for all once made
+    # the evaluation ask only for shapes in the centre, which no training caption had).
+    for field in ("kind", "colour", "position"):
+        assert {getattr(s, field) for s in held} == {getattr(s, field) for s in trained}
 
 
 def test_every_caption_word_is_in_the_tokenizer() -> None:
@@ -70,3 +74,31 @@ def test_every_caption_word_is_in_the_tokenizer() -> None:
         prompt = make(rng).prompt
         assert unknown not in tokenizer(prompt)["input_ids"], prompt
     assert tokenizer("a zebra")["input_ids"][1] == unknown
+
+
+def test_parse_says_what_the_prompt_names_and_only_that() -> None:
+    rng = random.Random(5)
+    text = scenes.text_example(rng, shapes=2)
+    first, second = text.target.shapes
+    assert scenes.parse(text) == {
+        "kind": "text",
+        "colour": first.colour,
+        "shape": first.kind,
+        "position": first.position,
+        "background": text.target.background,
+        "colour2": second.colour,
+        "shape2": second.kind,
+        "position2": second.position,
+    }
+    recolour = scenes.recolour_example(rng)
+    said = scenes.parse(recolour)
+    assert (said["kind"], said["colour"], said["shape"]) == ("recolour", *_colour_kind(recolour))
+    assert said["colour"] in recolour.prompt and said["shape"] in recolour.prompt
+    assert said["position"] is None and said["background"] is None  # taken from the reference
+    assert set(scenes.parse(scenes.compose_example(rng)).values()) == {"compose", None}
+    for field, value in scenes.parse(scenes.background_example(rng)).items():
+        assert (value is None) == (field not in ("kind", "background"))
+
+
+def _colour_kind(example: scenes.Example) -> tuple[str, str]:
+    return example.target.shapes[0].colour, example.target.shapes[0].kind

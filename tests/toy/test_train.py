@@ -10,7 +10,15 @@ from kleinserve.toy.train import TrainConfig, train
 from kleinserve.types import GenerateRequest
 
 # A few steps of each stage: enough to exercise every batch kind's code path, small enough for CI.
-SHORT = TrainConfig(vae_small_steps=2, vae_full_steps=1, transformer_steps=6, warmup_steps=2)
+SHORT = TrainConfig(
+    vae_small_steps=2,
+    vae_full_steps=1,
+    text_steps=3,
+    text_batch=8,
+    transformer_steps=6,
+    decoder_steps=2,
+    warmup_steps=2,
+)
 
 
 def _files(directory: Path) -> dict[str, bytes]:
@@ -24,8 +32,8 @@ def test_same_seed_same_bytes_and_the_loader_serves_the_result(tmp_path: Path) -
     second = train(tmp_path / "b", SHORT, log=lambda _: None)
     other = train(tmp_path / "c", TrainConfig(**{**SHORT.__dict__, "seed": 1}), log=lambda _: None)
     assert _files(first) == _files(second)
-    weights = "transformer/diffusion_pytorch_model.safetensors"
-    assert _files(first)[weights] != _files(other)[weights]
+    for weights in ("transformer/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        assert _files(first)[weights] != _files(other)[weights]
     pipeline = load_pipeline(str(first), dtype="float32")
     assert pipeline.spec.name == "flux-2-klein-toy"
     image = pipeline.generate(GenerateRequest(prompt="a red circle", width=64, height=64, seed=0)).images[0]

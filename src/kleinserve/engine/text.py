@@ -91,6 +91,11 @@ class PromptEncoder:
 
     @torch.inference_mode()
     def _run(self, prompts: list[str], max_sequence_length: int) -> torch.Tensor:
+        return self.embed(prompts, max_sequence_length)
+
+    def embed(self, prompts: list[str], max_sequence_length: int) -> torch.Tensor:
+        """(len(prompts), max_sequence_length, 3 * hidden) on the CPU, uncached and differentiable (the toy
+        model's training teaches the text encoder through it); serving goes through `encode`."""
         texts = [
             self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": prompt}],

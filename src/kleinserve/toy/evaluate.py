@@ -59,7 +59,7 @@ def analyse(image: Image.Image) -> Analysis:
     """Background colour, foreground colour and position of a one-shape image."""
     mask, background_rgb, pixels = foreground(image)
     height, width = mask.shape
-    background = _nearest(background_rgb, scenes.BACKGROUNDS)
+    background = _nearest(background_rgb, scenes.PALETTE)
     fraction = float(mask.mean())
     if fraction < MIN_FOREGROUND:
         return Analysis(background, None, None, fraction)

@@ -1,12 +1,21 @@
-"""`kleinserve toy train`: the VAE, then the transformer, on procedurally drawn scenes; deterministic.
+"""`kleinserve toy train`: the VAE, the text encoder, then the transformer, on procedurally drawn scenes;
+deterministic.
 
 Stage 1 trains AutoencoderKLFlux2 (L1 + a light KL, decoding the posterior mean) on whole scenes drawn
 at 64 px, then at 128 px (not crops: a crop of flat colour gives GroupNorm nothing to normalise), and sets its
 BatchNorm statistics to those of the patchified latents, so normalised latents have unit variance.
-Stage 2 trains Flux2Transformer2DModel with the rectified-flow objective (x_t = (1 - s) x0 + s noise, target
+Stage 2 teaches the text encoder to parse: linear heads on the last prompt token (always padding, so under
+the causal mask it has seen the whole prompt) of the three-layer embedding the transformer reads classify each
+attribute the prompt names (scenes.PARSE_FIELDS). The transformer then finds colour, shape, position and
+background in one fixed place, one factor each, whatever the wording; with the raw word embeddings it had to
+learn to bind each colour word to its noun by word order, and in 4,000 steps placed 38 % of shapes right.
+Stage 3 trains Flux2Transformer2DModel with the rectified-flow objective (x_t = (1 - s) x0 + s noise, target
 v = noise - x0) through the engine's own text encoding, reference encoding and transformer call
 (`Pipeline.velocity`), so training sees exactly the sequence inference builds. Half the noise levels are the
 four of klein's 4-step schedule at the batch's size, the other half uniform (other step counts still work).
+The squared error of tokens that show a shape weighs FOREGROUND_WEIGHT times more: shapes are ~6 % of the
+tokens, and with uniform weights the model first learns backgrounds and draws shapes late (measured: after
+500 steps, a shape where the caption puts it 42 % of the time with uniform weights, 83 % with weight 5).
 
 Same seed and thread count, same weights: every random choice comes from a seeded `random.Random` or
 `torch.Generator`. Step counts are fixed, never time-based.
@@ -15,6 +24,7 @@ Same seed and thread count, same weights: every random choice comes from a seede
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import random
 import time
@@ -34,9 +44,11 @@ from kleinserve.engine.references import encode_references, prepare_reference
 from kleinserve.engine.sampling import make_scheduler
 from kleinserve.engine.spec import SIZE_MULTIPLE, detect_spec
 from kleinserve.toy import scenes
-from kleinserve.toy.model import TEXT_LENGTH, build_toy_pipeline, save_toy
+from kleinserve.toy.model import TEXT_DIM, TEXT_LENGTH, build_toy_pipeline, save_toy
 
 Log = Callable[[str], None]
+FOREGROUND_WEIGHT = 5.0  # loss weight of shape tokens (background tokens: 1)
+FOREGROUND_DEVIATION = 0.3  # a token shows a shape when its mean |latent - image's median token| exceeds this
 
 
 @dataclass(frozen=True)
@@ -45,6 +57,11 @@ class TrainConfig:
     vae_small_steps: int = 3400  # batches of 8 whole scenes drawn at 64 px
     vae_full_steps: int = 300  # batches of 4 whole scenes drawn at 128 px
     vae_lr: float = 3e-4  # 1e-3 diverges: flat colour fields make GroupNorm statistics nearly singular
+    decoder_steps: int = 600  # batches of 8 scenes at 128 px, decoder only (after the transformer)
+    decoder_lr: float = 1e-4
+    text_steps: int = 1000  # batches of text_batch prompts of every kind
+    text_batch: int = 64
+    text_lr: float = 1e-3
     transformer_steps: int = 5000
     transformer_lr: float = 8e-4
     warmup_steps: int = 150
@@ -85,7 +102,9 @@ def train(out: Path, config: TrainConfig = TrainConfig(), log: Log = print) -> P
     torch.manual_seed(config.seed)
     pipeline = build_toy_pipeline(config.seed)
     train_vae(pipeline, config, log)
+    train_text_encoder(pipeline, config, log)
     train_transformer(pipeline, config, log)
+    polish_decoder(pipeline.vae, config, log)
     return save_toy(pipeline, out)
 
 
@@ -125,7 +144,45 @@ def train_vae(pipeline: Flux2KleinPipeline, config: TrainConfig, log: Log) -> No
         if step % 100 == 0 or step == total - 1:
             log(f"vae step {step}/{total} l1 {loss.item():.4f} ({time.perf_counter() - start:.0f} s)")
     vae.eval().requires_grad_(False)
-    _set_latent_statistics(vae, rng)
+    _set_latent_statistics(vae, random.Random(config.seed + 3))
+
+
+def polish_decoder(vae: torch.nn.Module, config: TrainConfig, log: Log) -> None:
+    """Stage 4: train the VAE decoder alone on captioned and busy scenes, weighting shape pixels up.
+
+    After stage 1 the decoder drew ~11 % of shapes in the wrong named colour (red on gray came out orange: L1
+    over whole images is dominated by the background). The encoder stays frozen, so the latents, and the
+    transformer trained on them, are unchanged."""
+    vae.train()
+    rng = random.Random(config.seed + 5)
+    decoder = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+    for parameter in decoder:
+        parameter.requires_grad_(True)
+    optimizer = torch.optim.AdamW(decoder, lr=config.decoder_lr, weight_decay=0.0)
+    start = time.perf_counter()
+    for step in range(config.decoder_steps):
+        images = [
+            _captioned_scene_image(rng, 128) if index % 2 else scenes.busy_scene(rng, 128)
+            for index in range(8)
+        ]
+        pixels = to_pixels(images)
+        with torch.no_grad():
+            latents = vae.encode(pixels).latent_dist.mode()
+        decoded = vae.decode(latents).sample
+        border = torch.cat([pixels[..., 0, :], pixels[..., -1, :]], dim=-1).median(dim=-1).values
+        shape_pixels = (pixels - border[..., None, None]).abs().sum(dim=1, keepdim=True) > 0.25
+        weights = 1 + (FOREGROUND_WEIGHT - 1) * shape_pixels.float()
+        loss = ((decoded - pixels).abs() * weights).sum() / (weights.sum() * 3)
+        for group in optimizer.param_groups:
+            group["lr"] = config.decoder_lr * _cosine(step, config.decoder_steps, 50)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(decoder, 1.0)
+        optimizer.step()
+        if step % 100 == 0 or step == config.decoder_steps - 1:
+            elapsed = time.perf_counter() - start
+            log(f"decoder step {step}/{config.decoder_steps} l1 {loss.item():.4f} ({elapsed:.0f} s)")
+    vae.eval().requires_grad_(False)
 
 
 @torch.inference_mode()
@@ -141,12 +198,60 @@ def _set_latent_statistics(vae: torch.nn.Module, rng: random.Random, count: int 
     vae.bn.running_var.copy_(latents.var(dim=(0, 2, 3)))
 
 
+def _label(field: str, value: str | None) -> int:
+    """Class index of `value` among scenes.PARSE_FIELDS[field]; the last class is "not said"."""
+    values = scenes.PARSE_FIELDS[field]
+    return len(values) if value is None else values.index(value)
+
+
+def train_text_encoder(pipeline: Flux2KleinPipeline, config: TrainConfig, log: Log) -> None:
+    """Train `pipeline.text_encoder` in place to parse prompts into its last token (module docstring)."""
+    engine = _training_pipeline(pipeline)
+    encoder = engine.components.text_encoder.train().requires_grad_(True)
+    torch.manual_seed(config.seed + 4)
+    heads = torch.nn.ModuleDict(
+        {
+            field: torch.nn.Linear(3 * TEXT_DIM, len(values) + 1)
+            for field, values in scenes.PARSE_FIELDS.items()
+        }
+    )
+    optimizer = torch.optim.AdamW([*encoder.parameters(), *heads.parameters()], lr=config.text_lr)
+    rng = random.Random(config.seed + 4)
+    kinds, weights = list(BATCH_KINDS), list(BATCH_KINDS.values())
+    start = time.perf_counter()
+    for step in range(config.text_steps):
+        examples = [random_example(rng.choices(kinds, weights)[0], rng) for _ in range(config.text_batch)]
+        last = engine.prompts.embed([e.prompt for e in examples], TEXT_LENGTH)[:, -1]
+        said = [scenes.parse(e) for e in examples]
+        logits = {field: head(last) for field, head in heads.items()}
+        labels = {field: torch.tensor([_label(field, s[field]) for s in said]) for field in heads}
+        loss = sum(F.cross_entropy(logits[field], labels[field]) for field in heads)
+        for group in optimizer.param_groups:
+            group["lr"] = config.text_lr * _cosine(step, config.text_steps, 100)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(encoder.parameters(), 1.0)
+        optimizer.step()
+        if step % 100 == 0 or step == config.text_steps - 1:
+            right = sum((logits[f].argmax(-1) == labels[f]).float().mean().item() for f in heads) / len(heads)
+            elapsed = time.perf_counter() - start
+            log(
+                f"text step {step}/{config.text_steps} loss {loss.item():.4f} attributes right {right:.3f} "
+                f"({elapsed:.0f} s)"
+            )
+    encoder.eval().requires_grad_(False)
+
+
 def _training_pipeline(pipeline: Flux2KleinPipeline) -> Pipeline:
     """The engine's Pipeline around the in-memory modules (fp32 CPU, nothing packed: gradients must flow)."""
     transformer = pipeline.transformer
     parameters = sum(p.numel() for p in transformer.parameters())
     components = ModelComponents(
-        spec=detect_spec(dict(pipeline.config), dict(transformer.config), parameters, name="toy-training"),
+        # The toy's own prompt length (its model_index says so once saved): snapshots sample as served.
+        spec=dataclasses.replace(
+            detect_spec(dict(pipeline.config), dict(transformer.config), parameters, name="toy-training"),
+            max_sequence_length=TEXT_LENGTH,
+        ),
         tokenizer=pipeline.tokenizer,
         text_encoder=pipeline.text_encoder.model.requires_grad_(False),
         transformer=transformer,
@@ -164,6 +269,34 @@ def _encode_images(engine: Pipeline, images: list) -> torch.Tensor:
         for image in images
     ]
     return torch.cat(tokens).clone()  # a normal tensor: inference-mode tensors cannot enter autograd
+
+
+class LatentCache:
+    """Latents of one-shape scenes by (scene, side): there are only a few thousand such scenes, and encoding
+    is a third of a training step. Each image is encoded alone, so a cached latent equals a fresh one."""
+
+    def __init__(self, engine: Pipeline) -> None:
+        self.engine = engine
+        self.latents: dict[tuple[scenes.Scene, int], torch.Tensor] = {}
+
+    def encode(self, scene_list: list[scenes.Scene], side: int) -> torch.Tensor:
+        """(B, N, C) latents of the scenes drawn at side x side."""
+        out = []
+        for scene in scene_list:
+            key = (scene, side)
+            latent = self.latents.get(key)
+            if latent is None:
+                latent = _encode_images(self.engine, [scenes.render(scene, side)])
+                if len(scene.shapes) == 1:
+                    self.latents[key] = latent
+            out.append(latent)
+        return torch.cat(out)
+
+
+def foreground_weights(x0: torch.Tensor) -> torch.Tensor:
+    """(B, N, 1) loss weights: FOREGROUND_WEIGHT where a token differs from its image's median token."""
+    deviation = (x0 - x0.median(dim=1, keepdim=True).values).abs().mean(dim=-1, keepdim=True)
+    return 1 + (FOREGROUND_WEIGHT - 1) * (deviation > FOREGROUND_DEVIATION).float()
 
 
 def train_transformer(
@@ -185,21 +318,19 @@ def train_transformer(
         for side in (128, 256)
     }
     kinds, weights = list(BATCH_KINDS), list(BATCH_KINDS.values())
+    cache = LatentCache(engine)
     start, running = time.perf_counter(), 0.0
     for step in range(config.transformer_steps):
         side = 256 if rng.random() < config.share_256 else 128
         size = config.batch_256 if side == 256 else config.batch_128
         kind = rng.choices(kinds, weights)[0]
         examples = [random_example(kind, rng) for _ in range(size)]
-        x0 = _encode_images(engine, [scenes.render(e.target, side) for e in examples])
+        x0 = cache.encode([e.target for e in examples], side)
         references = None
         grids: list[tuple[int, int]] = []
         if examples[0].references:
             count = len(examples[0].references)
-            per_reference = [
-                _encode_images(engine, [scenes.render(e.references[i], side) for e in examples])
-                for i in range(count)
-            ]
+            per_reference = [cache.encode([e.references[i] for e in examples], side) for i in range(count)]
             references = torch.cat(per_reference, dim=1)
             grids = [(side // SIZE_MULTIPLE,) * 2] * count
         with torch.inference_mode():
@@ -225,7 +356,9 @@ def train_transformer(
             img_ids=ids,
             txt_ids=L.text_ids(embeds.shape[1]),
         )
-        loss = F.mse_loss(predicted, noise - x0)
+        token_weights = foreground_weights(x0)
+        squared = (predicted - (noise - x0)) ** 2
+        loss = (squared * token_weights).sum() / (token_weights.sum() * squared.shape[-1])
 
         for group in optimizer.param_groups:
             group["lr"] = config.transformer_lr * _cosine(step, config.transformer_steps, config.warmup_steps)
