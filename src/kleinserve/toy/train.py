@@ -8,7 +8,8 @@ Stage 2 teaches the text encoder to parse: linear heads on the last prompt token
 the causal mask it has seen the whole prompt) of the three-layer embedding the transformer reads classify each
 attribute the prompt names (scenes.PARSE_FIELDS). The transformer then finds colour, shape, position and
 background in one fixed place, one factor each, whatever the wording; with the raw word embeddings it had to
-learn to bind each colour word to its noun by word order, and in 4,000 steps placed 38 % of shapes right.
+learn to bind each colour word to its noun by word order: on one evaluation set, 46 % of shapes placed right
+after 2,000 transformer steps without this stage, 88 % after 500 with it.
 Stage 3 trains Flux2Transformer2DModel with the rectified-flow objective (x_t = (1 - s) x0 + s noise, target
 v = noise - x0) through the engine's own text encoding, reference encoding and transformer call
 (`Pipeline.velocity`), so training sees exactly the sequence inference builds. Half the noise levels are the
