@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 import random
 import time
@@ -83,14 +84,18 @@ BATCH_KINDS: dict[str, float] = {
 }
 
 
+_MAKERS: dict[str, Callable[[random.Random], scenes.Example]] = {
+    "text": scenes.text_example,
+    "pair": functools.partial(scenes.text_example, shapes=2),
+    "recolour": scenes.recolour_example,
+    "background": scenes.background_example,
+    "compose": scenes.compose_example,
+}
+
+
 def random_example(kind: str, rng: random.Random) -> scenes.Example:
-    if kind == "text":
-        return scenes.text_example(rng)
-    if kind == "pair":
-        return scenes.text_example(rng, shapes=2)
-    return {"recolour": scenes.recolour_example, "background": scenes.background_example}.get(
-        kind, scenes.compose_example
-    )(rng)
+    """An example of one of BATCH_KINDS."""
+    return _MAKERS[kind](rng)
 
 
 def to_pixels(images: list) -> torch.Tensor:
@@ -107,6 +112,21 @@ def train(out: Path, config: TrainConfig = TrainConfig(), log: Log = print) -> P
     train_transformer(pipeline, config, log)
     polish_decoder(pipeline.vae, config, log)
     return save_toy(pipeline, out)
+
+
+def _optimise(optimizer: torch.optim.Optimizer, loss: torch.Tensor, parameters: list, lr: float) -> None:
+    """One step of every stage: set the learning rate, backpropagate, clip the gradient norm at 1."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+    optimizer.step()
+
+
+def _weighted_mean(error: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted mean of `error`; `weights` broadcasts over it (size 1 along the channel dimension)."""
+    return (error * weights).sum() / weights.expand_as(error).sum()
 
 
 def _cosine(step: int, total: int, warmup: int) -> float:
@@ -133,15 +153,10 @@ def train_vae(pipeline: Flux2KleinPipeline, config: TrainConfig, log: Log) -> No
         small = step < config.vae_small_steps
         side, count = (64, 8) if small else (128, 4)
         pixels = to_pixels([scenes.busy_scene(rng, side) for _ in range(count)])
-        for group in optimizer.param_groups:
-            group["lr"] = config.vae_lr * _cosine(step, total, 200)
         posterior = vae.encode(pixels).latent_dist
         decoded = vae.decode(posterior.mode()).sample
         loss = F.l1_loss(decoded, pixels) + 1e-7 * posterior.kl().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        optimizer.step()
+        _optimise(optimizer, loss, list(vae.parameters()), config.vae_lr * _cosine(step, total, 200))
         if step % 100 == 0 or step == total - 1:
             log(f"vae step {step}/{total} l1 {loss.item():.4f} ({time.perf_counter() - start:.0f} s)")
     vae.eval().requires_grad_(False)
@@ -172,14 +187,8 @@ def polish_decoder(vae: torch.nn.Module, config: TrainConfig, log: Log) -> None:
         decoded = vae.decode(latents).sample
         border = torch.cat([pixels[..., 0, :], pixels[..., -1, :]], dim=-1).median(dim=-1).values
         shape_pixels = (pixels - border[..., None, None]).abs().sum(dim=1, keepdim=True) > 0.25
-        weights = 1 + (FOREGROUND_WEIGHT - 1) * shape_pixels.float()
-        loss = ((decoded - pixels).abs() * weights).sum() / (weights.sum() * 3)
-        for group in optimizer.param_groups:
-            group["lr"] = config.decoder_lr * _cosine(step, config.decoder_steps, 50)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(decoder, 1.0)
-        optimizer.step()
+        loss = _weighted_mean((decoded - pixels).abs(), 1 + (FOREGROUND_WEIGHT - 1) * shape_pixels.float())
+        _optimise(optimizer, loss, decoder, config.decoder_lr * _cosine(step, config.decoder_steps, 50))
         if step % 100 == 0 or step == config.decoder_steps - 1:
             elapsed = time.perf_counter() - start
             log(f"decoder step {step}/{config.decoder_steps} l1 {loss.item():.4f} ({elapsed:.0f} s)")
@@ -227,12 +236,8 @@ def train_text_encoder(pipeline: Flux2KleinPipeline, config: TrainConfig, log: L
         logits = {field: head(last) for field, head in heads.items()}
         labels = {field: torch.tensor([_label(field, s[field]) for s in said]) for field in heads}
         loss = sum(F.cross_entropy(logits[field], labels[field]) for field in heads)
-        for group in optimizer.param_groups:
-            group["lr"] = config.text_lr * _cosine(step, config.text_steps, 100)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(encoder.parameters(), 1.0)
-        optimizer.step()
+        lr = config.text_lr * _cosine(step, config.text_steps, 100)
+        _optimise(optimizer, loss, list(encoder.parameters()), lr)
         if step % 100 == 0 or step == config.text_steps - 1:
             right = sum((logits[f].argmax(-1) == labels[f]).float().mean().item() for f in heads) / len(heads)
             elapsed = time.perf_counter() - start
@@ -263,18 +268,10 @@ def _training_pipeline(pipeline: Flux2KleinPipeline) -> Pipeline:
     return Pipeline(components)
 
 
-def _encode_images(engine: Pipeline, images: list) -> torch.Tensor:
-    """(B, N, C) normalised packed latents, each image encoded alone as references are."""
-    tokens = [
-        encode_references([prepare_reference(image)], engine.components.vae, torch.float32)
-        for image in images
-    ]
-    return torch.cat(tokens).clone()  # a normal tensor: inference-mode tensors cannot enter autograd
-
-
 class LatentCache:
-    """Latents of one-shape scenes by (scene, side): there are only a few thousand such scenes, and encoding
-    is a third of a training step. Each image is encoded alone, so a cached latent equals a fresh one."""
+    """Normalised packed latents of scenes, encoded as references are (each image alone, so a cached
+    latent equals a fresh one). One-shape scenes are kept by (scene, side): there are only a few thousand of
+    them, and encoding was a third of a training step."""
 
     def __init__(self, engine: Pipeline) -> None:
         self.engine = engine
@@ -287,7 +284,10 @@ class LatentCache:
             key = (scene, side)
             latent = self.latents.get(key)
             if latent is None:
-                latent = _encode_images(self.engine, [scenes.render(scene, side)])
+                image = prepare_reference(scenes.render(scene, side))
+                vae = self.engine.components.vae
+                # .clone(): a normal tensor, since inference-mode tensors cannot enter autograd
+                latent = encode_references([image], vae, torch.float32).clone()
                 if len(scene.shapes) == 1:
                     self.latents[key] = latent
             out.append(latent)
@@ -304,10 +304,8 @@ def train_transformer(
     pipeline: Flux2KleinPipeline,
     config: TrainConfig,
     log: Log,
-    on_snapshot: Callable[[int, torch.nn.Module], None] | None = None,
 ) -> None:
-    """Train `pipeline.transformer` in place; it ends holding the EMA weights. `on_snapshot(step, ema)` is
-    called every 500 steps (to watch quality while a long run goes on)."""
+    """Train `pipeline.transformer` in place; it ends holding the EMA weights."""
     engine = _training_pipeline(pipeline)
     transformer = pipeline.transformer.train().requires_grad_(True)
     ema = copy.deepcopy(transformer).requires_grad_(False)
@@ -357,16 +355,9 @@ def train_transformer(
             img_ids=ids,
             txt_ids=L.text_ids(embeds.shape[1]),
         )
-        token_weights = foreground_weights(x0)
-        squared = (predicted - (noise - x0)) ** 2
-        loss = (squared * token_weights).sum() / (token_weights.sum() * squared.shape[-1])
-
-        for group in optimizer.param_groups:
-            group["lr"] = config.transformer_lr * _cosine(step, config.transformer_steps, config.warmup_steps)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
-        optimizer.step()
+        loss = _weighted_mean((predicted - (noise - x0)) ** 2, foreground_weights(x0))
+        lr = config.transformer_lr * _cosine(step, config.transformer_steps, config.warmup_steps)
+        _optimise(optimizer, loss, list(transformer.parameters()), lr)
         with torch.no_grad():
             decay = min(config.ema_decay, (1 + step) / (10 + step))
             for averaged, current in zip(ema.parameters(), transformer.parameters(), strict=True):
@@ -375,7 +366,5 @@ def train_transformer(
         if step % 50 == 0 or step == config.transformer_steps - 1:
             elapsed = time.perf_counter() - start
             log(f"transformer step {step}/{config.transformer_steps} loss {running:.4f} ({elapsed:.0f} s)")
-        if on_snapshot is not None and step % 500 == 499:
-            on_snapshot(step + 1, ema)
     transformer.load_state_dict(ema.state_dict())
     transformer.eval().requires_grad_(False)
