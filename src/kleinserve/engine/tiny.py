@@ -92,6 +92,19 @@ def small_qwen3(vocab_size: int, hidden_size: int, head_dim: int) -> Qwen3ForCau
     return Qwen3ForCausalLM(config).eval()
 
 
+def small_vae(
+    channels: tuple[int, int, int, int], latent_channels: int, groups: int, sample_size: int
+) -> AutoencoderKLFlux2:
+    """A randomly initialised klein VAE: four levels (spatial factor 8), one layer per block."""
+    return AutoencoderKLFlux2(
+        block_out_channels=channels,
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=groups,
+        sample_size=sample_size,
+    )
+
+
 def small_transformer(
     latent_channels: int, text_dim: int, *, layers: int, single_layers: int, heads: int, head_dim: int
 ) -> Flux2Transformer2DModel:
@@ -149,13 +162,7 @@ def build_tiny_pipeline(seed: int = 0, distilled: bool = True, text_dim: int = 1
     latent_channels = 4
     torch.manual_seed(seed)
     text_encoder = small_qwen3(len(tokenizer), text_dim, head_dim=8)
-    vae = AutoencoderKLFlux2(
-        block_out_channels=(8, 8, 16, 16),
-        layers_per_block=1,
-        latent_channels=latent_channels,
-        norm_num_groups=4,
-        sample_size=64,
-    ).eval()
+    vae = small_vae((8, 8, 16, 16), latent_channels, groups=4, sample_size=64).eval()
     # Random BatchNorm statistics, so that a missing latent (de)normalisation changes the pixels.
     vae.bn.running_mean.normal_(0.0, 0.5)
     vae.bn.running_var.uniform_(0.5, 2.0)

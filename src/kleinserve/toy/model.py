@@ -18,14 +18,20 @@ from pathlib import Path
 
 import torch
 from diffusers import (
-    AutoencoderKLFlux2,
     Flux2KleinPipeline,
 )
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from kleinserve.engine.loading import TOY_NAME
-from kleinserve.engine.tiny import CHAT_TEMPLATE, assemble, save_named, small_qwen3, small_transformer
+from kleinserve.engine.tiny import (
+    CHAT_TEMPLATE,
+    assemble,
+    save_named,
+    small_qwen3,
+    small_transformer,
+    small_vae,
+)
 from kleinserve.toy.scenes import vocabulary
 
 TEXT_DIM = 32
@@ -63,13 +69,7 @@ def build_toy_pipeline(seed: int) -> Flux2KleinPipeline:
     with torch.no_grad():
         embeddings = text_encoder.get_input_embeddings().weight
         embeddings.mul_(EMBEDDING_STD / embeddings.std())
-    vae = AutoencoderKLFlux2(
-        block_out_channels=(16, 32, 64, 64),
-        layers_per_block=1,
-        latent_channels=LATENT_CHANNELS,
-        norm_num_groups=8,
-        sample_size=128,
-    )
+    vae = small_vae((16, 32, 64, 64), LATENT_CHANNELS, groups=8, sample_size=128)
     transformer = small_transformer(
         LATENT_CHANNELS, TEXT_DIM, layers=2, single_layers=4, heads=4, head_dim=32
     )
