@@ -6,7 +6,9 @@ Semantic checks use the same deterministic analyser as `kleinserve toy eval` (kl
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
+import json
 from collections.abc import Iterator
 
 import httpx
@@ -21,6 +23,7 @@ from kleinserve.engine import Pipeline, load_pipeline
 from kleinserve.engine.loading import TOY_DIR, TOY_NAME
 from kleinserve.toy import scenes
 from kleinserve.toy.evaluate import analyse, foreground
+from kleinserve.toy.train import TrainConfig
 from kleinserve.types import GenerateRequest
 from tests.api.conftest import RunningServer, serve_in_thread
 
@@ -47,6 +50,13 @@ def test_toy_is_a_distilled_klein_under_its_own_name_and_small(toy: Pipeline) ->
     assert (toy.spec.default_side, toy.spec.max_sequence_length) == (256, 32)
     weights = sum(path.stat().st_size for path in TOY_DIR.rglob("*.safetensors"))
     assert weights <= 25 * 1024 * 1024
+
+
+def test_the_committed_weights_are_what_toy_train_makes_by_default() -> None:
+    # `kleinserve toy train --out DIR` must reproduce the committed model: its defaults are the configuration
+    # the weights were trained with (a default of 5,000 transformer steps once stood against 11,000 used).
+    model_index = json.loads((TOY_DIR / "model_index.json").read_text())
+    assert model_index["_kleinserve_training"] == dataclasses.asdict(TrainConfig())
 
 
 def test_engine_matches_diffusers_on_the_toy_weights(toy: Pipeline) -> None:

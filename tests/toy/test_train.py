@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 from kleinserve.cli import main
@@ -32,6 +34,8 @@ def test_same_seed_same_bytes_and_the_loader_serves_the_result(tmp_path: Path) -
     second = train(tmp_path / "b", SHORT, log=lambda _: None)
     other = train(tmp_path / "c", TrainConfig(**{**SHORT.__dict__, "seed": 1}), log=lambda _: None)
     assert _files(first) == _files(second)
+    written = json.loads((first / "model_index.json").read_text())["_kleinserve_training"]
+    assert written == dataclasses.asdict(SHORT)
     for weights in ("transformer/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
         assert _files(first)[weights] != _files(other)[weights]
     pipeline = load_pipeline(str(first), dtype="float32")

@@ -76,8 +76,15 @@ def build_toy_pipeline(seed: int) -> Flux2KleinPipeline:
     return assemble(tokenizer, text_encoder, vae, transformer, distilled=True)
 
 
-def save_toy(pipeline: Flux2KleinPipeline, directory: Path) -> Path:
-    """Write the diffusers layout (safetensors) under `directory`, named `flux-2-klein-toy`."""
+def save_toy(pipeline: Flux2KleinPipeline, directory: Path, training: dict[str, object]) -> Path:
+    """Write the diffusers layout (safetensors) under `directory`, named `flux-2-klein-toy`, with the
+    training configuration that made it (`_kleinserve_training`, so a test can tell when the committed
+    weights and `kleinserve toy train`'s defaults drift apart)."""
     return save_named(
-        pipeline, directory, name=TOY_NAME, default_side=TOY_SIDE, max_sequence_length=TEXT_LENGTH
+        pipeline,
+        directory,
+        name=TOY_NAME,
+        default_side=TOY_SIDE,
+        max_sequence_length=TEXT_LENGTH,
+        training=training,
     )

@@ -111,7 +111,7 @@ def train(out: Path, config: TrainConfig = TrainConfig(), log: Log = print) -> P
     train_text_encoder(pipeline, config, log)
     train_transformer(pipeline, config, log)
     polish_decoder(pipeline.vae, config, log)
-    return save_toy(pipeline, out)
+    return save_toy(pipeline, out, dataclasses.asdict(config))
 
 
 def _optimise(optimizer: torch.optim.Optimizer, loss: torch.Tensor, parameters: list, lr: float) -> None:
