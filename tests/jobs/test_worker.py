@@ -257,6 +257,34 @@ def test_step_previews_are_made_only_for_subscribers_that_want_them(setup: Setup
     run(setup, scenario)
 
 
+def test_in_a_batch_only_the_watched_job_gets_previews(setup: Setup) -> None:
+    worker = setup.worker(max_batch=2)
+    gate = setup.gate()
+
+    async def scenario() -> None:
+        blocker = worker.submit(_request("blocker"), owner="alice", on_step=gate)
+        await reach(gate.reached)
+        # Two compatible jobs queued behind the blocker: they run as one batch.
+        watched, unwatched = (worker.submit(_request(p, steps=2), owner="alice") for p in ("a", "b"))
+        events: dict[str, list[dict]] = {watched.id: [], unwatched.id: []}
+        async with (
+            setup.hub.subscribe(watched.id) as watched_queue,
+            setup.hub.subscribe(unwatched.id, previews=False) as unwatched_queue,
+        ):
+            gate.release()
+            for job_id, queue in ((watched.id, watched_queue), (unwatched.id, unwatched_queue)):
+                while not events[job_id] or events[job_id][-1]["type"] != "succeeded":
+                    events[job_id].append(await asyncio.wait_for(queue.get(), WAIT_S))
+        assert (await finished(worker, blocker)).status is JobStatus.SUCCEEDED
+        steps = {job_id: [e for e in found if e["type"] == "step"] for job_id, found in events.items()}
+        assert len(steps[watched.id]) == len(steps[unwatched.id]) == 2
+        assert all(event["preview"] for event in steps[watched.id])
+        assert not any("preview" in event for event in steps[unwatched.id])
+        assert setup.store.get(watched.id).started == setup.store.get(unwatched.id).started  # one batch
+
+    run(setup, scenario)
+
+
 def test_cancelling_a_queued_job_is_immediate_and_it_never_runs(setup: Setup) -> None:
     worker = setup.worker()
     gate = setup.gate()

@@ -298,13 +298,19 @@ class Worker:
     def _previews(
         self, decoded: Callable[[], list[Image.Image]], batch: list[Job], live: set[str]
     ) -> dict[str, dict[str, Any]]:
-        """Small base64 PNG previews for the jobs someone is watching (decoding costs a VAE pass)."""
-        if not any(job.id in live and self.hub.wants_previews(job.id) for job in batch):
+        """Small base64 PNG previews for the jobs someone is watching (decoding costs a VAE pass for the
+        whole batch, the PNG one encode per watched job)."""
+        watched = {job.id for job in batch if job.id in live and self.hub.wants_previews(job.id)}
+        if not watched:
             return {}
-        images = iter(decoded())
+        decoded_images = decoded()
         previews: dict[str, dict[str, Any]] = {}
+        offset = 0
         for job in batch:
-            first = [next(images) for _ in range(job.params["num_images"])][0].copy()
+            first_index, offset = offset, offset + job.params["num_images"]
+            if job.id not in watched:
+                continue
+            first = decoded_images[first_index].copy()
             first.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE))
             buffer = io.BytesIO()
             first.save(buffer, format="PNG")
