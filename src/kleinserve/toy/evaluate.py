@@ -1,8 +1,16 @@
 """`kleinserve toy eval`: render held-out captions and edits, score them with a deterministic analyser.
 
 The analyser knows nothing of the model: the background is the median colour of the image's border, the
-foreground every pixel farther than FOREGROUND_DISTANCE from it (RGB Euclidean), its colour the named colour
-nearest to the foreground's median, its position the 3x3 cell holding the foreground's centre of mass.
+foreground every pixel farther than FOREGROUND_DISTANCE from it (RGB Euclidean), its position the 3x3 cell
+holding the foreground's centre of mass, its colour the named colour that explains most foreground pixels as
+that colour mixed with the background (`colour_shares`).
+
+Why mixtures: a soft edge is the shape's colour blended with the background, and judging each pixel (or the
+foreground's median) by the nearest named colour reads softness as a wrong colour. On the true renders of
+200 held-out captions blurred by a Gaussian of 4 / 6 / 8 px (at 256 px), the foreground median named 90 / 69
+/ 62 % of the colours right and the plurality of nearest colours 98 / 77 / 66 %, mixtures 100 / 100 / 100 %.
+A wrong hue still counts as wrong: a pink haze around a red shape is pink, not a lighter red
+(tests/toy/test_scenes.py guards both).
 
 Targets (issue 5): colour correct >= 90 %, position correct >= 80 % on captions whose (shape, colour,
 position) combination never occurs in training; edit colour changes >= 80 %.
@@ -55,6 +63,26 @@ def foreground(image: Image.Image) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.linalg.norm(pixels - background, axis=2) > FOREGROUND_DISTANCE, background, pixels
 
 
+def colour_shares(image: Image.Image) -> dict[str, float]:
+    """Named colour -> fraction of the foreground's pixels best explained as that colour mixed with the
+    background (pixel = background + a * (colour - background), 0 <= a <= 1), largest first; {} without a
+    foreground."""
+    return _shares(*foreground(image))
+
+
+def _shares(mask: np.ndarray, background: np.ndarray, pixels: np.ndarray) -> dict[str, float]:
+    shown = pixels[mask] - background  # (N, 3)
+    if not len(shown):
+        return {}
+    names = list(scenes.COLOURS)
+    directions = np.array([scenes.COLOURS[name] for name in names], dtype=np.float64) - background  # (K, 3)
+    lengths = np.maximum((directions**2).sum(axis=1), 1e-9)  # a colour equal to the background explains 0
+    amounts = np.clip(shown @ directions.T / lengths, 0.0, 1.0)  # (N, K)
+    residuals = ((shown[:, None, :] - amounts[..., None] * directions[None]) ** 2).sum(axis=-1)
+    best = np.bincount(residuals.argmin(axis=1), minlength=len(names)) / len(shown)
+    return dict(sorted(zip(names, best.tolist(), strict=True), key=lambda item: -item[1]))
+
+
 def analyse(image: Image.Image) -> Analysis:
     """Background colour, foreground colour and position of a one-shape image."""
     mask, background_rgb, pixels = foreground(image)
@@ -63,7 +91,7 @@ def analyse(image: Image.Image) -> Analysis:
     fraction = float(mask.mean())
     if fraction < MIN_FOREGROUND:
         return Analysis(background, None, None, fraction)
-    colour = _nearest(np.median(pixels[mask], axis=0), scenes.COLOURS)
+    colour = next(iter(_shares(mask, background_rgb, pixels)))
     ys, xs = np.nonzero(mask)
     row = _ROWS[min(2, int(3 * ys.mean() / height))]
     column = _COLUMNS[min(2, int(3 * xs.mean() / width))]
