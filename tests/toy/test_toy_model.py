@@ -12,7 +12,6 @@ import json
 from collections.abc import Iterator
 
 import httpx
-import numpy as np
 import pytest
 import torch
 from diffusers import Flux2KleinPipeline
@@ -22,7 +21,7 @@ from kleinserve.api.server import ServerSettings
 from kleinserve.engine import Pipeline, load_pipeline
 from kleinserve.engine.loading import TOY_DIR, TOY_NAME
 from kleinserve.toy import scenes
-from kleinserve.toy.evaluate import analyse, foreground
+from kleinserve.toy.evaluate import analyse, colour_shares, evaluate
 from kleinserve.toy.train import TrainConfig
 from kleinserve.types import GenerateRequest
 from tests.api.conftest import RunningServer, serve_in_thread
@@ -59,6 +58,13 @@ def test_the_committed_weights_are_what_toy_train_makes_by_default() -> None:
     assert model_index["_kleinserve_training"] == dataclasses.asdict(TrainConfig())
 
 
+def test_the_committed_weights_meet_the_issue_targets(toy: Pipeline) -> None:
+    # What `kleinserve toy eval` prints (measured: colour 93.8 %, position 100 %, edit colour 100 %), on the
+    # same fp32 pipeline; a change to the engine that draws the toy's scenes worse fails here.
+    score = evaluate(toy)
+    assert score.meets_targets(), score
+
+
 def test_engine_matches_diffusers_on_the_toy_weights(toy: Pipeline) -> None:
     prompt = "a green star at the top-left on a black background"
     ours = toy.generate(GenerateRequest(prompt=prompt, width=128, height=128, seed=3)).images[0].image
@@ -75,21 +81,12 @@ def test_engine_matches_diffusers_on_the_toy_weights(toy: Pipeline) -> None:
     assert difference.abs().max() <= 1
 
 
-def _colour_shares(image: Image.Image) -> dict[str, float]:
-    """Named colour -> fraction of the foreground's pixels nearest to it, largest first."""
-    mask, _, pixels = foreground(image)
-    names = list(scenes.COLOURS)
-    palette = np.array([scenes.COLOURS[name] for name in names], dtype=np.float64)
-    nearest = np.argmin(((pixels[mask][:, None, :] - palette[None]) ** 2).sum(-1), axis=1)
-    shares = {name: float(np.mean(nearest == index)) for index, name in enumerate(names)}
-    return dict(sorted(shares.items(), key=lambda item: -item[1]))
-
-
 def _mostly(image: Image.Image, colour: str) -> None:
-    """`colour` is the foreground's largest colour, at least 40 % of it (the rest: its blend with the
-    background at the edges and in the haze the toy leaves around shapes)."""
-    first, share = next(iter(_colour_shares(image).items()))
-    assert (first, share >= 0.4) == (colour, True), _colour_shares(image)
+    """`colour` explains at least half of the foreground (the rest: the haze of other colours the toy leaves
+    around shapes)."""
+    shares = colour_shares(image)
+    first, share = next(iter(shares.items()))
+    assert (first, share >= 0.5) == (colour, True), shares
 
 
 # The issue's semantic checks, through the OpenAI endpoints as a client would call them; the analyser is

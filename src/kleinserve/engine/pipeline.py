@@ -28,8 +28,8 @@ from kleinserve.engine.loading import ModelComponents
 from kleinserve.engine.references import (
     PreparedReference,
     encode_references,
-    latent_statistics,
     prepare_reference,
+    vae_latents,
 )
 from kleinserve.engine.sampling import ClassifierFreeGuidance, denoise, make_scheduler
 from kleinserve.engine.spec import ModelSpec
@@ -262,8 +262,7 @@ class Pipeline:
         per VAE call: one call per small image costs the same per-call overhead B times (batched serving of
         small images), while decoding several large images at once only raises peak memory."""
         vae = self.components.vae
-        mean, std = latent_statistics(vae)
-        latents = L.unpatchify(L.denormalize(L.unpack(packed.float(), h, w), mean.float(), std.float()))
+        latents = vae_latents(packed, vae, h, w)
         images = []
         vae_device = next(vae.parameters()).device
         vae_dtype = next(vae.parameters()).dtype

@@ -96,6 +96,13 @@ def encode_references(
     return torch.cat(tokens, dim=1)
 
 
+def vae_latents(packed: torch.Tensor, vae: torch.nn.Module, h: int, w: int) -> torch.Tensor:
+    """Packed normalised tokens (B, h*w, C) -> the VAE's own latents (B, C/4, 2h, 2w) in fp32, ready to
+    decode: the inverse of encode_references' pack(normalize(patchify(.)))."""
+    mean, std = latent_statistics(vae)
+    return L.unpatchify(L.denormalize(L.unpack(packed.float(), h, w), mean.float(), std.float()))
+
+
 def latent_statistics(vae: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """The VAE's BatchNorm running mean and std (sqrt(var + eps)) over patchified channels, each (C,)."""
     mean = vae.bn.running_mean

@@ -42,8 +42,8 @@ from kleinserve.engine import latents as L
 from kleinserve.engine.loading import ModelComponents
 from kleinserve.engine.pipeline import Pipeline
 from kleinserve.engine.precision import Placement
-from kleinserve.engine.references import encode_references, prepare_reference
-from kleinserve.engine.sampling import make_scheduler
+from kleinserve.engine.references import encode_references, prepare_reference, vae_latents
+from kleinserve.engine.sampling import VelocityFn, denoise, make_scheduler
 from kleinserve.engine.spec import SIZE_MULTIPLE, detect_spec
 from kleinserve.toy import scenes
 from kleinserve.toy.model import TEXT_DIM, TEXT_LENGTH, build_toy_pipeline, save_toy
@@ -59,8 +59,9 @@ class TrainConfig:
     vae_small_steps: int = 3400  # batches of 8 whole scenes drawn at 64 px
     vae_full_steps: int = 300  # batches of 4 whole scenes drawn at 128 px
     vae_lr: float = 3e-4  # 1e-3 diverges: flat colour fields make GroupNorm statistics nearly singular
-    decoder_steps: int = 600  # batches of 8 scenes at 128 px, decoder only (after the transformer)
-    decoder_lr: float = 1e-4
+    decoder_steps: int = 500  # batches of 8 scenes at 128 px or 2 at 256, decoder only, last
+    decoder_lr: float = 2e-4
+    decoder_sampled_share: float = 0.5  # fraction of decoder batches decoded from the transformer's samples
     text_steps: int = 1000  # batches of text_batch prompts of every kind
     text_batch: int = 64
     text_lr: float = 1e-3
@@ -110,7 +111,7 @@ def train(out: Path, config: TrainConfig = TrainConfig(), log: Log = print) -> P
     train_vae(pipeline, config, log)
     train_text_encoder(pipeline, config, log)
     train_transformer(pipeline, config, log)
-    polish_decoder(pipeline.vae, config, log)
+    polish_decoder(pipeline, config, log)
     return save_toy(pipeline, out, dataclasses.asdict(config))
 
 
@@ -163,27 +164,40 @@ def train_vae(pipeline: Flux2KleinPipeline, config: TrainConfig, log: Log) -> No
     _set_latent_statistics(vae, random.Random(config.seed + 3))
 
 
-def polish_decoder(vae: torch.nn.Module, config: TrainConfig, log: Log) -> None:
-    """Stage 4: train the VAE decoder alone on captioned and busy scenes, weighting shape pixels up.
-
-    After stage 1 the decoder drew ~11 % of shapes in the wrong named colour (red on gray came out orange: L1
-    over whole images is dominated by the background). The encoder stays frozen, so the latents, and the
-    transformer trained on them, are unchanged."""
-    vae.train()
+def polish_decoder(pipeline: Flux2KleinPipeline, config: TrainConfig, log: Log) -> None:
+    """Stage 4: train the VAE decoder alone, weighting shape pixels up, on two kinds of batches:
+    - captioned scenes encoded by the (frozen) encoder: after stage 1 the decoder drew some shapes in the
+      wrong named colour (red on gray came out orange: L1 over whole images is dominated by the background);
+    - (`decoder_sampled_share` of the batches) latents sampled by the trained transformer with klein's
+      4-step sampler for training captions and edits, decoded towards the scene the caption describes: the
+      decoder learns to turn the transformer's slightly-off latents into flat colours.
+    Measured with the same transformer (`kleinserve toy eval`, shape colour): 87.5 % after 600 steps on
+    encoded scenes only (half of them busy, lr 1e-4), 91.7 % with half the batches sampled, 93.8 % with
+    this recipe (encoded scenes all captioned, lr 2e-4; VAE round trip then names 100 % of colours right).
+    The encoder stays frozen, so the latents the transformer was trained on are unchanged."""
+    vae = pipeline.vae.train()
+    engine = _training_pipeline(pipeline)
+    cache = LatentCache(engine)
     rng = random.Random(config.seed + 5)
+    generator = torch.Generator().manual_seed(config.seed + 5)
     decoder = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
     for parameter in decoder:
         parameter.requires_grad_(True)
     optimizer = torch.optim.AdamW(decoder, lr=config.decoder_lr, weight_decay=0.0)
+    kinds, weights = list(BATCH_KINDS), list(BATCH_KINDS.values())
     start = time.perf_counter()
     for step in range(config.decoder_steps):
-        images = [
-            _captioned_scene_image(rng, 128) if index % 2 else scenes.busy_scene(rng, 128)
-            for index in range(8)
-        ]
-        pixels = to_pixels(images)
-        with torch.no_grad():
-            latents = vae.encode(pixels).latent_dist.mode()
+        if rng.random() < config.decoder_sampled_share:
+            side = 256 if rng.random() < 0.5 else 128
+            kind = rng.choices(kinds, weights)[0]
+            examples = [random_example(kind, rng) for _ in range(2 if side == 256 else 8)]
+            pixels = to_pixels([scenes.render(example.target, side) for example in examples])
+            with torch.no_grad():
+                latents = sample_latents(engine, cache, examples, side, generator)
+        else:
+            pixels = to_pixels([_captioned_scene_image(rng, 128) for _ in range(8)])
+            with torch.no_grad():
+                latents = vae.encode(pixels).latent_dist.mode()
         decoded = vae.decode(latents).sample
         border = torch.cat([pixels[..., 0, :], pixels[..., -1, :]], dim=-1).median(dim=-1).values
         shape_pixels = (pixels - border[..., None, None]).abs().sum(dim=1, keepdim=True) > 0.25
@@ -294,6 +308,44 @@ class LatentCache:
         return torch.cat(out)
 
 
+def _velocity(engine: Pipeline, cache: LatentCache, examples: list[scenes.Example], side: int) -> VelocityFn:
+    """The transformer's velocity for the examples' prompts and references at side x side, as inference
+    builds the sequence: [target | reference 1 | ...], reference ids offset as engine/latents.py says."""
+    references = None
+    grids: list[tuple[int, int]] = []
+    if examples[0].references:
+        count = len(examples[0].references)
+        per_reference = [cache.encode([e.references[i] for e in examples], side) for i in range(count)]
+        references = torch.cat(per_reference, dim=1)
+        grids = [(side // SIZE_MULTIPLE,) * 2] * count
+    with torch.inference_mode():
+        embeds = engine.prompts.encode([e.prompt for e in examples], TEXT_LENGTH, torch.device("cpu"))
+    grid = side // SIZE_MULTIPLE
+    return functools.partial(
+        engine.velocity,
+        embeds=embeds.clone(),  # a normal tensor: inference-mode tensors cannot enter autograd
+        reference_tokens=references,
+        img_ids=torch.cat([L.image_ids(grid, grid), L.reference_ids(grids)]),
+        txt_ids=L.text_ids(TEXT_LENGTH),
+    )
+
+
+def sample_latents(
+    engine: Pipeline,
+    cache: LatentCache,
+    examples: list[scenes.Example],
+    side: int,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """VAE latents (B, C, side/8, side/8) of klein's 4-step sampling for the examples, from fresh noise."""
+    grid = side // SIZE_MULTIPLE
+    channels = engine.components.transformer.config.in_channels
+    noise = torch.randn((len(examples), grid * grid, channels), generator=generator)
+    scheduler = make_scheduler(engine.components.scheduler_config, 4, grid * grid)
+    packed = denoise(_velocity(engine, cache, examples, side), noise, scheduler)
+    return vae_latents(packed, engine.components.vae, grid, grid)
+
+
 def foreground_weights(x0: torch.Tensor) -> torch.Tensor:
     """(B, N, 1) loss weights: FOREGROUND_WEIGHT where a token differs from its image's median token."""
     deviation = (x0 - x0.median(dim=1, keepdim=True).values).abs().mean(dim=-1, keepdim=True)
@@ -325,16 +377,7 @@ def train_transformer(
         kind = rng.choices(kinds, weights)[0]
         examples = [random_example(kind, rng) for _ in range(size)]
         x0 = cache.encode([e.target for e in examples], side)
-        references = None
-        grids: list[tuple[int, int]] = []
-        if examples[0].references:
-            count = len(examples[0].references)
-            per_reference = [cache.encode([e.references[i] for e in examples], side) for i in range(count)]
-            references = torch.cat(per_reference, dim=1)
-            grids = [(side // SIZE_MULTIPLE,) * 2] * count
-        with torch.inference_mode():
-            embeds = engine.prompts.encode([e.prompt for e in examples], TEXT_LENGTH, torch.device("cpu"))
-        embeds = embeds.clone()
+        velocity = _velocity(engine, cache, examples, side)
 
         from_schedule = torch.rand(size, generator=generator) < config.schedule_share
         sigma = torch.where(
@@ -345,16 +388,7 @@ def train_transformer(
         noise = torch.randn(x0.shape, generator=generator)
         s = sigma.view(-1, 1, 1)
         x_t = (1 - s) * x0 + s * noise
-        grid = side // SIZE_MULTIPLE
-        ids = torch.cat([L.image_ids(grid, grid), L.reference_ids(grids)])
-        predicted = engine.velocity(
-            x_t,
-            sigma,
-            embeds=embeds,
-            reference_tokens=references,
-            img_ids=ids,
-            txt_ids=L.text_ids(embeds.shape[1]),
-        )
+        predicted = velocity(x_t, sigma)
         loss = _weighted_mean((predicted - (noise - x0)) ** 2, foreground_weights(x0))
         lr = config.transformer_lr * _cosine(step, config.transformer_steps, config.warmup_steps)
         _optimise(optimizer, loss, list(transformer.parameters()), lr)
