@@ -288,7 +288,7 @@ def _serve(args: argparse.Namespace) -> int:
         allow_private_urls=args.allow_private_urls,
         insecure_no_auth=args.insecure_no_auth,
     )
-    serve(settings, _load(args))
+    serve(settings, lambda: _load(args))
     return 0
 
 

@@ -466,3 +466,38 @@ def test_warm_up_sets_ready(setup: Setup) -> None:
         assert not worker.ready
 
     run(setup, scenario)
+
+
+def test_run_engine_runs_the_jobs_on_the_calling_thread_until_stopped(
+    setup: Setup, pipeline: Pipeline
+) -> None:
+    # `kleinserve serve` runs the engine on the thread that loaded the weights (worker.py says why).
+    request = _request("on the caller", seed=5)
+    expected = pipeline.generate(request).images[0].image
+    worker = setup.worker(start=False)
+    engine_threads: set[threading.Thread] = set()
+    job = worker.submit(
+        request, owner="alice", on_step=lambda _: engine_threads.add(threading.current_thread())
+    )
+
+    def stop_when_done() -> None:
+        deadline = time.monotonic() + WAIT_S
+        while not setup.store.get(job.id).status.terminal and time.monotonic() < deadline:
+            time.sleep(0.01)
+        worker.stop()
+
+    threading.Thread(target=stop_when_done).start()
+    worker.start(engine_thread=False)
+    worker.run_engine()  # returns once stop() has been called
+    done = setup.store.get(job.id)
+    assert done.status is JobStatus.SUCCEEDED, done.error
+    assert engine_threads == {threading.current_thread()}
+    assert done.result is not None
+    assert max_difference(setup.image(done.result["images"][0]["media"]), expected) <= 1
+
+
+def test_run_engine_returns_at_once_when_stopped_before_start(setup: Setup) -> None:
+    worker = setup.worker(start=False)
+    worker.stop()  # e.g. the HTTP server failed to start
+    worker.run_engine()
+    assert not worker.ready

@@ -9,7 +9,8 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -82,8 +83,9 @@ def build_services(settings: ServerSettings, pipeline: Pipeline) -> Services:
     return services
 
 
-def create_app(settings: ServerSettings, pipeline: Pipeline) -> FastAPI:
-    """The app with its background duties (engine thread, media clean-up) tied to its lifespan."""
+def create_app(settings: ServerSettings, pipeline: Pipeline, engine_thread: bool = True) -> FastAPI:
+    """The app with its background duties (engine, media clean-up) tied to its lifespan; with
+    `engine_thread` False the engine runs wherever `app.state.worker.run_engine()` is called."""
     services = build_services(settings, pipeline)
     app = build_app(services, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(RequestId)  # outermost of the app's middleware: its id is in every log line
@@ -92,7 +94,7 @@ def create_app(settings: ServerSettings, pipeline: Pipeline) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(application: FastAPI) -> AsyncIterator[None]:
         services.hub.attach(asyncio.get_running_loop())
-        services.worker.start()
+        services.worker.start(engine_thread)
         cleanup = asyncio.create_task(_clean_media(services.media))
         try:
             async with inner_lifespan(application):
@@ -139,8 +141,24 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def serve(settings: ServerSettings, pipeline: Pipeline) -> None:
-    app = create_app(settings, pipeline)
+def serve(settings: ServerSettings, load: Callable[[], Pipeline]) -> None:
+    """Load the model and serve until SIGTERM/SIGINT. `load` runs on the engine thread, which then runs the
+    engine (why: the docstring of kleinserve.jobs.worker); HTTP and signals stay on the main thread."""
+    loaded: Future[Pipeline] = Future()
+    worker: Future[Worker] = Future()
+
+    def engine() -> None:
+        try:
+            loaded.set_result(load())
+        except BaseException as exc:  # re-raised on the main thread, which reports it
+            loaded.set_exception(exc)
+            return
+        worker.result().run_engine()
+
+    threading.Thread(target=engine, name="kleinserve-engine", daemon=True).start()
+    pipeline = loaded.result()
+    app = create_app(settings, pipeline, engine_thread=False)
+    worker.set_result(app.state.worker)
     print(f"kleinserve: serving {pipeline.spec.name} at http://{settings.host}:{settings.port}/", flush=True)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level="info", log_config=LOG_CONFIG
