@@ -15,14 +15,14 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kleinserve import logs
 from kleinserve.api import bfl, cloudflare, jobs, openai, vercel
-from kleinserve.api.service import Services
+from kleinserve.api.service import JSONBody, Services
 from kleinserve.errors import InvalidInput, KleinError, NotFound, PayloadTooLarge
 from kleinserve.web import routes as web
 
@@ -112,7 +112,7 @@ def build_app(services: Services, max_body_bytes: int = MAX_BODY_BYTES) -> FastA
         yield
         await services.fetcher.client.aclose()
 
-    app = FastAPI(title="kleinserve", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="kleinserve", version="0.1.0", lifespan=lifespan, default_response_class=JSONBody)
 
     async def handle(request: Request, exc: Exception) -> Response:
         return _dialect_for(request.url.path).render_error(as_klein_error(exc))
@@ -140,8 +140,8 @@ def build_app(services: Services, max_body_bytes: int = MAX_BODY_BYTES) -> FastA
     async def readyz() -> Response:
         """Ready: the model is loaded and warmed up, and the worker takes work."""
         if not services.worker.ready:
-            return JSONResponse({"status": "starting"}, status_code=503)
-        return JSONResponse({"status": "ready", "model": services.spec.name})
+            return JSONBody({"status": "starting"}, status_code=503)
+        return JSONBody({"status": "ready", "model": services.spec.name})
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:

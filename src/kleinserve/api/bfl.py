@@ -22,7 +22,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kleinserve.api import service
@@ -108,12 +108,12 @@ def render_error(exc: KleinError) -> Response:
             "message": exc.message,
             "retry_after": exc.retry_after,
         }
-        return JSONResponse(body, status_code=429, headers=headers)
+        return service.JSONBody(body, status_code=429, headers=headers)
     if isinstance(exc, InvalidInput) and exc.status == 400:
         location = ["body", exc.param] if exc.param else ["body"]
         body = {"detail": [{"loc": location, "msg": exc.message, "type": "value_error"}]}
-        return JSONResponse(body, status_code=422)
-    return JSONResponse({"detail": exc.message}, status_code=exc.status, headers=headers)
+        return service.JSONBody(body, status_code=422)
+    return service.JSONBody({"detail": exc.message}, status_code=exc.status, headers=headers)
 
 
 def result_body(services: Services, job: Job, base_url: str) -> dict[str, Any] | None:

@@ -12,7 +12,7 @@ import asyncio
 import base64
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from starlette.datastructures import UploadFile
 
 from kleinserve.api import service
@@ -100,7 +100,7 @@ def render_error(exc: KleinError) -> Response:
     message = f"AiError: Bad input: {exc.message}" if code == 5006 else exc.message
     body = {"success": False, "errors": [{"code": code, "message": message}], "result": {}, "messages": []}
     headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Overloaded) else None
-    return JSONResponse(body, status_code=status, headers=headers)
+    return service.JSONBody(body, status_code=status, headers=headers)
 
 
 def build_router(services: Services) -> APIRouter:

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 
@@ -181,7 +181,7 @@ def render_error(exc: KleinError) -> Response:
         }
     }
     headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Overloaded) else None
-    return JSONResponse(body, status_code=exc.status, headers=headers)
+    return service.JSONBody(body, status_code=exc.status, headers=headers)
 
 
 async def _form_fields(request: Request) -> tuple[dict[str, Any], list[Any]]:
@@ -234,7 +234,7 @@ def build_router(services: Services) -> APIRouter:
             return StreamingResponse(events, media_type="text/event-stream")
         completed = await service.generate(services, http_request, owner, request)
         base_url = str(http_request.base_url).rstrip("/")
-        return JSONResponse(_body(services, base_url, wire, request, completed, model))
+        return service.JSONBody(_body(services, base_url, wire, request, completed, model))
 
     @router.post("/v1/images/generations", summary="Create images from a prompt (and optional references)")
     async def create_image(http_request: Request) -> Response:

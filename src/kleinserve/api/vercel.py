@@ -14,7 +14,7 @@ import math
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from kleinserve.api import service
 from kleinserve.api.service import Services
@@ -170,7 +170,7 @@ def render_error(exc: KleinError) -> Response:
         }
     }
     headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Overloaded) else None
-    return JSONResponse(body, status_code=exc.status, headers=headers)
+    return service.JSONBody(body, status_code=exc.status, headers=headers)
 
 
 def build_router(services: Services) -> APIRouter:
