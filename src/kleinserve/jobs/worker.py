@@ -13,10 +13,11 @@ thread pool, so the engine starts the next batch at once. Cancel: a queued job i
 running job is marked cancelled at the next step boundary (its batch stops when every job in it is cancelled).
 
 Which thread runs the engine matters on CPU: torch's OpenMP keeps one thread team per thread that has run
-parallel work, and once the loading thread's team exists next to the engine thread's, libgomp sees more
-threads than cores and stops spinning between parallel regions. Measured (tiny-random, 256 px, 2 cores, p50
-of 60 requests to `kleinserve serve`): engine time 142-151 ms with the engine on the thread that loaded the
-weights, 212-270 ms on a thread of its own; `pipeline.generate` in a plain process: 137-160 ms. So
+parallel work, and with the loading thread's team next to the engine thread's the engine ran much slower
+(likely cause, not proven: libgomp then sees more threads than cores and stops spinning between parallel
+regions). Measured (tiny-random, 256 px, 2 cores, p50 of 60 requests
+to `kleinserve serve`): engine time 142-151 ms with the engine on the thread that loaded the weights,
+212-270 ms on a thread of its own; `pipeline.generate` in a plain process: 137-160 ms. So
 `kleinserve serve` loads the model on the thread that then calls `run_engine()`; `start()`'s own engine
 thread remains for embedding and tests.
 """
