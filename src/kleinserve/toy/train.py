@@ -94,6 +94,11 @@ _MAKERS: dict[str, Callable[[random.Random], scenes.Example]] = {
 }
 
 
+def random_kind(rng: random.Random) -> str:
+    """One of BATCH_KINDS, drawn with its share."""
+    return rng.choices(list(BATCH_KINDS), list(BATCH_KINDS.values()))[0]
+
+
 def random_example(kind: str, rng: random.Random) -> scenes.Example:
     """An example of one of BATCH_KINDS."""
     return _MAKERS[kind](rng)
@@ -184,12 +189,11 @@ def polish_decoder(pipeline: Flux2KleinPipeline, config: TrainConfig, log: Log) 
     for parameter in decoder:
         parameter.requires_grad_(True)
     optimizer = torch.optim.AdamW(decoder, lr=config.decoder_lr, weight_decay=0.0)
-    kinds, weights = list(BATCH_KINDS), list(BATCH_KINDS.values())
     start = time.perf_counter()
     for step in range(config.decoder_steps):
         if rng.random() < config.decoder_sampled_share:
             side = 256 if rng.random() < 0.5 else 128
-            kind = rng.choices(kinds, weights)[0]
+            kind = random_kind(rng)
             examples = [random_example(kind, rng) for _ in range(2 if side == 256 else 8)]
             pixels = to_pixels([scenes.render(example.target, side) for example in examples])
             with torch.no_grad():
@@ -241,10 +245,9 @@ def train_text_encoder(pipeline: Flux2KleinPipeline, config: TrainConfig, log: L
     )
     optimizer = torch.optim.AdamW([*encoder.parameters(), *heads.parameters()], lr=config.text_lr)
     rng = random.Random(config.seed + 4)
-    kinds, weights = list(BATCH_KINDS), list(BATCH_KINDS.values())
     start = time.perf_counter()
     for step in range(config.text_steps):
-        examples = [random_example(rng.choices(kinds, weights)[0], rng) for _ in range(config.text_batch)]
+        examples = [random_example(random_kind(rng), rng) for _ in range(config.text_batch)]
         last = engine.prompts.embed([e.prompt for e in examples], TEXT_LENGTH)[:, -1]
         said = [scenes.parse(e) for e in examples]
         logits = {field: head(last) for field, head in heads.items()}
@@ -368,13 +371,12 @@ def train_transformer(
         side: make_scheduler(engine.components.scheduler_config, 4, (side // SIZE_MULTIPLE) ** 2).sigmas[:4]
         for side in (128, 256)
     }
-    kinds, weights = list(BATCH_KINDS), list(BATCH_KINDS.values())
     cache = LatentCache(engine)
     start, running = time.perf_counter(), 0.0
     for step in range(config.transformer_steps):
         side = 256 if rng.random() < config.share_256 else 128
         size = config.batch_256 if side == 256 else config.batch_128
-        kind = rng.choices(kinds, weights)[0]
+        kind = random_kind(rng)
         examples = [random_example(kind, rng) for _ in range(size)]
         x0 = cache.encode([e.target for e in examples], side)
         velocity = _velocity(engine, cache, examples, side)
