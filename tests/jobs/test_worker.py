@@ -496,8 +496,10 @@ def test_run_engine_runs_the_jobs_on_the_calling_thread_until_stopped(
     assert max_difference(setup.image(done.result["images"][0]["media"]), expected) <= 1
 
 
-def test_run_engine_returns_at_once_when_stopped_before_start(setup: Setup) -> None:
+def test_run_engine_returns_when_stopped_before_start(setup: Setup) -> None:
     worker = setup.worker(start=False)
-    worker.stop()  # e.g. the HTTP server failed to start
-    worker.run_engine()
-    assert not worker.ready
+    worker.stop()  # e.g. the HTTP server failed to start, so its lifespan never called start()
+    engine = threading.Thread(target=worker.run_engine, daemon=True)
+    engine.start()
+    engine.join(WAIT_S)
+    assert not engine.is_alive()  # it stopped waiting for start() instead of blocking the engine thread
