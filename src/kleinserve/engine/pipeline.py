@@ -164,12 +164,15 @@ class Pipeline:
         on_step: StepCallback | None = None,
         cancelled: CancelCheck | None = None,
     ) -> list[GenerateResult]:
-        """Run compatible requests as one batch; results are in request order."""
-        resolved = [r if isinstance(r, ResolvedRequest) else self.resolve(r) for r in requests]
+        """Run compatible requests as one batch; results are in request order. Each result's `timings` (stage
+        -> seconds, shared by the batch) cover the engine's whole call but for building the results and the
+        time spent in `on_step`."""
+        timings: dict[str, float] = {}
+        with self._timed(timings, "preparation"):
+            resolved = [r if isinstance(r, ResolvedRequest) else self.resolve(r) for r in requests]
         first = resolved[0]
         if any(r.batch_key != first.batch_key for r in resolved):
             raise InvalidInput("requests in one batch must share size, steps, guidance and reference sizes")
-        timings: dict[str, float] = {}
         components = self.components
         h, w = first.height // limits.SIZE_MULTIPLE, first.width // limits.SIZE_MULTIPLE
         seeds = [seed for r in resolved for seed in r.seeds]
@@ -186,25 +189,32 @@ class Pipeline:
         if first.use_cfg and reference_tokens is not None:
             reference_tokens = torch.cat([reference_tokens, reference_tokens])  # the [cond | uncond] batch
 
-        channels = components.transformer.config.in_channels
-        noise = L.pack(L.draw_noise(seeds, channels, h, w)).to(self.device, self.dtype)  # (B, h*w, C)
-        ids = torch.cat([L.image_ids(h, w), L.reference_ids([r.grid for r in first.references])])
-        forward = partial(
-            self.velocity,
-            embeds=embeds,
-            reference_tokens=reference_tokens,
-            img_ids=ids.to(self.device),
-            txt_ids=L.text_ids(length).to(self.device),
-        )
-        velocity = ClassifierFreeGuidance(forward, first.guidance) if first.use_cfg else forward
-        scheduler = make_scheduler(components.scheduler_config, first.steps, image_seq_len=h * w)
+        with self._timed(timings, "preparation"):
+            channels = components.transformer.config.in_channels
+            noise = L.pack(L.draw_noise(seeds, channels, h, w)).to(self.device, self.dtype)  # (B, h*w, C)
+            ids = torch.cat([L.image_ids(h, w), L.reference_ids([r.grid for r in first.references])])
+            forward = partial(
+                self.velocity,
+                embeds=embeds,
+                reference_tokens=reference_tokens,
+                img_ids=ids.to(self.device),
+                txt_ids=L.text_ids(length).to(self.device),
+            )
+            velocity = ClassifierFreeGuidance(forward, first.guidance) if first.use_cfg else forward
+            scheduler = make_scheduler(components.scheduler_config, first.steps, image_seq_len=h * w)
+
+        caller_seconds = 0.0  # spent in on_step: the caller's work (progress, previews), not the engine's
 
         def step_hook(step: int, total: int, estimate: torch.Tensor) -> None:
+            nonlocal caller_seconds
             if on_step is not None:
+                start = time.perf_counter()
                 on_step(Progress(step, total, preview=lambda: self._decode(estimate, h, w)))
+                caller_seconds += time.perf_counter() - start
 
         with self._timed(timings, "denoising"), self._resident(components.transformer):
             packed = denoise(velocity, noise, scheduler, step_hook, cancelled)
+        timings["denoising"] -= caller_seconds
 
         with self._timed(timings, "vae_decode"), self._resident(components.vae):
             images = self._decode(packed, h, w)
@@ -287,6 +297,7 @@ class Pipeline:
     @staticmethod
     @contextlib.contextmanager
     def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+        """Adds the time spent in the block to `timings[stage]` (a stage may be timed in several parts)."""
         start = time.perf_counter()
         yield
-        timings[stage] = time.perf_counter() - start
+        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
