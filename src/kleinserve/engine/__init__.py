@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from kleinserve.engine.loading import ModelComponents, load_components, resolve_source
 from kleinserve.engine.pipeline import Pipeline
-from kleinserve.engine.precision import choose_placement
+from kleinserve.engine.precision import choose_placement, keep_freed_memory
 from kleinserve.engine.text import DEFAULT_CACHE_BYTES, PromptEmbeddingCache
 
 
@@ -24,7 +24,9 @@ def load_pipeline(
     memory_budget_gib: float | None = None,
     prompt_cache_bytes: int = DEFAULT_CACHE_BYTES,
 ) -> Pipeline:
-    """Resolve `model` (directory, BFL file, HF repo id or `tiny-random`), load it, wrap it in a Pipeline."""
+    """Resolve `model` (directory, BFL file, HF repo id or `tiny-random`), load it, wrap it in a Pipeline.
+    Also tunes the process's allocator for the engine (precision.keep_freed_memory)."""
+    keep_freed_memory()
     source = resolve_source(model, components=components, download=download)
     placement = choose_placement(device, dtype, quantize, offload, memory_budget_gib)
     return Pipeline(load_components(source, placement), PromptEmbeddingCache(prompt_cache_bytes))
