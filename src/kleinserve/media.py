@@ -178,13 +178,6 @@ class MediaStore:
         (self.directory / name).write_bytes(data)
         return name
 
-    def read(self, name: str) -> bytes:
-        """The bytes of a stored file (for answers that carry images inline)."""
-        path = self.directory / name
-        if "/" in name or not path.is_file():
-            raise NotFound("no such media file")
-        return path.read_bytes()
-
     def signed_path(self, name: str, now: float | None = None) -> str:
         expires = int((now if now is not None else time.time()) + self.ttl_s)
         return f"/media/{name}?expires={expires}&signature={self._sign(name, expires)}"

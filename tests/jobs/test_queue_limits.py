@@ -235,7 +235,7 @@ def test_a_client_leaving_while_running_is_cancelled_at_the_next_step(
             until(lambda: store.get(left.id).status.terminal, "the job that left ends")
             gone = store.get(left.id)
             assert gone.status is JobStatus.CANCELLED
-            assert gone.progress == 1 / STEPS  # stopped at the next step, not after all of them
+            assert gone.progress == 2 / STEPS  # stopped after the step it was in, not after all of them
             assert gone.result is None
             until(lambda: store.get(companion.id).status.terminal, "the companion ends")
             assert store.get(companion.id).status is JobStatus.SUCCEEDED

@@ -73,8 +73,11 @@ class Setup:
         self.gates.append(gate)
         return gate
 
+    def stored(self, name: str) -> bytes:
+        return (self.media.directory / name).read_bytes()
+
     def image(self, name: str) -> Image.Image:
-        with Image.open(io.BytesIO(self.media.read(name))) as image:
+        with Image.open(io.BytesIO(self.stored(name))) as image:
             image.load()
             return image.copy()
 
@@ -117,7 +120,9 @@ async def until(condition: Callable[[], bool], what: str) -> None:
 
 
 async def finished(worker: Worker, job: Job) -> Job:
-    return await asyncio.wait_for(worker.wait(job.id), WAIT_S)
+    """The job's row once it has ended (polled, as the async APIs' clients do)."""
+    await until(lambda: worker.store.get(job.id).status.terminal, f"job {job.id} ended")
+    return worker.store.get(job.id)
 
 
 def test_submit_wait_succeeds_with_the_pipelines_pixels(setup: Setup, pipeline: Pipeline) -> None:
@@ -140,6 +145,45 @@ def test_submit_wait_succeeds_with_the_pipelines_pixels(setup: Setup, pipeline: 
         for image, want in zip(done.result["images"], expected, strict=True):
             assert (setup.tmp_path / "media" / image["media"]).is_file()
             assert max_difference(setup.image(image["media"]), want) <= 1
+
+    run(setup, scenario)
+
+
+def test_submit_and_wait_hands_over_the_stored_bytes(setup: Setup, pipeline: Pipeline) -> None:
+    expected = pipeline.generate(_request("two squares", seed=5)).images[0].image
+    worker = setup.worker()
+
+    async def scenario() -> None:
+        outcome = await asyncio.wait_for(
+            worker.submit_and_wait(_request("two squares", seed=5), owner="alice"), WAIT_S
+        )
+        assert outcome.job.status is JobStatus.SUCCEEDED
+        assert outcome.job == setup.store.get(outcome.job.id)  # the final row, already stored
+        (image,) = outcome.job.result["images"]
+        assert outcome.images == (setup.stored(image["media"]),)
+        assert max_difference(setup.image(image["media"]), expected) <= 1
+
+    run(setup, scenario)
+
+
+def test_cancelling_the_waiting_caller_cancels_its_job(setup: Setup) -> None:
+    # A sync client that disconnects: its request's task is cancelled, and so must its job be.
+    worker = setup.worker()
+    gate = setup.gate()
+
+    async def scenario() -> None:
+        blocker = worker.submit(_request("blocker"), owner="alice", on_step=gate)
+        await reach(gate.reached)
+        waiting = asyncio.create_task(worker.submit_and_wait(_request("impatient"), owner="bob"))
+        await until(lambda: len(setup.store.queued()) == 1, "the caller's job is queued")
+        (queued,) = setup.store.queued()
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert setup.store.get(queued.id).status is JobStatus.CANCELLED
+        gate.release()
+        assert (await finished(worker, blocker)).status is JobStatus.SUCCEEDED
+        assert setup.store.get(queued.id).started is None  # it never ran
 
     run(setup, scenario)
 
@@ -226,7 +270,7 @@ def test_three_compatible_jobs_share_one_batch(setup: Setup, pipeline: Pipeline)
 
 
 def test_step_previews_are_made_only_for_subscribers_that_want_them(setup: Setup) -> None:
-    # A sync caller waiting for the end must not pay a VAE decode + PNG per step (the server's overhead).
+    # A job nobody watches must not pay a VAE decode + PNG per step (the server's overhead).
     worker = setup.worker()
 
     async def steps(previews: bool) -> list[dict]:
@@ -236,12 +280,10 @@ def test_step_previews_are_made_only_for_subscribers_that_want_them(setup: Setup
         job = worker.submit(_request(f"previews {previews}", steps=3), owner="alice")
         events: list[dict] = []
         async with setup.hub.subscribe(job.id, previews=previews) as queue:
-            waiting = asyncio.create_task(worker.wait(job.id))  # the sync caller: never wants previews
-            await asyncio.sleep(0)
             gate.release()
             while not events or events[-1]["type"] not in ("succeeded", "failed", "cancelled"):
                 events.append(await asyncio.wait_for(queue.get(), WAIT_S))
-            assert (await waiting).status is JobStatus.SUCCEEDED
+        assert events[-1]["type"] == "succeeded"
         assert (await finished(worker, blocker)).status is JobStatus.SUCCEEDED
         return [event for event in events if event["type"] == "step"]
 

@@ -118,8 +118,8 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
 
 @dataclass(frozen=True)
 class Completed:
-    """A succeeded job as a synchronous dialect answers it: the stored image bytes (in the requested format)
-    and the job row (sizes, seeds, media names, usage)."""
+    """A succeeded job as a synchronous dialect answers it: its images' encoded bytes (in the requested
+    format, as stored) and the job row (sizes, seeds, media names, usage)."""
 
     job: Job
     images: list[bytes]
@@ -162,16 +162,14 @@ async def generate(
     request: GenerateRequest,
     on_step: StepCallback | None = None,
 ) -> Completed:
-    """Submit `request` as a job of `owner`, wait for it (a client disconnect cancels it), read its images."""
-    job = await asyncio.to_thread(services.worker.submit, request, owner, on_step)
-    job = await until_disconnected(http_request, services.worker.wait(job.id))
+    """Submit `request` as a job of `owner` and wait for it (a client disconnect cancels it)."""
+    outcome = await until_disconnected(http_request, services.worker.submit_and_wait(request, owner, on_step))
+    job = outcome.job
     if job.status is JobStatus.CANCELLED:
         raise Cancelled(job.error or "cancelled")
     if job.status is not JobStatus.SUCCEEDED:
         raise EngineError(f"generation failed: {job.error}")
-    names = [image["media"] for image in (job.result or {}).get("images", [])]
-    images = await asyncio.gather(*(asyncio.to_thread(services.media.read, name) for name in names))
-    return Completed(job, list(images))
+    return Completed(job, list(outcome.images))
 
 
 async def encode_all(images: Sequence[Image.Image], fmt: ImageFormat, quality: int | None) -> list[bytes]:

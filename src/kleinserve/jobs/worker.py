@@ -4,13 +4,15 @@
     worker.start()                                   # recovers jobs a crash left running, starts the engine
     # or: worker.start(engine_thread=False), then worker.run_engine() on the thread that loaded the model
     job = worker.submit(request, owner="alice")      # validated, stored, queued (raises Overloaded)
-    job = await worker.wait(job.id)                  # sync APIs; async APIs poll the store instead
+    outcome = await worker.submit_and_wait(request, owner="alice")   # sync APIs: the job and its image bytes
 
 Batching: the oldest queued job always runs next, together with younger jobs of the same batch key (size,
 steps, guidance, text length, reference geometry) up to `max_batch` images, so compatible work shares an
 engine call and an older incompatible job never starves. Image encoding and storage happen on an encoder
-thread pool, so the engine starts the next batch at once. Cancel: a queued job is cancelled at once; a
-running job is marked cancelled at the next step boundary (its batch stops when every job in it is cancelled).
+thread pool, so the engine starts the next batch at once; a synchronous caller gets the encoded bytes from
+there in memory (`Outcome`), not by reading them back from the media store. Cancel: a queued job is
+cancelled at once; a running job is marked cancelled at the next step boundary (its batch stops when every
+job in it is cancelled).
 
 Which thread runs the engine matters on CPU: torch's OpenMP keeps one thread team per thread that has run
 parallel work, and with the loading thread's team next to the engine thread's the engine ran much slower
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import functools
 import io
 import logging
@@ -43,7 +46,7 @@ from kleinserve.engine.pipeline import Pipeline
 from kleinserve.engine.references import to_rgb
 from kleinserve.errors import Cancelled, KleinError, Overloaded, Unavailable
 from kleinserve.jobs import metering
-from kleinserve.jobs.events import TERMINAL_EVENTS, EventHub
+from kleinserve.jobs.events import EventHub
 from kleinserve.jobs.metrics import Metrics
 from kleinserve.jobs.store import Job, JobStatus, JobStore, new_job_id
 from kleinserve.types import (
@@ -58,6 +61,18 @@ from kleinserve.types import (
 log = logging.getLogger(__name__)
 PREVIEW_SIDE = 256  # step previews in job events are at most this many pixels per side
 IDLE_POLL_S = 0.5
+# A job's stored progress (GET /v1/jobs/{id}, BFL get_result) lags its steps by at most this; its events carry
+# every step. Each save is a SQLite commit (0.15-0.2 ms here), too dear at every step of a fast model.
+PROGRESS_SAVE_INTERVAL_S = 0.5
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A job's end as its synchronous caller gets it: the final row and, if it succeeded, its images'
+    encoded bytes (the very bytes stored), in order."""
+
+    job: Job
+    images: tuple[bytes, ...] = ()
 
 
 class OutputStore(Protocol):
@@ -103,6 +118,7 @@ class Worker:
         self._cancel_requested: set[str] = set()
         self._submit_lock = threading.Lock()
         self._listeners: dict[str, StepCallback] = {}  # in-process step callbacks (streaming APIs)
+        self._waiters: dict[str, asyncio.Future[Outcome]] = {}  # submit_and_wait's callers, by job id
         self._accepting = True
         self._warmed = False
         self._stopping = False
@@ -158,10 +174,16 @@ class Worker:
 
     # API side
     def submit(
-        self, request: GenerateRequest, owner: str, on_step: StepCallback | None = None, **job_fields: Any
+        self,
+        request: GenerateRequest,
+        owner: str,
+        on_step: StepCallback | None = None,
+        *,
+        ended: asyncio.Future[Outcome] | None = None,
+        **job_fields: Any,
     ) -> Job:
         """Validate, store and queue `request`; `job_fields` (webhook_url, webhook_secret, extra) are stored
-        on the job."""
+        on the job; `ended` (a future of the event loop) gets the job's Outcome."""
         if not self._accepting:
             raise Unavailable("the server is shutting down; try again shortly", retry_after=30)
         resolved = self.pipeline.resolve(request)
@@ -192,29 +214,31 @@ class Worker:
             )
             if on_step is not None:
                 self._listeners[job_id] = on_step
+            if ended is not None:  # before the job is queued: it cannot end unseen
+                self._waiters[job_id] = ended
             self.store.add(job)
         self.metrics.queue_depth.set(waiting + 1)
         self.hub.publish(job_id, {"type": "queued", "position": waiting + 1})
         self._wake.set()
         return job
 
-    async def wait(self, job_id: str) -> Job:
-        """Wait until the job is terminal; cancelling the waiting task cancels the job."""
-        async with self.hub.subscribe(job_id, previews=False) as events:
-            job = self.store.get(job_id)
-            try:
-                while not job.status.terminal:
-                    try:
-                        event = await asyncio.wait_for(events.get(), timeout=IDLE_POLL_S * 4)
-                        if event["type"] not in TERMINAL_EVENTS:
-                            continue  # the store is read once the job has ended, not at every step
-                    except TimeoutError:
-                        pass
-                    job = self.store.get(job_id)
-            except asyncio.CancelledError:
-                self.cancel(job_id, job.owner)
-                raise
-        return job
+    async def submit_and_wait(
+        self, request: GenerateRequest, owner: str, on_step: StepCallback | None = None
+    ) -> Outcome:
+        """Submit and wait for the job's end; cancelling the waiting task cancels the job. No store read, no
+        file read: every way a job ends passes through _terminal, which hands the Outcome over."""
+        ended: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        if request.reference_images:  # stored as PNG files first: milliseconds, so off the event loop
+            job = await asyncio.to_thread(self.submit, request, owner, on_step, ended=ended)
+        else:  # a few SQLite statements (~0.2 ms), cheaper here than a hand-off to a thread and back
+            job = self.submit(request, owner, on_step, ended=ended)
+        try:
+            return await ended
+        except asyncio.CancelledError:
+            self.cancel(job.id, owner)
+            raise
+        finally:
+            self._waiters.pop(job.id, None)
 
     def cancel(self, job_id: str, owner: str) -> Job:
         job = self.store.request_cancel(job_id, owner)
@@ -286,21 +310,30 @@ class Worker:
         self.metrics.batch_size.observe(sum(job.params["num_images"] for job in batch))
         live = {job.id for job in batch}
         last_step = [time.perf_counter()]
+        last_saved = [time.perf_counter()]  # when progress was last written to the store
 
         def on_step(progress: Progress) -> None:
-            self.metrics.step.observe(time.perf_counter() - last_step[0])
+            now = time.perf_counter()
+            self.metrics.step.observe(now - last_step[0])
+            done = progress.step / progress.total_steps
             for job_id in list(live & self._cancel_requested):
                 live.discard(job_id)
                 self._terminal(
-                    self.store.finish(job_id, JobStatus.CANCELLED, error="cancelled by the client")
+                    self.store.finish(
+                        job_id, JobStatus.CANCELLED, error="cancelled by the client", progress=done
+                    )
                 )
+            save_progress = now - last_saved[0] >= PROGRESS_SAVE_INTERVAL_S
+            if save_progress:
+                last_saved[0] = now
             decoded = functools.cache(progress.preview)  # one VAE pass per step, whoever asks
             previews = self._previews(decoded, batch, live)
             offset = 0
             for job in batch:
                 count = job.params["num_images"]
                 if job.id in live:
-                    self.store.set_progress(job.id, progress.step / progress.total_steps)
+                    if save_progress:
+                        self.store.set_progress(job.id, done)
                     event = {"type": "step", "step": progress.step, "total_steps": progress.total_steps}
                     self.hub.publish(job.id, {**event, **previews.get(job.id, {})})
                     if listener := self._listeners.get(job.id):
@@ -356,12 +389,13 @@ class Worker:
     def _store_result(self, job: Job, result: GenerateResult) -> None:
         try:
             fmt = ImageFormat(job.params["output_format"])
-            images = []
+            images, encoded = [], []
             for image in result.images:
                 start = time.perf_counter()
                 data = encode_image(image.image, fmt, job.params.get("output_quality"))
                 self.metrics.image_encoding.observe(time.perf_counter() - start)
                 images.append({"media": self.outputs.save(data, fmt), "seed": image.seed})
+                encoded.append(data)
             summary = {
                 "images": images,
                 "width": result.width,
@@ -370,12 +404,14 @@ class Worker:
                 "guidance": result.guidance,
             }
             usage = metering.usage(result, engine_seconds=sum(result.timings.values()))
-            self._terminal(self.store.finish(job.id, JobStatus.SUCCEEDED, result=summary, usage=usage))
+            job = self.store.finish(job.id, JobStatus.SUCCEEDED, result=summary, usage=usage)
+            self._terminal(job, tuple(encoded))
         except Exception:
             log.exception("storing the result of job %s failed", job.id)
             self._terminal(self.store.finish(job.id, JobStatus.FAILED, error="storing the result failed"))
 
-    def _terminal(self, job: Job) -> None:
+    def _terminal(self, job: Job, images: tuple[bytes, ...] = ()) -> None:
+        """Every way a job ends (`job` is its final row) passes here; `images` are its encoded results."""
         self._listeners.pop(job.id, None)
         self._cancel_requested.discard(job.id)
         for index in range(job.reference_count):  # the inputs are only needed to (re-)run the job
@@ -387,3 +423,12 @@ class Worker:
         self.hub.publish(job.id, event)
         if self.on_finished is not None:
             self.on_finished(job)
+        # Last: the woken caller's answer then need not wait for this thread's Python work (the GIL).
+        if (ended := self._waiters.pop(job.id, None)) is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the caller is gone
+                ended.get_loop().call_soon_threadsafe(_settle, ended, Outcome(job, images))
+
+
+def _settle(ended: asyncio.Future[Outcome], outcome: Outcome) -> None:
+    if not ended.done():  # a cancelled caller's future is done already
+        ended.set_result(outcome)
