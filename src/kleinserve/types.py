@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+import pybase64
 from PIL import Image
 
 
@@ -66,6 +67,12 @@ def encode_image(image: Image.Image, fmt: ImageFormat = ImageFormat.PNG, quality
     else:
         image.save(buffer, format=fmt.value.upper(), quality=90 if quality is None else quality)
     return buffer.getvalue()
+
+
+def base64_text(data: bytes) -> str:
+    """Standard base64 of `data`, as the wire formats carry images. pybase64 (SIMD) rather than the standard
+    library: 6 us instead of 0.38 ms for a 197 KB PNG, on every image answer (the overhead target is 5 ms)."""
+    return pybase64.b64encode_as_string(data)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ distilled klein, as on Cloudflare), `input_image_0` ... `input_image_3`. The ima
 from __future__ import annotations
 
 import asyncio
-import base64
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
@@ -28,7 +27,7 @@ from kleinserve.errors import (
     UnknownModel,
 )
 from kleinserve.media import decode_base64, decode_image
-from kleinserve.types import GenerateRequest, ImageFormat
+from kleinserve.types import GenerateRequest, ImageFormat, base64_text
 
 PREFIXES = ("/client/v4/", "/ai/run/")
 DEFAULT_WIDTH, DEFAULT_HEIGHT = 1024, 768
@@ -130,7 +129,7 @@ def build_router(services: Services) -> APIRouter:
         completed = await service.generate(services, http_request, owner, request)
         (png,) = completed.images
         return {
-            "result": {"image": base64.b64encode(png).decode()},
+            "result": {"image": base64_text(png)},
             "success": True,
             "errors": [],
             "messages": [],

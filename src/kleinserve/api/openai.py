@@ -9,7 +9,6 @@ says what was made. `stream: true` answers Server-Sent Events with `partial_imag
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import time
 from collections.abc import AsyncIterator
@@ -24,7 +23,7 @@ from kleinserve.api import service
 from kleinserve.api.service import Completed, Services
 from kleinserve.errors import InvalidInput, KleinError, Overloaded
 from kleinserve.media import decode_image
-from kleinserve.types import GenerateRequest, ImageFormat, Progress
+from kleinserve.types import GenerateRequest, ImageFormat, Progress, base64_text
 
 PREFIXES = ("/v1/images", "/v1/models")
 MAX_PROMPT_CHARS = 32000
@@ -275,7 +274,7 @@ def _body(
         if wire.wants_url:
             item: dict[str, Any] = {"url": base_url + services.media.signed_path(name)}
         else:
-            item = {"b64_json": base64.b64encode(payload).decode()}
+            item = {"b64_json": base64_text(payload)}
         data.append({**item, "revised_prompt": None, "seed": seed})
     return {
         "created": int(time.time()),
@@ -321,7 +320,7 @@ async def _stream(
             yield _event(
                 f"{kind}.partial_image",
                 {
-                    "b64_json": base64.b64encode(payload).decode(),
+                    "b64_json": base64_text(payload),
                     "partial_image_index": partial_index,
                     "created_at": int(time.time()),
                     "output_format": fmt.value,
@@ -344,7 +343,7 @@ async def _stream(
         yield _event(
             f"{kind}.completed",
             {
-                "b64_json": base64.b64encode(payload).decode(),
+                "b64_json": base64_text(payload),
                 "created_at": int(time.time()),
                 "output_format": fmt.value,
                 "size": f"{completed.width}x{completed.height}",

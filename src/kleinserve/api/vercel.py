@@ -9,7 +9,6 @@ under any provider key may set `steps`, `guidance`, `negative_prompt`, `output_f
 from __future__ import annotations
 
 import asyncio
-import base64
 import math
 from typing import Any
 
@@ -28,7 +27,7 @@ from kleinserve.errors import (
     UnknownModel,
 )
 from kleinserve.media import decode_base64, decode_image
-from kleinserve.types import GenerateRequest, ImageFormat
+from kleinserve.types import GenerateRequest, ImageFormat, base64_text
 
 PREFIXES = ("/image-model",)
 _OPTION_KEYS = {"steps", "guidance", "negative_prompt", "output_format"}
@@ -201,7 +200,7 @@ def build_router(services: Services) -> APIRouter:
         request = to_request(body, references, services.spec.distilled, options)
         completed = await service.generate(services, http_request, owner, request)
         return {
-            "images": [base64.b64encode(data).decode() for data in completed.images],
+            "images": [base64_text(data) for data in completed.images],
             "warnings": warnings,
             "providerMetadata": {
                 "kleinserve": {

@@ -27,7 +27,6 @@ thread remains for embedding and tests.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import functools
 import io
@@ -55,6 +54,7 @@ from kleinserve.types import (
     ImageFormat,
     Progress,
     StepCallback,
+    base64_text,
     encode_image,
 )
 
@@ -382,7 +382,7 @@ class Worker:
             first.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE))
             buffer = io.BytesIO()
             first.save(buffer, format="PNG")
-            previews[job.id] = {"preview": base64.b64encode(buffer.getvalue()).decode()}
+            previews[job.id] = {"preview": base64_text(buffer.getvalue())}
         return previews
 
     # encoder threads
