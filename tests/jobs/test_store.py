@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from kleinserve.errors import NotFound
-from kleinserve.jobs.store import MAX_ATTEMPTS, Job, JobStatus, SqliteJobStore, new_job_id
+from kleinserve.jobs.store import MAX_ATTEMPTS, Job, JobStatus, Load, SqliteJobStore, new_job_id
 
 
 @pytest.fixture
@@ -125,18 +125,23 @@ def test_request_cancel_queued_is_at_once_running_is_flagged(store: SqliteJobSto
     assert store.request_cancel(done.id, "alice").status is JobStatus.SUCCEEDED  # terminal stays
 
 
-def test_in_flight_counts_queued_and_running_of_one_owner(store: SqliteJobStore) -> None:
+def test_load_counts_all_queued_jobs_and_one_owners_in_flight(store: SqliteJobStore) -> None:
     a, b, c = store.add(_job()), store.add(_job()), store.add(_job())
     store.add(_job("bob"))
-    assert store.in_flight("alice") == 3
+    assert store.load("alice") == Load(queued=4, in_flight=3)
     store.mark_running([a.id])
-    assert store.in_flight("alice") == 3
+    assert store.load("alice") == Load(queued=3, in_flight=3)  # running is in flight, not queued
     store.finish(a.id, JobStatus.SUCCEEDED)
     store.request_cancel(b.id, "alice")
-    assert store.in_flight("alice") == 1
-    assert store.in_flight("bob") == 1
-    assert store.in_flight("nobody") == 0
+    assert store.load("alice") == Load(queued=2, in_flight=1)
+    assert store.load("bob") == Load(queued=2, in_flight=1)
+    assert store.load("nobody") == Load(queued=2, in_flight=0)
     assert c.id in {job.id for job in store.queued()}
+
+
+def test_finish_of_an_unknown_job_is_not_found(store: SqliteJobStore) -> None:
+    with pytest.raises(NotFound):
+        store.finish("no-such-job", JobStatus.FAILED, error="boom")
 
 
 def test_recover_requeues_once_then_fails_with_a_reason(tmp_path: Path) -> None:

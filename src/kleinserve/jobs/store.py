@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from kleinserve.errors import NotFound
 
@@ -64,6 +64,13 @@ class Job:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+class Load(NamedTuple):
+    """What the submit limits look at: queued jobs of all keys, and queued + running jobs of one key."""
+
+    queued: int
+    in_flight: int
+
+
 class JobStore(Protocol):
     def add(self, job: Job) -> Job: ...
     def get(self, job_id: str, owner: str | None = None) -> Job: ...
@@ -74,7 +81,7 @@ class JobStore(Protocol):
     def finish(self, job_id: str, status: JobStatus, **fields: Any) -> Job: ...
     def request_cancel(self, job_id: str, owner: str) -> Job: ...
     def set_webhook_status(self, job_id: str, status: str) -> None: ...
-    def in_flight(self, owner: str) -> int: ...
+    def load(self, owner: str) -> Load: ...
     def recover(self) -> list[Job]: ...
     def usage(self, owner: str | None = None, since: float | None = None) -> list[Job]: ...
 
@@ -188,10 +195,13 @@ class SqliteJobStore:
             sets["progress"] = 1.0
         values = [json.dumps(v) if k in _JSON_COLUMNS and v is not None else v for k, v in sets.items()]
         with self._lock:
-            self._db.execute(
-                f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in sets)} WHERE id = ?", (*values, job_id)
-            )
-        return self.get(job_id)
+            rows = self._db.execute(  # fetched to the end: the statement (and its write) then completes
+                f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in sets)} WHERE id = ? RETURNING {_COLUMNS}",
+                (*values, job_id),
+            ).fetchall()
+        if not rows:
+            raise NotFound(f"no job {job_id!r}")
+        return _from_row(rows[0])
 
     def request_cancel(self, job_id: str, owner: str) -> Job:
         """Queued: cancelled at once. Running: flagged (the worker stops it at the next step)."""
@@ -211,12 +221,14 @@ class SqliteJobStore:
         with self._lock:
             self._db.execute("UPDATE jobs SET webhook_status = ? WHERE id = ?", (status, job_id))
 
-    def in_flight(self, owner: str) -> int:
+    def load(self, owner: str) -> Load:
         with self._lock:
-            (count,) = self._db.execute(
-                "SELECT COUNT(*) FROM jobs WHERE owner = ? AND status IN ('queued', 'running')", (owner,)
+            queued, in_flight = self._db.execute(
+                "SELECT COUNT(*) FILTER (WHERE status = 'queued'), COUNT(*) FILTER (WHERE owner = ?) "
+                "FROM jobs WHERE status IN ('queued', 'running')",
+                (owner,),
             ).fetchone()
-        return int(count)
+        return Load(int(queued), int(in_flight))
 
     def recover(self) -> list[Job]:
         """After a crash: jobs left running are queued again, or failed after MAX_ATTEMPTS; returns them."""

@@ -189,10 +189,9 @@ class Worker:
         resolved = self.pipeline.resolve(request)
         with self._submit_lock:  # the limits are checked and the job added as one step
             limits = self.settings
-            waiting = len(self.store.queued(limit=limits.max_waiting + 1))
+            waiting, in_flight = self.store.load(owner)
             if waiting >= limits.max_waiting:
                 raise Overloaded(f"{waiting} jobs are waiting (limit {limits.max_waiting})", retry_after=5)
-            in_flight = self.store.in_flight(owner)
             if in_flight >= limits.max_in_flight_per_key:
                 raise Overloaded(
                     f"{in_flight} jobs of this key are in flight (limit {limits.max_in_flight_per_key})",
