@@ -156,6 +156,26 @@ def test_bf16_storage_with_fp32_compute_is_exact(model: str, request: pytest.Fix
     assert max_difference(roomy_image, cramped.generate(REQUEST).images[0].image) <= 1
 
 
+def test_a_packed_weight_that_takes_no_more_memory_is_packed_whatever_the_budget(bf16_all_dir: Path) -> None:
+    # bf16 weights computed in bf16: packing replaces each weight by a copy of the same size, so it is done
+    # even with no memory to spare (at 4B the spare memory had come out negative and nothing was packed).
+    cramped = load_pipeline(str(bf16_all_dir), dtype="bfloat16", memory_budget_gib=1e-6)
+    for component in ("transformer", "text_encoder"):
+        kinds = {
+            type(module).__name__
+            for name, module in getattr(cramped.components, component).named_modules()
+            if "Linear" in type(module).__name__
+        }
+        assert kinds == {"PackedLinear"}, (component, kinds)
+
+
+def test_the_automatic_budget_is_measured_before_the_weights_are_loaded(tiny_dir: Path) -> None:
+    before = choose_placement("cpu", "float32").budget()
+    loaded = load_pipeline(str(tiny_dir), device="cpu", dtype="float32").components.placement
+    assert loaded.memory_budget is not None  # frozen at load time, not re-measured with the weights in RAM
+    assert abs(loaded.memory_budget - before) < 256 << 20
+
+
 # --- int8 -------------------------------------------------------------------------------------------------
 
 

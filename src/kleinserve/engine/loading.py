@@ -278,6 +278,7 @@ def _common_dtype(header: dict[str, Any]) -> str:
 
 def load_components(source: ModelSource, placement: Placement) -> ModelComponents:
     """Load every component of `source` and place it as `placement` says."""
+    placement = placement.with_budget_now()
     info = inspect_source(source)
     directory = source.directory
     # Per component, so that no fp32-stored weight is ever read as bf16; the VAE is small: always fp32.

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import dataclasses
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -77,6 +78,14 @@ class Placement:
             return self.memory_budget
         memory = psutil.virtual_memory()
         return int(min(memory.available - _HEADROOM_BYTES, memory.total * _MAX_RAM_FRACTION))
+
+    def with_budget_now(self) -> Placement:
+        """This placement with its automatic budget measured now. The loader calls it before reading any
+        weight: measured after, the available memory no longer counts the loaded weights, which place_modules
+        subtracts again (at 4B that left no spare memory, and no Linear was packed: bench/engine.py)."""
+        if self.memory_budget is not None:
+            return self
+        return dataclasses.replace(self, memory_budget=self.budget())
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (glibc malloc.h)
@@ -161,7 +170,8 @@ def place_modules(
     for module in modules:
         for parent, name, linear in _linears(module):
             extra = linear.weight.numel() * (placement.dtype.itemsize - linear.weight.element_size())
-            if extra <= spare and torch.backends.mkldnn.is_available():
+            # extra == 0: the packed weight replaces the stored one, so it always fits.
+            if (extra == 0 or extra <= spare) and torch.backends.mkldnn.is_available():
                 setattr(parent, name, PackedLinear(linear, placement.dtype))
                 spare -= extra
             else:

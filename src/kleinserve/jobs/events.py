@@ -3,14 +3,16 @@
     hub = EventHub(); hub.attach(loop)
     async with hub.subscribe(job_id) as events:     # SSE endpoints: step events carry previews
         event = await events.get()
-    async with hub.subscribe(job_id, previews=False) as events:   # sync API callers wait for the end
+    async with hub.subscribe(job_id, previews=False) as events:   # progress without pictures
     hub.publish(job_id, {"type": "step", "step": 2, "total_steps": 4})   # engine or encoder thread
+    hub.previews(decode, [(job_id, 1)], live={job_id})   # {job_id: {"preview": ...}} if anyone wants one
 
 Event types: `queued` (with `position`), `running`, `step` (`step`, `total_steps`, optional `preview` base64
 PNG), `succeeded`, `failed` (`error`), `cancelled`. The last three end the stream.
 
 A preview costs a VAE decode and a PNG encode per step on the engine thread (as much as the denoising step
 itself for small images), so previews are made only while a subscriber that wants them is listening.
+Sync API callers do not subscribe at all: the worker hands them their job's end directly.
 """
 
 from __future__ import annotations
@@ -18,10 +20,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from PIL import Image
+
+from kleinserve.types import base64_text, encode_image
+
 TERMINAL_EVENTS = ("succeeded", "failed", "cancelled")
+PREVIEW_SIDE = 256  # step previews are at most this many pixels per side
 Event = dict[str, Any]
 
 
@@ -51,6 +58,26 @@ class EventHub:
     def wants_previews(self, job_id: str) -> bool:
         """Someone subscribed with previews=True is listening to this job."""
         return self._preview_watchers[job_id] > 0
+
+    def previews(
+        self, decoded: Callable[[], list[Image.Image]], batch: list[tuple[str, int]], live: set[str]
+    ) -> dict[str, Event]:
+        """{"preview": base64 PNG of the job's first image} for the live jobs of a batch ((job id, image
+        count) in batch order, as the images of `decoded()`) that a subscriber wants previews of. `decoded`
+        costs a VAE pass for the whole batch: it is called only if someone watches."""
+        watched = {job_id for job_id, _ in batch if job_id in live and self.wants_previews(job_id)}
+        if not watched:
+            return {}
+        images = decoded()
+        previews: dict[str, Event] = {}
+        offset = 0
+        for job_id, count in batch:
+            if job_id in watched:
+                first = images[offset].copy()
+                first.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE))
+                previews[job_id] = {"preview": base64_text(encode_image(first))}
+            offset += count
+        return previews
 
     def _deliver(self, job_id: str, event: Event) -> None:
         for queue in self._subscribers.get(job_id, ()):

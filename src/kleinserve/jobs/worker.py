@@ -14,14 +14,8 @@ there in memory (`Outcome`), not by reading them back from the media store. Canc
 cancelled at once; a running job is marked cancelled at the next step boundary (its batch stops when every
 job in it is cancelled).
 
-Which thread runs the engine matters on CPU: torch's OpenMP keeps one thread team per thread that has run
-parallel work, and with the loading thread's team next to the engine thread's the engine ran much slower
-(likely cause, not proven: libgomp then sees more threads than cores and stops spinning between parallel
-regions). Measured (tiny-random, 256 px, 2 cores, p50 of 60 requests
-to `kleinserve serve`): engine time 142-151 ms with the engine on the thread that loaded the weights,
-212-270 ms on a thread of its own; `pipeline.generate` in a plain process: 137-160 ms. So
-`kleinserve serve` loads the model on the thread that then calls `run_engine()`; `start()`'s own engine
-thread remains for embedding and tests.
+`kleinserve serve` runs the engine on the thread that loaded the model (`run_engine()`; why: api/server.py's
+`serve`); `start()`'s own engine thread remains for embedding and tests.
 """
 
 from __future__ import annotations
@@ -29,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import io
 import logging
 import threading
 import time
@@ -54,12 +47,10 @@ from kleinserve.types import (
     ImageFormat,
     Progress,
     StepCallback,
-    base64_text,
     encode_image,
 )
 
 log = logging.getLogger(__name__)
-PREVIEW_SIDE = 256  # step previews in job events are at most this many pixels per side
 IDLE_POLL_S = 0.5
 # A job's stored progress (GET /v1/jobs/{id}, BFL get_result) lags its steps by at most this; its events carry
 # every step. Each save is a SQLite commit (0.15-0.2 ms here), too dear at every step of a fast model.
@@ -317,16 +308,15 @@ class Worker:
             done = progress.step / progress.total_steps
             for job_id in list(live & self._cancel_requested):
                 live.discard(job_id)
-                self._terminal(
-                    self.store.finish(
-                        job_id, JobStatus.CANCELLED, error="cancelled by the client", progress=done
-                    )
+                ended = self.store.finish(
+                    job_id, JobStatus.CANCELLED, error="cancelled by the client", progress=done
                 )
+                self._terminal(ended)
             save_progress = now - last_saved[0] >= PROGRESS_SAVE_INTERVAL_S
             if save_progress:
                 last_saved[0] = now
             decoded = functools.cache(progress.preview)  # one VAE pass per step, whoever asks
-            previews = self._previews(decoded, batch, live)
+            previews = self.hub.previews(decoded, [(job.id, job.params["num_images"]) for job in batch], live)
             offset = 0
             for job in batch:
                 count = job.params["num_images"]
@@ -361,28 +351,6 @@ class Worker:
         for job, result in zip(batch, results, strict=True):
             if job.id in live:
                 self._encoder.submit(self._store_result, job, result)
-
-    def _previews(
-        self, decoded: Callable[[], list[Image.Image]], batch: list[Job], live: set[str]
-    ) -> dict[str, dict[str, Any]]:
-        """Small base64 PNG previews for the jobs someone is watching (decoding costs a VAE pass for the
-        whole batch, the PNG one encode per watched job)."""
-        watched = {job.id for job in batch if job.id in live and self.hub.wants_previews(job.id)}
-        if not watched:
-            return {}
-        decoded_images = decoded()
-        previews: dict[str, dict[str, Any]] = {}
-        offset = 0
-        for job in batch:
-            first_index, offset = offset, offset + job.params["num_images"]
-            if job.id not in watched:
-                continue
-            first = decoded_images[first_index].copy()
-            first.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE))
-            buffer = io.BytesIO()
-            first.save(buffer, format="PNG")
-            previews[job.id] = {"preview": base64_text(buffer.getvalue())}
-        return previews
 
     # encoder threads
     def _store_result(self, job: Job, result: GenerateResult) -> None:
