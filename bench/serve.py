@@ -1,13 +1,15 @@
 """Server benchmark: throughput and latency of `kleinserve serve` under concurrent clients, with and without
 batching, and the HTTP server's overhead over a direct engine call.
 
-    python bench/serve.py [--model tiny-random] [--batch 8] [--clients 16] [--requests 4] [--single 40]
+    python bench/serve.py [--model tiny-random] [--batch 8] [--clients 16] [--requests 8] [--single 40]
 
 For each `--max-batch` (`--batch`, then 1, `--rounds` times: this machine's speed drifts by up to 2x, so the
 two alternate and the median of each is compared) a `kleinserve serve` subprocess is started on a fresh data
 dir; `--clients` concurrent clients each send `--requests` OpenAI `POST /v1/images/generations` (one image of
-SIZE x SIZE, distinct prompts and seeds) one after the other. Reported: images/s (all images / wall time) and
-p50/p95/p99 request latency.
+SIZE x SIZE, distinct prompts and seeds) one after the other, after a warm-up of one request per client at
+once. Reported: images/s (all images / wall time) and p50/p95/p99 request latency. Eight requests per client,
+so that steady state dominates: with four, a batched run's first and last waves weighed in (9.4-10.4 instead
+of 12.3-14.4 images/s at max-batch 8).
 
 Overhead: `--single` sequential requests to the idle max-batch-1 server. For each, what serving added: its
 latency minus its own job's engine time (`usage.engine_seconds` of the job, read back through
@@ -133,8 +135,11 @@ async def load(base_url: str, clients: int, requests: int, size: int) -> tuple[f
                 answer.raise_for_status()
                 latencies.append(time.perf_counter() - start)
 
-        # Warm-up: one request (first-call costs in the server).
-        (await client.post("/v1/images/generations", json=body(999_999, size))).raise_for_status()
+        # Warm-up: one request per client at once, so that every batch size the run will see has run once
+        # (first calls of a shape pay one-time costs: oneDNN primitives, allocator growth).
+        warm = [client.post("/v1/images/generations", json=body(990_000 + n, size)) for n in range(clients)]
+        for answer in await asyncio.gather(*warm):
+            answer.raise_for_status()
         start = time.perf_counter()
         await asyncio.gather(*(one_client(n) for n in range(clients)))
         return time.perf_counter() - start, latencies
@@ -253,7 +258,7 @@ def main() -> int:
     parser.add_argument("--model", default="tiny-random")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--requests", type=int, default=4, help="per client")
+    parser.add_argument("--requests", type=int, default=8, help="per client")
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument(
         "--single", type=int, default=40, help="overhead requests (each via http.client, httpx, directly)"
