@@ -206,7 +206,12 @@ class Worker:
                 self._listeners[job_id] = on_step
             if ended is not None:  # before the job is queued: it cannot end unseen
                 self._waiters[job_id] = ended
-            self.store.add(job)
+            try:
+                self.store.add(job)
+            except BaseException:
+                self._listeners.pop(job_id, None)
+                self._waiters.pop(job_id, None)
+                raise
         self.metrics.queue_depth.set(waiting + 1)
         self.hub.publish(job_id, {"type": "queued", "position": waiting + 1})
         self._wake.set()
