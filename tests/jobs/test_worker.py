@@ -166,6 +166,23 @@ def test_submit_and_wait_hands_over_the_stored_bytes(setup: Setup, pipeline: Pip
     run(setup, scenario)
 
 
+@pytest.mark.parametrize(("interval_s", "stored_after_step_1"), [(0.0, 1 / 3), (3600.0, 0.0)])
+def test_stored_progress_is_saved_at_most_once_per_progress_interval(
+    setup: Setup, interval_s: float, stored_after_step_1: float
+) -> None:
+    worker = setup.worker(progress_interval_s=interval_s)
+    gate = setup.gate()
+
+    async def scenario() -> None:
+        job = worker.submit(_request("progress", steps=3), owner="alice", on_step=gate)
+        await reach(gate.reached)  # step 1 done; its progress was saved before the step callbacks ran, or not
+        assert setup.store.get(job.id).progress == stored_after_step_1
+        gate.release()
+        assert (await finished(worker, job)).progress == 1.0  # the end is always stored
+
+    run(setup, scenario)
+
+
 def test_cancelling_the_waiting_caller_cancels_its_job(setup: Setup) -> None:
     # A sync client that disconnects: its request's task is cancelled, and so must its job be.
     worker = setup.worker()

@@ -52,9 +52,6 @@ from kleinserve.types import (
 
 log = logging.getLogger(__name__)
 IDLE_POLL_S = 0.5
-# A job's stored progress (GET /v1/jobs/{id}, BFL get_result) lags its steps by at most this; its events carry
-# every step. Each save is a SQLite commit (0.15-0.2 ms here), too dear at every step of a fast model.
-PROGRESS_SAVE_INTERVAL_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -77,6 +74,9 @@ class WorkerSettings:
     max_batch: int = 4  # images per engine call
     max_waiting: int = 64  # queued jobs, all keys together
     max_in_flight_per_key: int = 24  # queued + running jobs of one key
+    # A job's stored progress (GET /v1/jobs/{id}, BFL get_result) lags its steps by at most this; its events
+    # carry every step. A save is a SQLite commit (0.15-0.2 ms here): too dear at every step of a fast model.
+    progress_interval_s: float = 0.5
 
 
 class Worker:
@@ -304,6 +304,7 @@ class Worker:
             self.hub.publish(job.id, {"type": "running"})
         self.metrics.batch_size.observe(sum(job.params["num_images"] for job in batch))
         live = {job.id for job in batch}
+        counts = [(job.id, job.params["num_images"]) for job in batch]  # batch order, as the engine's images
         last_step = [time.perf_counter()]
         last_saved = [time.perf_counter()]  # when progress was last written to the store
 
@@ -317,20 +318,19 @@ class Worker:
                     job_id, JobStatus.CANCELLED, error="cancelled by the client", progress=done
                 )
                 self._terminal(ended)
-            save_progress = now - last_saved[0] >= PROGRESS_SAVE_INTERVAL_S
+            save_progress = now - last_saved[0] >= self.settings.progress_interval_s
             if save_progress:
                 last_saved[0] = now
             decoded = functools.cache(progress.preview)  # one VAE pass per step, whoever asks
-            previews = self.hub.previews(decoded, [(job.id, job.params["num_images"]) for job in batch], live)
+            previews = self.hub.previews(decoded, counts, live)
             offset = 0
-            for job in batch:
-                count = job.params["num_images"]
-                if job.id in live:
+            for job_id, count in counts:
+                if job_id in live:
                     if save_progress:
-                        self.store.set_progress(job.id, done)
+                        self.store.set_progress(job_id, done)
                     event = {"type": "step", "step": progress.step, "total_steps": progress.total_steps}
-                    self.hub.publish(job.id, {**event, **previews.get(job.id, {})})
-                    if listener := self._listeners.get(job.id):
+                    self.hub.publish(job_id, {**event, **previews.get(job_id, {})})
+                    if listener := self._listeners.get(job_id):
                         own = functools.partial(lambda o, c: decoded()[o : o + c], offset, count)
                         listener(Progress(progress.step, progress.total_steps, preview=own))
                 offset += count
