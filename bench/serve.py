@@ -37,7 +37,6 @@ import asyncio
 import http.client
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -51,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 BATCHING_TARGET = 1.5
 OVERHEAD_TARGET_MS = 5.0
@@ -146,29 +146,28 @@ async def load(base_url: str, clients: int, requests: int, size: int) -> tuple[f
 
 
 @dataclass
-class Overhead:
-    """Per request of the overhead phase, in seconds; one list per client."""
+class Requests:
+    """Requests of the overhead phase through one HTTP client, in seconds."""
 
-    latency: list[float] = field(default_factory=list)  # HTTP (http.client), as the client sees it
+    latency: list[float] = field(default_factory=list)  # as the client sees it
     engine: list[float] = field(default_factory=list)  # the job's own engine time (usage.engine_seconds)
     encoding: list[float] = field(default_factory=list)  # the server's PNG encoding of the image
-    httpx_latency: list[float] = field(default_factory=list)  # the same request through httpx
-    httpx_engine: list[float] = field(default_factory=list)
-    httpx_encoding: list[float] = field(default_factory=list)
-    direct: list[float] = field(default_factory=list)  # pipeline.generate + PNG encoding in this process
+
+    def add(self, measured: tuple[float, float, float]) -> None:
+        for values, value in zip((self.latency, self.engine, self.encoding), measured, strict=True):
+            values.append(value)
 
     @property
     def serving(self) -> list[float]:
         """What serving adds to each request: its latency minus its own engine and encoding time."""
-        return _minus(self.latency, self.engine, self.encoding)
-
-    @property
-    def httpx_serving(self) -> list[float]:
-        return _minus(self.httpx_latency, self.httpx_engine, self.httpx_encoding)
+        return [a - b - c for a, b, c in zip(self.latency, self.engine, self.encoding, strict=True)]
 
 
-def _minus(latency: list[float], engine: list[float], encoding: list[float]) -> list[float]:
-    return [a - b - c for a, b, c in zip(latency, engine, encoding, strict=True)]
+@dataclass
+class Overhead:
+    lean: Requests = field(default_factory=Requests)  # through http.client
+    httpx: Requests = field(default_factory=Requests)  # the same kind of request through httpx
+    direct: list[float] = field(default_factory=list)  # pipeline.generate + PNG encoding in this process
 
 
 class Probe:
@@ -181,10 +180,13 @@ class Probe:
         self.lean = http.client.HTTPConnection(url.host, url.port, timeout=600)
 
     def encoding_seconds(self) -> float:
+        """The server's total image-encoding time so far (its /metrics histogram)."""
         metrics = self.client.get("/metrics").raise_for_status().text
-        found = re.search(r"^kleinserve_image_encoding_seconds_sum (\S+)$", metrics, re.MULTILINE)
-        assert found, "no image encoding histogram in /metrics"
-        return float(found.group(1))
+        for family in text_string_to_metric_families(metrics):
+            for sample in family.samples:
+                if sample.name == "kleinserve_image_encoding_seconds_sum":
+                    return sample.value
+        raise AssertionError("no image encoding histogram in /metrics")
 
     def request(self, wire: dict[str, Any], lean: bool) -> tuple[float, float, float]:
         """(latency, engine seconds, encoding seconds) of one image request."""
@@ -231,14 +233,8 @@ def overhead(args: argparse.Namespace, base_url: str) -> Overhead:
     try:
         probe.request(body(-1 % 10**6, args.size), lean=True)
         for i in range(args.single):
-            latency, engine, encoding = probe.request(body(500_000 + i, args.size), lean=True)
-            measured.latency.append(latency)
-            measured.engine.append(engine)
-            measured.encoding.append(encoding)
-            latency, engine, encoding = probe.request(body(700_000 + i, args.size), lean=False)
-            measured.httpx_latency.append(latency)
-            measured.httpx_engine.append(engine)
-            measured.httpx_encoding.append(encoding)
+            measured.lean.add(probe.request(body(500_000 + i, args.size), lean=True))
+            measured.httpx.add(probe.request(body(700_000 + i, args.size), lean=False))
             start = time.perf_counter()
             direct(600_000 + i)  # another prompt: neither side hits a prompt cache
             measured.direct.append(time.perf_counter() - start)
@@ -296,18 +292,18 @@ def main() -> int:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     speedup = statistics.median(throughput[args.batch]) / statistics.median(throughput[1])
-    overhead_ms = statistics.median(measured.serving) * 1000
+    overhead_ms = statistics.median(measured.lean.serving) * 1000
     print(
         f"single request through HTTP ({args.single}, idle max-batch-1 server, http.client): "
-        f"{describe(measured.latency)}"
+        f"{describe(measured.lean.latency)}"
     )
     print(
-        f"  its job's engine time: {describe(measured.engine)}; "
-        f"the server's PNG encoding of its image: {describe(measured.encoding)}"
+        f"  its job's engine time: {describe(measured.lean.engine)}; "
+        f"the server's PNG encoding of its image: {describe(measured.lean.encoding)}"
     )
     print(
-        f"  the same through httpx: {describe(measured.httpx_latency)}; latency - engine - encoding: "
-        f"{statistics.median(measured.httpx_serving) * 1000:.1f} ms p50"
+        f"  the same through httpx: {describe(measured.httpx.latency)}; latency - engine - encoding: "
+        f"{statistics.median(measured.httpx.serving) * 1000:.1f} ms p50"
     )
     print(f"pipeline.generate + PNG encoding in this process, alternating: {describe(measured.direct)}")
     verdict = "met" if speedup >= BATCHING_TARGET else "NOT met"
