@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import Qwen3ForCausalLM
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from kleinserve.engine import text
 from kleinserve.engine.text import PromptEmbeddingCache
 
 
@@ -20,6 +23,32 @@ def test_trimmed_encoder_matches_full_model(pipeline, tiny_dir):
     # Not bit-equal: our Linear layers run through oneDNN with packed weights, diffusers' through MKL. A
     # normed h27 would differ by orders of magnitude more than this tolerance.
     torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("lengths", "left", "keys_used"), [((3, 5), False, 5), ((3, 5), True, 16)])
+def test_unpadded_attention_drops_only_keys_no_query_sees(monkeypatch, lengths, left, keys_used):
+    # Padding on the right: keys past the longest prompt are dropped. On the left nothing may be dropped.
+    generator = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(2, 2, 16, 8, generator=generator) for _ in range(3))
+    causal = torch.ones(16, 16, dtype=torch.bool).tril()
+    real = torch.zeros(2, 16, dtype=torch.bool)  # (B, K): which keys are prompt tokens, not padding
+    for row, length in enumerate(lengths):
+        tokens = slice(16 - length, 16) if left else slice(0, length)
+        real[row, tokens] = True
+    mask = (causal & real[:, None, :])[:, None]  # (B, 1, Q, K)
+    module = torch.nn.Module()
+    module.is_causal = True
+    expected, _ = sdpa_attention_forward(module, query, key, value, mask)
+    seen = []
+
+    def recording(module, query, key, value, attention_mask, **kwargs):
+        seen.append(key.shape[2])
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    monkeypatch.setattr(text, "sdpa_attention_forward", recording)
+    ours, _ = text.unpadded_sdpa(module, query, key, value, mask)
+    assert seen == [keys_used]
+    torch.testing.assert_close(ours, expected, equal_nan=True)
 
 
 def pipeline_reference_embeddings(text_encoder, tokenizer, prompts):

@@ -5,7 +5,9 @@ Easy to get wrong (each guarded by tests/engine/test_text.py and the fidelity te
 - every prompt is padded to exactly `max_sequence_length` (512) tokens; all positions, padding included,
   enter the transformer, which gets no text mask;
 - embeddings are the raw outputs of decoder layers 9, 18 and 27 concatenated per token [h9 | h18 | h27];
-  the encoder stops after layer 27 and has no final norm and no LM head (see loading.py).
+  the encoder stops after layer 27 and has no final norm and no LM head (see loading.py);
+- attention leaves out the trailing padding keys no query may see (`unpadded_sdpa`): exact, not an
+  approximation, because Qwen3 is causal and its padding mask masks keys.
 """
 
 from __future__ import annotations
@@ -13,11 +15,42 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import torch
-from transformers import PreTrainedTokenizerBase, Qwen3Model
+from transformers import AttentionInterface, PreTrainedTokenizerBase, Qwen3Model
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from kleinserve.engine.spec import TEXT_ENCODER_LAYERS
 
 DEFAULT_CACHE_BYTES = 512 << 20
+UNPADDED_SDPA = "kleinserve_unpadded_sdpa"
+
+
+def unpadded_sdpa(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: object,
+) -> tuple[torch.Tensor, None]:
+    """transformers' sdpa attention over only the keys some query may attend to.
+
+    query (B, heads, Q, head_dim), key/value (B, kv_heads, K, head_dim), attention_mask (B, 1, Q, K) bool,
+    True = may attend. A prompt is ~20 tokens padded to 512 on the right, so most keys are padding that no
+    query sees; a masked key adds exactly zero after the softmax, and dropping the trailing ones skips that
+    work. In a causal mask the last query row sees every key any row sees, so it alone decides the cut.
+    Measured: tiny-random text encoding 57 -> 35 ms per prompt alone, 39 -> 14 in batches of 8; three
+    4B-sized Qwen3 layers in bf16 1.0 -> 0.92 s. Embeddings equal diffusers' (tests/engine/test_text.py).
+    """
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        seen = attention_mask[:, :, -1, :].flatten(0, 1).any(dim=0).nonzero()  # (n, 1) key indices
+        keep = int(seen.max()) + 1 if len(seen) else attention_mask.shape[-1]
+        key, value, attention_mask = key[:, :, :keep], value[:, :, :keep], attention_mask[..., :keep]
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register(UNPADDED_SDPA, unpadded_sdpa)
+AttentionMaskInterface.register(UNPADDED_SDPA, sdpa_mask)  # the same boolean masks as "sdpa"
 
 
 class PromptEmbeddingCache:
@@ -75,6 +108,7 @@ class PromptEncoder:
     ) -> None:
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
+        text_encoder.set_attn_implementation(UNPADDED_SDPA)
         self.dtype = dtype
         self.cache = cache if cache is not None else PromptEmbeddingCache()
 
