@@ -98,6 +98,7 @@ class Progress:
 
     step: int
     total_steps: int
+    seconds: float  # the engine's time for this step: model call and scheduler step, no callbacks
     preview: Callable[[], list[Image.Image]] = field(default=lambda: [], repr=False, compare=False)
 
 

@@ -205,11 +205,11 @@ class Pipeline:
 
         caller_seconds = 0.0  # spent in on_step: the caller's work (progress, previews), not the engine's
 
-        def step_hook(step: int, total: int, estimate: torch.Tensor) -> None:
+        def step_hook(step: int, total: int, estimate: torch.Tensor, seconds: float) -> None:
             nonlocal caller_seconds
             if on_step is not None:
                 start = time.perf_counter()
-                on_step(Progress(step, total, preview=lambda: self._decode(estimate, h, w)))
+                on_step(Progress(step, total, seconds, preview=lambda: self._decode(estimate, h, w)))
                 caller_seconds += time.perf_counter() - start
 
         with self._timed(timings, "denoising"), self._resident(components.transformer):

@@ -9,6 +9,7 @@ tests/engine/test_sampling.py::test_schedule_matches_published_sigmas.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -47,7 +48,7 @@ def make_scheduler(
 # Velocity model: (noisy target tokens (B, N, C), timestep in [0, 1] of shape (B,)) -> velocity (B, N, C)
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # Called after each step with (step from 1, total steps, estimate of the clean latents (B, N, C)).
-StepHook = Callable[[int, int, torch.Tensor], None]
+StepHook = Callable[[int, int, torch.Tensor, float], None]  # (step, total, x0 estimate, seconds)
 
 
 @dataclass(frozen=True)
@@ -76,13 +77,15 @@ def denoise(
 
     The model gets t = sigma (scheduler timesteps / 1000, as diffusers passes them). Cancellation is checked
     before every step, so a cancelled request stops within one step. The clean estimate handed to `on_step`
-    is x0 = x_t - sigma * v (rectified flow: x_t = (1 - sigma) x0 + sigma noise, v = noise - x0).
+    is x0 = x_t - sigma * v (rectified flow: x_t = (1 - sigma) x0 + sigma noise, v = noise - x0), with the
+    step's own seconds (model call and scheduler step).
     """
     x = noise
     total = len(scheduler.timesteps)
     for index, timestep in enumerate(scheduler.timesteps):
         if cancelled is not None and cancelled():
             raise Cancelled(f"cancelled before step {index + 1} of {total}")
+        start = time.perf_counter()
         t = timestep.expand(x.shape[0]).to(x.dtype) / 1000
         v = velocity(x, t)
         sigma = scheduler.sigmas[index]
@@ -90,5 +93,5 @@ def denoise(
             estimate = x.float() - sigma * v.float()
         x = scheduler.step(v, timestep, x, return_dict=False)[0]
         if on_step is not None:
-            on_step(index + 1, total, estimate)
+            on_step(index + 1, total, estimate, time.perf_counter() - start)
     return x

@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -305,12 +305,11 @@ class Worker:
         self.metrics.batch_size.observe(sum(job.params["num_images"] for job in batch))
         live = {job.id for job in batch}
         counts = [(job.id, job.params["num_images"]) for job in batch]  # batch order, as the engine's images
-        last_step = [time.perf_counter()]
         last_saved = [time.perf_counter()]  # when progress was last written to the store
 
         def on_step(progress: Progress) -> None:
+            self.metrics.step.observe(progress.seconds)
             now = time.perf_counter()
-            self.metrics.step.observe(now - last_step[0])
             done = progress.step / progress.total_steps
             for job_id in list(live & self._cancel_requested):
                 live.discard(job_id)
@@ -332,9 +331,8 @@ class Worker:
                     self.hub.publish(job_id, {**event, **previews.get(job_id, {})})
                     if listener := self._listeners.get(job_id):
                         own = functools.partial(lambda o, c: decoded()[o : o + c], offset, count)
-                        listener(Progress(progress.step, progress.total_steps, preview=own))
+                        listener(replace(progress, preview=own))
                 offset += count
-            last_step[0] = time.perf_counter()
 
         try:
             requests = [self.load_request(job) for job in batch]
