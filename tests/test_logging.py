@@ -4,6 +4,7 @@ subprocess whose every stderr line is a JSON object, the request's id among them
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import signal
@@ -13,7 +14,7 @@ from pathlib import Path
 import httpx
 from fastapi import FastAPI
 
-from kleinserve.logs import HEADER, JsonFormatter, RequestId, request_id
+from kleinserve.logs import HEADER, BackgroundHandler, JsonFormatter, RequestId, request_id
 from tests.test_crash import ServerProcess
 
 
@@ -69,6 +70,32 @@ def test_formatter_writes_one_json_object() -> None:
     assert "ValueError: boom" in entry["exception"]
     assert entry["timestamp"].endswith("Z")
     assert "request_id" not in json.loads(formatter.format(logging.makeLogRecord({"msg": "no request"})))
+
+
+def test_background_handler_keeps_the_request_id_and_writes_everything_on_close() -> None:
+    # Formatted on another thread, where the request's context variable is not set: the id must travel
+    # with the record. close() must write what is still queued (the server's last lines at exit).
+    stream = io.StringIO()
+    handler = BackgroundHandler(stream)
+    logger = logging.getLogger("kleinserve.test-background")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        token = request_id.set("req-9")
+        try:
+            for number in range(200):
+                logger.warning("line %d", number)
+        finally:
+            request_id.reset(token)
+        logger.warning("outside any request")
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+    entries = [json.loads(line) for line in stream.getvalue().splitlines()]
+    messages = [entry["message"] for entry in entries]
+    assert messages == [f"line {n}" for n in range(200)] + ["outside any request"]
+    assert all(entry["request_id"] == "req-9" for entry in entries[:200])
+    assert "request_id" not in entries[200]
 
 
 def test_serve_logs_json_lines_with_the_request_id(tmp_path: Path, tiny_dir: Path) -> None:

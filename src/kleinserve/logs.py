@@ -13,11 +13,14 @@ from __future__ import annotations
 import json
 import logging
 import logging.config
+import logging.handlers
+import queue
 import re
 import secrets
+import sys
 from contextvars import ContextVar
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TextIO
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -44,7 +47,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        current = request_id.get()
+        # Captured by BackgroundHandler on the thread that logged; the variable itself when formatted there.
+        current = getattr(record, "request_id", None) or request_id.get()
         if current is not None:
             entry["request_id"] = current
         if record.name == "uvicorn.access" and isinstance(record.args, tuple) and len(record.args) == 5:
@@ -57,14 +61,40 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+class BackgroundHandler(logging.Handler):
+    """Hands each record, with the id of the request being served, to a thread that formats it with
+    JsonFormatter and writes it to `stream`. uvicorn logs a request's access line on the event loop between
+    the answer's headers and its body: formatted and written there, a line cost 0.32 ms when the server
+    woke from idle, handed over 0.17 ms (0.1 of it is making the LogRecord); the per-request overhead target
+    is 5 ms. A slow stderr reader no longer stalls the event loop either. close() (called by dictConfig's
+    reconfiguration and by logging's exit hook) writes what is queued first."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        super().__init__()
+        self._records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+        self._writer = logging.StreamHandler(stream if stream is not None else sys.stderr)
+        self._writer.setFormatter(JsonFormatter())
+        self._listener = logging.handlers.QueueListener(self._records, self._writer)
+        self._listener.start()
+        self._stopped = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        record.request_id = request_id.get()
+        self._records.put_nowait(record)
+
+    def close(self) -> None:
+        if not self._stopped:  # close() may come twice (reconfiguration, then exit); stop() only once
+            self._stopped = True
+            self._listener.stop()
+            self._writer.close()
+        super().close()
+
+
 # logging.config.dictConfig for the process: everything (kleinserve, uvicorn, libraries) as JSON on stderr.
 LOG_CONFIG: dict[str, Any] = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"json": {"()": JsonFormatter}},
-    "handlers": {
-        "stderr": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}
-    },
+    "handlers": {"stderr": {"()": BackgroundHandler}},
     "loggers": {
         "uvicorn": {"handlers": [], "level": "INFO", "propagate": True},
         "uvicorn.error": {"handlers": [], "level": "INFO", "propagate": True},
