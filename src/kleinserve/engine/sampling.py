@@ -47,8 +47,9 @@ def make_scheduler(
 
 # Velocity model: (noisy target tokens (B, N, C), timestep in [0, 1] of shape (B,)) -> velocity (B, N, C)
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-# Called after each step with (step from 1, total steps, estimate of the clean latents (B, N, C)).
-StepHook = Callable[[int, int, torch.Tensor, float], None]  # (step, total, x0 estimate, seconds)
+# Called after each step with (step from 1, total steps, estimate of the clean latents (B, N, C), the step's
+# seconds).
+StepHook = Callable[[int, int, torch.Tensor, float], None]
 
 
 @dataclass(frozen=True)
