@@ -5,7 +5,8 @@ first and refuses anything over MAX_INPUT_PIXELS before a pixel is decoded (deco
 then decodes fully so that truncated files fail here with a clear message. Only PNG, JPEG, WebP and GIF are
 opened: Pillow's other formats are attack surface no client needs (EPS, for one, runs Ghostscript).
 Animated images give their first frame; palette, CMYK, 16-bit and alpha images are converted by the engine
-(`references.to_rgb`).
+(`references.to_rgb`). A job's decoded references wait in `<data dir>/inputs/` (`ReferenceStore`) until the
+job ends.
 
 Outputs returned as URLs are written under `<data dir>/media/` and served at
 `/media/<name>?expires=<unix seconds>&signature=<hex HMAC-SHA256(secret, "<name>:<expires>")>`; the secret is
@@ -26,6 +27,7 @@ import os
 import secrets
 import socket
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -205,6 +207,34 @@ class MediaStore:
 
     def _sign(self, name: str, expires: int) -> str:
         return hmac.new(self.secret, f"{name}:{expires}".encode(), hashlib.sha256).hexdigest()
+
+
+class ReferenceStore:
+    """A job's reference images as PNG files (`{job id}-{index}.png`) from submit until the job ends, so that
+    a queued job, or one a crash interrupted, can run after a restart. Stored as given: pass RGB images and
+    PNG keeps them exactly."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def path(self, job_id: str, index: int) -> Path:
+        return self.directory / f"{job_id}-{index}.png"
+
+    def save(self, job_id: str, images: Sequence[Image.Image]) -> None:
+        for index, image in enumerate(images):
+            image.save(self.path(job_id, index), format="PNG")
+
+    def load(self, job_id: str, count: int) -> list[Image.Image]:
+        loaded = []
+        for index in range(count):
+            with Image.open(self.path(job_id, index)) as image:
+                loaded.append(image.copy())
+        return loaded
+
+    def remove(self, job_id: str, count: int) -> None:
+        for index in range(count):
+            self.path(job_id, index).unlink(missing_ok=True)
 
 
 def load_or_create_secret(path: Path) -> bytes:

@@ -25,7 +25,7 @@ from kleinserve.jobs import metering
 from kleinserve.jobs.events import EventHub
 from kleinserve.jobs.store import MAX_ATTEMPTS, Job, JobStatus, SqliteJobStore
 from kleinserve.jobs.worker import Worker, WorkerSettings
-from kleinserve.media import MediaStore
+from kleinserve.media import MediaStore, ReferenceStore
 from kleinserve.types import GenerateRequest, Progress
 from tests.conftest import max_difference, pixels, random_image
 from tests.jobs.gate import WAIT_S, Gate
@@ -215,7 +215,7 @@ def test_reference_images_are_stored_as_png_and_reload_identically(setup: Setup,
         job = worker.submit(request, owner="alice")
         assert job.reference_count == 1
         assert job.params["reference_sizes"]  # the processed size, known at submit time
-        stored = setup.inputs / f"{job.id}-0.png"
+        stored = worker.references.path(job.id, 0)
         with Image.open(stored) as image:
             assert image.format == "PNG"
             assert image.mode == "RGB"
@@ -478,9 +478,7 @@ def _crashed_job(setup: Setup, request: GenerateRequest, attempts: int) -> Job:
         attempts=attempts,
         progress=0.5,
     )
-    setup.inputs.mkdir(parents=True, exist_ok=True)
-    for index, image in enumerate(request.reference_images):
-        to_rgb(image).save(setup.inputs / f"{job.id}-{index}.png")
+    ReferenceStore(setup.inputs).save(job.id, [to_rgb(image) for image in request.reference_images])
     return setup.store.add(job)
 
 

@@ -32,8 +32,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from PIL import Image
-
 from kleinserve.engine.pipeline import Pipeline
 from kleinserve.engine.references import to_rgb
 from kleinserve.errors import Cancelled, KleinError, Overloaded, Unavailable
@@ -41,6 +39,7 @@ from kleinserve.jobs import metering
 from kleinserve.jobs.events import EventHub
 from kleinserve.jobs.metrics import Metrics
 from kleinserve.jobs.store import Job, JobStatus, JobStore, new_job_id
+from kleinserve.media import ReferenceStore
 from kleinserve.types import (
     GenerateRequest,
     GenerateResult,
@@ -94,12 +93,11 @@ class Worker:
         self.pipeline = pipeline
         self.store = store
         self.outputs = outputs
-        self.inputs_dir = inputs_dir
+        self.references = ReferenceStore(inputs_dir)
         self.hub = hub
         self.settings = settings
         self.metrics = metrics or Metrics(pipeline.prompts.cache)
         self.on_finished = on_finished  # e.g. webhook delivery; called on the encoder thread
-        inputs_dir.mkdir(parents=True, exist_ok=True)
         self._wake = threading.Event()
         self._started = threading.Event()  # start() was called: run_engine() may begin
         self._engine_running = threading.Event()
@@ -189,9 +187,8 @@ class Worker:
                     retry_after=5,
                 )
             job_id = new_job_id()
-            for index, image in enumerate(request.reference_images):
-                # As the engine will see it (RGB): any input mode can then be stored losslessly as PNG.
-                to_rgb(image).save(self.inputs_dir / f"{job_id}-{index}.png")
+            # As the engine will see them (RGB): any input mode can then be stored losslessly as PNG.
+            self.references.save(job_id, [to_rgb(image) for image in request.reference_images])
             job = Job(
                 id=job_id,
                 owner=owner,
@@ -244,11 +241,7 @@ class Worker:
         return job
 
     def load_request(self, job: Job) -> GenerateRequest:
-        references = []
-        for index in range(job.reference_count):
-            with Image.open(self.inputs_dir / f"{job.id}-{index}.png") as image:
-                references.append(image.copy())
-        return metering.params_request(job.params, references)
+        return metering.params_request(job.params, self.references.load(job.id, job.reference_count))
 
     # engine thread
     def _run(self) -> None:
@@ -384,8 +377,7 @@ class Worker:
         """Every way a job ends (`job` is its final row) passes here; `images` are its encoded results."""
         self._listeners.pop(job.id, None)
         self._cancel_requested.discard(job.id)
-        for index in range(job.reference_count):  # the inputs are only needed to (re-)run the job
-            (self.inputs_dir / f"{job.id}-{index}.png").unlink(missing_ok=True)
+        self.references.remove(job.id, job.reference_count)  # only needed to (re-)run the job
         self.metrics.jobs.labels(job.status.value).inc()
         event: dict[str, Any] = {"type": job.status.value}
         if job.error:
