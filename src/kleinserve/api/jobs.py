@@ -10,7 +10,6 @@ Errors use the OpenAI-style body `{"error": {...}}`.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -22,6 +21,7 @@ from kleinserve.api.service import Services
 from kleinserve.errors import InvalidInput
 from kleinserve.jobs.events import TERMINAL_EVENTS
 from kleinserve.jobs.store import Job, JobStatus
+from kleinserve.types import json_bytes
 
 PREFIXES = ("/v1/jobs",)
 HEARTBEAT_S = 15.0
@@ -51,7 +51,7 @@ def job_body(services: Services, job: Job, base_url: str) -> dict[str, Any]:
 
 
 def _sse(event: dict[str, Any]) -> str:
-    return f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
+    return f"event: {event['type']}\ndata: {json_bytes(event).decode()}\n\n"
 
 
 def build_router(services: Services) -> APIRouter:

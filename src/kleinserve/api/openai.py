@@ -9,7 +9,6 @@ says what was made. `stream: true` answers Server-Sent Events with `partial_imag
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any, Literal
@@ -23,7 +22,7 @@ from kleinserve.api import service
 from kleinserve.api.service import Completed, Services
 from kleinserve.errors import InvalidInput, KleinError, Overloaded
 from kleinserve.media import decode_image
-from kleinserve.types import GenerateRequest, ImageFormat, Progress, base64_text
+from kleinserve.types import GenerateRequest, ImageFormat, Progress, base64_text, json_bytes
 
 PREFIXES = ("/v1/images", "/v1/models")
 MAX_PROMPT_CHARS = 32000
@@ -356,7 +355,7 @@ async def _stream(
 
 
 def _event(name: str, data: dict[str, Any]) -> str:
-    return f"event: {name}\ndata: {json.dumps({'type': name, **data})}\n\n"
+    return f"event: {name}\ndata: {json_bytes({'type': name, **data}).decode()}\n\n"
 
 
 def _card(services: Services, model_id: str) -> dict[str, Any]:

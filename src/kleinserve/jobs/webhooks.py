@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import json
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -22,6 +21,7 @@ from kleinserve.errors import InvalidInput
 from kleinserve.jobs.events import EventHub
 from kleinserve.jobs.store import Job, JobStore
 from kleinserve.media import check_public_url
+from kleinserve.types import json_bytes
 
 log = logging.getLogger(__name__)
 RETRY_DELAYS_S = (1.0, 5.0, 30.0)
@@ -57,7 +57,7 @@ class WebhookSender:
     async def deliver(self, job: Job) -> str:
         """Send with retries; returns and stores the outcome."""
         assert job.webhook_url is not None
-        body = json.dumps(self.render(job)).encode()
+        body = json_bytes(self.render(job))
         headers = {"Content-Type": "application/json"}
         if job.webhook_secret:
             headers["X-BFL-Signature"] = signature(body, job.webhook_secret)
