@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -203,6 +204,23 @@ def test_cancelling_the_waiting_caller_cancels_its_job(setup: Setup) -> None:
         assert setup.store.get(queued.id).started is None  # it never ran
 
     run(setup, scenario)
+
+
+def test_a_submit_whose_row_cannot_be_stored_leaves_nothing_behind(setup: Setup) -> None:
+    # The database refuses the row (a real SQLite error): no reference file, step listener or waiter stays.
+    refuse = "CREATE TRIGGER refuse BEFORE INSERT ON jobs BEGIN SELECT RAISE(ABORT, 'full'); END"
+    setup.store._db.execute(refuse)
+    worker = setup.worker(start=False)
+    request = _request("refused", reference_images=(random_image(64, 64, seed=1),))
+
+    async def scenario() -> None:
+        ended = asyncio.get_running_loop().create_future()
+        with pytest.raises(sqlite3.IntegrityError, match="full"):
+            worker.submit(request, owner="alice", on_step=StepLog(), ended=ended)
+
+    asyncio.run(scenario())
+    assert list(setup.inputs.iterdir()) == []
+    assert not worker._listeners and not worker._waiters
 
 
 def test_reference_images_are_stored_as_png_and_reload_identically(setup: Setup, pipeline: Pipeline) -> None:

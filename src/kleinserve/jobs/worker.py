@@ -205,9 +205,10 @@ class Worker:
                 self._waiters[job_id] = ended
             try:
                 self.store.add(job)
-            except BaseException:
+            except BaseException:  # nothing of a job that was never stored stays behind
                 self._listeners.pop(job_id, None)
                 self._waiters.pop(job_id, None)
+                self.references.remove(job_id, len(request.reference_images))
                 raise
         self.metrics.queue_depth.set(waiting + 1)
         self.hub.publish(job_id, {"type": "queued", "position": waiting + 1})
@@ -295,9 +296,9 @@ class Worker:
         for job in batch:
             self.metrics.queue_wait.observe(now - job.created)
             self.hub.publish(job.id, {"type": "running"})
-        self.metrics.batch_size.observe(sum(job.params["num_images"] for job in batch))
         live = {job.id for job in batch}
         counts = [(job.id, job.params["num_images"]) for job in batch]  # batch order, as the engine's images
+        self.metrics.batch_size.observe(sum(count for _, count in counts))
         last_saved = [time.perf_counter()]  # when progress was last written to the store
 
         def on_step(progress: Progress) -> None:
@@ -306,10 +307,8 @@ class Worker:
             done = progress.step / progress.total_steps
             for job_id in list(live & self._cancel_requested):
                 live.discard(job_id)
-                ended = self.store.finish(
-                    job_id, JobStatus.CANCELLED, error="cancelled by the client", progress=done
-                )
-                self._terminal(ended)
+                cancelled = "cancelled by the client"
+                self._terminal(self.store.finish(job_id, JobStatus.CANCELLED, error=cancelled, progress=done))
             save_progress = now - last_saved[0] >= self.settings.progress_interval_s
             if save_progress:
                 last_saved[0] = now
