@@ -179,6 +179,7 @@ class Probe:
         self.client = httpx.Client(base_url=base_url, timeout=600)
         url = httpx.URL(base_url)
         self.lean = http.client.HTTPConnection(url.host, url.port, timeout=600)
+        self.encoded = self.encoding_seconds()  # as of the last request: one /metrics read per request
 
     def encoding_seconds(self) -> float:
         """The server's total image-encoding time so far (its /metrics histogram)."""
@@ -191,7 +192,6 @@ class Probe:
 
     def request(self, wire: dict[str, Any], lean: bool) -> tuple[float, float, float]:
         """(latency, engine seconds, encoding seconds) of one image request."""
-        encoded_before = self.encoding_seconds()
         payload = json.dumps(wire).encode()
         start = time.perf_counter()
         if lean:
@@ -207,7 +207,8 @@ class Probe:
             latency = time.perf_counter() - start
             raw = response.raise_for_status().content
         job = self.client.get(f"/v1/jobs/{json.loads(raw)['id']}").raise_for_status().json()
-        return latency, job["usage"]["engine_seconds"], self.encoding_seconds() - encoded_before
+        encoded_before, self.encoded = self.encoded, self.encoding_seconds()
+        return latency, job["usage"]["engine_seconds"], self.encoded - encoded_before
 
     def close(self) -> None:
         self.client.close()
