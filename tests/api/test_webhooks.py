@@ -5,6 +5,7 @@ without --allow-private-urls a loopback target is refused. The outcome is on the
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import http.server
@@ -13,12 +14,15 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
 from kleinserve.jobs import webhooks
+from kleinserve.jobs.events import EventHub
+from kleinserve.jobs.store import Job, JobStatus, SqliteJobStore, new_job_id
 from tests.api.conftest import RunningServer
 
 SUBMIT = "/v1/flux-2-klein-4b"
@@ -159,6 +163,44 @@ def test_gives_up_after_retries(
     assert "503" in status
     assert len(receiver.deliveries) == 4
     assert "X-BFL-Signature" not in receiver.deliveries[0].headers
+
+
+def test_retries_wait_1_5_and_30_seconds(
+    tmp_path: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The schedule, without waiting 36 s: the sender's waits are recorded and skipped.
+    waits: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def recorded_sleep(delay: float) -> None:
+        waits.append(delay)
+        await real_sleep(0)
+
+    monkeypatch.setattr(asyncio, "sleep", recorded_sleep)
+    store = SqliteJobStore(tmp_path / "jobs.db")
+    job = store.add(
+        Job(
+            id=new_job_id(),
+            owner="anon",
+            status=JobStatus.SUCCEEDED,
+            params={},
+            reference_count=0,
+            batch_key="",
+            created=time.time(),
+            webhook_url=receiver.url,
+        )
+    )
+    receiver.statuses = [503] * 10
+
+    async def deliver() -> str:
+        async with httpx.AsyncClient() as client:
+            sender = webhooks.WebhookSender(client, store, EventHub(), lambda job: {"id": job.id}, True)
+            return await sender.deliver(job)
+
+    outcome = asyncio.run(deliver())
+    assert waits == [0.0, 1.0, 5.0, 30.0]
+    assert outcome.startswith("failed after 4 attempts") and len(receiver.deliveries) == 4
+    assert store.get(job.id).webhook_status == outcome
 
 
 def test_cancelled_job_posts_error(start_server: Callable[..., RunningServer], receiver: Receiver) -> None:

@@ -40,14 +40,12 @@ class WebhookSender:
         hub: EventHub,
         render: Callable[[Job], dict[str, Any]],
         allow_private: bool = False,
-        retry_delays: tuple[float, ...] | None = None,
     ) -> None:
         self.client = client
         self.store = store
         self.hub = hub  # its event loop runs the deliveries
         self.render = render
         self.allow_private = allow_private
-        self.retry_delays = retry_delays  # None: the module's RETRY_DELAYS_S, read at each delivery
 
     def schedule(self, job: Job) -> None:
         """Deliver in the background (callable from any thread) if the job has a webhook."""
@@ -62,8 +60,7 @@ class WebhookSender:
         if job.webhook_secret:
             headers["X-BFL-Signature"] = signature(body, job.webhook_secret)
         outcome = ""
-        delays = RETRY_DELAYS_S if self.retry_delays is None else self.retry_delays
-        for attempt, delay in enumerate((0.0, *delays), start=1):
+        for attempt, delay in enumerate((0.0, *RETRY_DELAYS_S), start=1):  # read here: tests shorten them
             await asyncio.sleep(delay)
             try:
                 # Resolving blocks: on a worker thread, never on the event loop.
