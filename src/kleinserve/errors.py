@@ -7,8 +7,10 @@
     ├── Unauthorized            no API key, or not a valid one (401)
     ├── Forbidden               a signed link is expired or tampered with (403)
     ├── NotFound                no such media file or job (404)
+    ├── Conflict                the job's state forbids it: cancelling a finished job (409)
     ├── Overloaded              the wait queue is full; `retry_after` seconds (429)
     ├── Unavailable             the server is shutting down or not ready; `retry_after` seconds (503)
+    │   └── StoreUnavailable    the job store cannot be read or written (locked, disk full) (503)
     ├── Cancelled               the caller cancelled the work between two denoising steps (499)
     ├── EngineError             the engine failed on a job (500)
     └── ModelLoadError          a model source cannot be used: names the file and what was expected (500)
@@ -72,6 +74,11 @@ class NotFound(KleinError):
     code = "not_found"
 
 
+class Conflict(KleinError):
+    status = 409
+    code = "conflict"
+
+
 class Overloaded(KleinError):
     """Too much work is waiting; try again after `retry_after` seconds."""
 
@@ -86,6 +93,13 @@ class Overloaded(KleinError):
 class Unavailable(Overloaded):
     status = 503
     code = "unavailable"
+
+
+class StoreUnavailable(Unavailable):
+    """The job store refused a read or write (another process holds its lock, the disk is full ...): the
+    request was not accepted, and may be sent again."""
+
+    code = "store_unavailable"
 
 
 class Cancelled(KleinError):

@@ -35,7 +35,7 @@ def test_health_readiness_and_metrics_after_two_jobs(start_server: Callable[...,
         assert http.get("/healthz").json() == {"status": "ok"}
         deadline = time.monotonic() + 30
         while (ready := http.get("/readyz")).status_code == 503:  # until the engine's warm-up ran
-            assert ready.json() == {"status": "starting"}
+            assert ready.json() == {"status": "not ready", "reason": "starting: the model is warming up"}
             assert time.monotonic() < deadline, "the server never became ready"
             time.sleep(0.02)
         assert ready.status_code == 200

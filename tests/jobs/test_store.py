@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from kleinserve.errors import NotFound
+from kleinserve.errors import Conflict, NotFound
 from kleinserve.jobs.store import MAX_ATTEMPTS, Job, JobStatus, Load, SqliteJobStore, new_job_id
 
 
@@ -122,7 +122,9 @@ def test_request_cancel_queued_is_at_once_running_is_flagged(store: SqliteJobSto
     done = store.add(_job())
     store.mark_running([done.id])
     store.finish(done.id, JobStatus.SUCCEEDED)
-    assert store.request_cancel(done.id, "alice").status is JobStatus.SUCCEEDED  # terminal stays
+    with pytest.raises(Conflict, match="has already ended \\(succeeded\\)"):
+        store.request_cancel(done.id, "alice")
+    assert store.get(done.id).status is JobStatus.SUCCEEDED  # terminal stays
 
 
 def test_load_counts_all_queued_jobs_and_one_owners_in_flight(store: SqliteJobStore) -> None:

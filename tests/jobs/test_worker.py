@@ -198,7 +198,8 @@ def test_cancelling_the_waiting_caller_cancels_its_job(setup: Setup) -> None:
         waiting.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiting
-        assert setup.store.get(queued.id).status is JobStatus.CANCELLED
+        # On a thread (a store call may wait on a lock), so very soon rather than at once.
+        await until(lambda: setup.store.get(queued.id).status is JobStatus.CANCELLED, "the job is cancelled")
         gate.release()
         assert (await finished(worker, blocker)).status is JobStatus.SUCCEEDED
         assert setup.store.get(queued.id).started is None  # it never ran

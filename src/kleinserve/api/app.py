@@ -139,8 +139,8 @@ def build_app(services: Services, max_body_bytes: int = MAX_BODY_BYTES) -> FastA
     @app.get("/readyz", include_in_schema=False)
     async def readyz() -> Response:
         """Ready: the model is loaded and warmed up, and the worker takes work."""
-        if not services.worker.ready:
-            return JSONBody({"status": "starting"}, status_code=503)
+        if (reason := services.worker.unready_reason) is not None:
+            return JSONBody({"status": "not ready", "reason": reason}, status_code=503)
         return JSONBody({"status": "ready", "model": services.spec.name})
 
     @app.get("/metrics", include_in_schema=False)

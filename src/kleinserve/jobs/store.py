@@ -11,10 +11,12 @@ interrupted by a crash: it is queued again once, then failed with a reason.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -22,10 +24,13 @@ from typing import Any, NamedTuple, Protocol
 
 import orjson
 
-from kleinserve.errors import NotFound
+from kleinserve.errors import Conflict, NotFound, StoreUnavailable
 from kleinserve.types import json_bytes
 
 MAX_ATTEMPTS = 2  # the first run and one retry after a crash
+# How long a statement waits for another connection's write lock before StoreUnavailable. Below the clients'
+# patience: a locked store answers 503 in seconds rather than holding requests (and threads) for long.
+BUSY_TIMEOUT_S = 5.0
 
 
 class JobStatus(StrEnum):
@@ -84,6 +89,7 @@ class JobStore(Protocol):
     def request_cancel(self, job_id: str, owner: str) -> Job: ...
     def set_webhook_status(self, job_id: str, status: str) -> None: ...
     def load(self, owner: str) -> Load: ...
+    def check_writable(self) -> None: ...
     def recover(self) -> list[Job]: ...
     def usage(self, owner: str | None = None, since: float | None = None) -> list[Job]: ...
 
@@ -127,19 +133,40 @@ def new_job_id() -> str:
 
 
 class SqliteJobStore:
-    """JobStore on one SQLite file; safe to call from the event loop and the engine/encoder threads."""
+    """JobStore on one SQLite file; safe to call from any thread. Every call may block for up to
+    `busy_timeout_s` (another process holds the write lock) and then raises StoreUnavailable, as it does for a
+    full disk or an I/O error: callers on the event loop go through a thread.
+    """
 
-    def __init__(self, database: Path) -> None:
+    def __init__(self, database: Path, busy_timeout_s: float = BUSY_TIMEOUT_S) -> None:
         database.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(database, check_same_thread=False, isolation_level=None)
+        self._db = sqlite3.connect(
+            database, timeout=busy_timeout_s, check_same_thread=False, isolation_level=None
+        )
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
         self._lock = threading.Lock()
 
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """This connection for one thread at a time; SQLite's operational failures (locked, busy, disk full,
+        I/O) as StoreUnavailable, which every layer above handles (503, a retried write, /readyz false)."""
+        with self._lock:
+            try:
+                yield
+            except sqlite3.OperationalError as exc:
+                raise StoreUnavailable(f"the job store cannot be used right now ({exc})") from exc
+
+    def check_writable(self) -> None:
+        """Take and release the write lock (StoreUnavailable if another connection keeps it)."""
+        with self._locked():
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("ROLLBACK")
+
     def add(self, job: Job) -> Job:
         row = _to_row(job)
-        with self._lock:
+        with self._locked():
             self._db.execute(
                 f"INSERT INTO jobs ({_COLUMNS}) VALUES ({', '.join('?' * len(row))})", tuple(row.values())
             )
@@ -147,7 +174,7 @@ class SqliteJobStore:
 
     def get(self, job_id: str, owner: str | None = None) -> Job:
         """The job; NotFound when it does not exist or belongs to another key."""
-        with self._lock:
+        with self._locked():
             row = self._db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
         if row is None or (owner is not None and row[1] != owner):
             raise NotFound(f"no job {job_id!r}")
@@ -161,12 +188,12 @@ class SqliteJobStore:
             args.append(status.value)
         query += " ORDER BY created DESC LIMIT ?"
         args.append(limit)
-        with self._lock:
+        with self._locked():
             return [_from_row(row) for row in self._db.execute(query, args).fetchall()]
 
     def queued(self, limit: int = 1000) -> list[Job]:
         """Queued jobs, oldest first."""
-        with self._lock:
+        with self._locked():
             rows = self._db.execute(
                 f"SELECT {_COLUMNS} FROM jobs WHERE status = 'queued' ORDER BY created, id LIMIT ?", (limit,)
             ).fetchall()
@@ -176,7 +203,7 @@ class SqliteJobStore:
         """Claim queued jobs for the engine; returns the ids claimed (one cancelled meanwhile is not)."""
         now = time.time()
         claimed = []
-        with self._lock:
+        with self._locked():
             for job_id in job_ids:
                 cursor = self._db.execute(
                     "UPDATE jobs SET status = 'running', started = ?, attempts = attempts + 1, progress = 0 "
@@ -188,7 +215,7 @@ class SqliteJobStore:
         return claimed
 
     def set_progress(self, job_id: str, progress: float) -> None:
-        with self._lock:
+        with self._locked():
             self._db.execute("UPDATE jobs SET progress = ? WHERE id = ?", (progress, job_id))
 
     def finish(self, job_id: str, status: JobStatus, **fields: Any) -> Job:
@@ -197,7 +224,7 @@ class SqliteJobStore:
         if status is JobStatus.SUCCEEDED:
             sets["progress"] = 1.0
         values = [_stored(column, value) for column, value in sets.items()]
-        with self._lock:
+        with self._locked():
             rows = self._db.execute(  # fetched to the end: the statement (and its write) then completes
                 f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in sets)} WHERE id = ? RETURNING {_COLUMNS}",
                 (*values, job_id),
@@ -207,9 +234,12 @@ class SqliteJobStore:
         return _from_row(rows[0])
 
     def request_cancel(self, job_id: str, owner: str) -> Job:
-        """Queued: cancelled at once. Running: flagged (the worker stops it at the next step)."""
+        """Queued: cancelled at once. Running: flagged (the worker stops it at the next step, unless it ends
+        first). Finished: Conflict."""
         job = self.get(job_id, owner)
-        with self._lock:
+        if job.status.terminal:
+            raise Conflict(f"job {job_id} has already ended ({job.status.value}): there is nothing to cancel")
+        with self._locked():
             self._db.execute(
                 "UPDATE jobs SET status = 'cancelled', finished = ?, error = 'cancelled by the client' "
                 "WHERE id = ? AND status = 'queued'",
@@ -221,11 +251,11 @@ class SqliteJobStore:
         return self.get(job.id)
 
     def set_webhook_status(self, job_id: str, status: str) -> None:
-        with self._lock:
+        with self._locked():
             self._db.execute("UPDATE jobs SET webhook_status = ? WHERE id = ?", (status, job_id))
 
     def load(self, owner: str) -> Load:
-        with self._lock:
+        with self._locked():
             queued, in_flight = self._db.execute(
                 "SELECT COUNT(*) FILTER (WHERE status = 'queued'), COUNT(*) FILTER (WHERE owner = ?) "
                 "FROM jobs WHERE status IN ('queued', 'running')",
@@ -235,7 +265,7 @@ class SqliteJobStore:
 
     def recover(self) -> list[Job]:
         """After a crash: jobs left running are queued again, or failed after MAX_ATTEMPTS; returns them."""
-        with self._lock:
+        with self._locked():
             rows = self._db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE status = 'running'").fetchall()
             for row in rows:
                 job = _from_row(row)
@@ -266,7 +296,7 @@ class SqliteJobStore:
         if since is not None:
             query += " AND created >= ?"
             args.append(since)
-        with self._lock:
+        with self._locked():
             return [_from_row(row) for row in self._db.execute(query + " ORDER BY created", args).fetchall()]
 
     def close(self) -> None:

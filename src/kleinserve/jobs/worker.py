@@ -34,11 +34,12 @@ from typing import Any, Protocol
 
 from kleinserve.engine.pipeline import Pipeline
 from kleinserve.engine.references import to_rgb
-from kleinserve.errors import Cancelled, KleinError, Overloaded, Unavailable
+from kleinserve.errors import Cancelled, KleinError, Overloaded, StoreUnavailable, Unavailable
 from kleinserve.jobs import metering
 from kleinserve.jobs.events import EventHub
 from kleinserve.jobs.metrics import Metrics
 from kleinserve.jobs.store import Job, JobStatus, JobStore, new_job_id
+from kleinserve.jobs.writes import EngineWrites
 from kleinserve.media import ReferenceStore
 from kleinserve.types import (
     GenerateRequest,
@@ -51,6 +52,7 @@ from kleinserve.types import (
 
 log = logging.getLogger(__name__)
 IDLE_POLL_S = 0.5
+STORE_RETRY_S = 1.0  # how often the engine tries again while the store refuses writes (jobs/writes.py)
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,14 @@ class Outcome:
 
     job: Job
     images: tuple[bytes, ...] = ()
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A stored, queued job and the future its Outcome arrives on (`Worker.enqueue`, then `Worker.wait`)."""
+
+    job: Job
+    ended: asyncio.Future[Outcome]
 
 
 class OutputStore(Protocol):
@@ -110,6 +120,7 @@ class Worker:
         self._waiters: dict[str, asyncio.Future[Outcome]] = {}  # submit_and_wait's callers, by job id
         self._accepting = True
         self._warmed = False
+        self.writes = EngineWrites(store, on_deferred=self._wake.set)
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="kleinserve-engine", daemon=True)
         self._encoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kleinserve-encode")
@@ -117,8 +128,21 @@ class Worker:
     # lifecycle
     @property
     def ready(self) -> bool:
-        """Warmed up and taking work."""
-        return self._warmed and self._accepting
+        """Warmed up, taking work, its engine loop alive, and the store taking writes."""
+        return self.unready_reason is None
+
+    @property
+    def unready_reason(self) -> str | None:
+        """Why the worker is not ready (/readyz says it), or None when it is."""
+        if self._engine_done.is_set() or self._stopping:
+            return "the engine has stopped"
+        if not self._accepting:
+            return "draining: the server is shutting down"
+        if not self._warmed:
+            return "starting: the model is warming up"
+        if self.writes.refusal is not None:
+            return f"the job store is not taking writes ({self.writes.refusal})"
+        return None
 
     def start(self, engine_thread: bool = True) -> None:
         """Recover the jobs a crash left running, then start the engine on its own thread, or (engine_thread
@@ -175,6 +199,8 @@ class Worker:
         on the job; `ended` (a future of the event loop) gets the job's Outcome."""
         if not self._accepting:
             raise Unavailable("the server is shutting down; try again shortly", retry_after=30)
+        if self.writes.refusal is not None:  # at once, rather than after the store's busy timeout
+            raise StoreUnavailable(f"the job store is not taking writes ({self.writes.refusal})")
         resolved = self.pipeline.resolve(request)
         with self._submit_lock:  # the limits are checked and the job added as one step
             limits = self.settings
@@ -187,8 +213,11 @@ class Worker:
                     retry_after=5,
                 )
             job_id = new_job_id()
-            # As the engine will see them (RGB): any input mode can then be stored losslessly as PNG.
-            self.references.save(job_id, [to_rgb(image) for image in request.reference_images])
+            try:  # as the engine will see them (RGB): any input mode can then be stored losslessly as PNG
+                self.references.save(job_id, [to_rgb(image) for image in request.reference_images])
+            except OSError as exc:
+                self.references.remove(job_id, len(request.reference_images))
+                raise StoreUnavailable(f"the reference images cannot be stored ({exc.strerror})") from exc
             job = Job(
                 id=job_id,
                 owner=owner,
@@ -205,41 +234,64 @@ class Worker:
                 self._waiters[job_id] = ended
             try:
                 self.store.add(job)
-            except BaseException:  # nothing of a job that was never stored stays behind
+            except BaseException as exc:  # nothing of a job that was never stored stays behind
                 self._listeners.pop(job_id, None)
                 self._waiters.pop(job_id, None)
                 self.references.remove(job_id, len(request.reference_images))
+                if isinstance(exc, StoreUnavailable):  # not ready until the engine finds it writable
+                    self.writes.refused(exc)
+                    self._wake.set()
                 raise
         self.metrics.queue_depth.set(waiting + 1)
         self.hub.publish(job_id, {"type": "queued", "position": waiting + 1})
         self._wake.set()
         return job
 
-    async def submit_and_wait(
+    async def enqueue(
         self, request: GenerateRequest, owner: str, on_step: StepCallback | None = None
-    ) -> Outcome:
-        """Submit and wait for the job's end; cancelling the waiting task cancels the job. No store read, no
-        file read: every way a job ends passes through _terminal, which hands the Outcome over."""
+    ) -> Pending:
+        """Submit from the event loop (off it: the store may wait on a lock, references are written as PNG
+        files) and return the job with the future of its Outcome; raises as `submit` does."""
         ended: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        if request.reference_images:  # stored as PNG files first: milliseconds, so off the event loop
-            job = await asyncio.to_thread(self.submit, request, owner, on_step, ended=ended)
-        else:  # a few SQLite statements (~0.2 ms), cheaper here than a hand-off to a thread and back
-            job = self.submit(request, owner, on_step, ended=ended)
+        job = await asyncio.to_thread(self.submit, request, owner, on_step, ended=ended)
+        return Pending(job, ended)
+
+    async def wait(self, pending: Pending) -> Outcome:
+        """The job's Outcome; cancelling the waiting task cancels the job. No store or file read: every way a
+        job ends passes through _terminal, which hands the Outcome over."""
+        job = pending.job
         try:
-            return await ended
+            return await pending.ended
         except asyncio.CancelledError:
-            self.cancel(job.id, owner)
+            # Not awaited: the caller is being cancelled; the store call runs on a thread meanwhile.
+            asyncio.get_running_loop().run_in_executor(None, self._cancel_quietly, job.id, job.owner)
             raise
         finally:
             self._waiters.pop(job.id, None)
 
+    async def submit_and_wait(
+        self, request: GenerateRequest, owner: str, on_step: StepCallback | None = None
+    ) -> Outcome:
+        """`enqueue`, then `wait`."""
+        return await self.wait(await self.enqueue(request, owner, on_step))
+
     def cancel(self, job_id: str, owner: str) -> Job:
+        """Cancel a job of `owner`: the row as it is now (cancelled, or running with cancel_requested, to be
+        stopped at its next step unless it ends first); NotFound, Conflict for a job that has ended."""
         job = self.store.request_cancel(job_id, owner)
         if job.status is JobStatus.CANCELLED:
             self._terminal(job)
         elif job.status is JobStatus.RUNNING:
             self._cancel_requested.add(job_id)
         return job
+
+    def _cancel_quietly(self, job_id: str, owner: str) -> None:
+        """Cancel for a caller that went away: that the job ended meanwhile, or the store refused, is only
+        logged (a job whose cancel was lost runs to its end; nobody waits for it)."""
+        try:
+            self.cancel(job_id, owner)
+        except KleinError as exc:
+            log.info("cancelling job %s for a departed caller: %s", job_id, exc.message)
 
     def load_request(self, job: Job) -> GenerateRequest:
         return metering.params_request(job.params, self.references.load(job.id, job.reference_count))
@@ -260,13 +312,23 @@ class Worker:
             return
         while not self._stopping:
             self._wake.clear()  # before looking, so that a submit during the look is not missed
-            batch = self._next_batch() if self._accepting else []
+            try:
+                self.writes.catch_up()
+                batch = self._next_batch() if self._accepting else []
+            except StoreUnavailable as exc:
+                self.writes.refused(exc)
+                self._wake.wait(STORE_RETRY_S)
+                continue
             if not batch:
                 self._wake.wait(IDLE_POLL_S)
                 continue
             self._idle.clear()
             try:
                 self._run_batch(batch)
+            except StoreUnavailable as exc:  # the batch could not be claimed: its jobs stay queued
+                self.writes.refused(exc)
+            except Exception:  # a bug: logged, and the engine goes on with the next batch
+                log.exception("the engine loop failed on jobs %s", [job.id for job in batch])
             finally:
                 self._idle.set()
 
@@ -297,6 +359,7 @@ class Worker:
             self.metrics.queue_wait.observe(now - job.created)
             self.hub.publish(job.id, {"type": "running"})
         live = {job.id for job in batch}
+        by_id = {job.id: job for job in batch}
         counts = [(job.id, job.params["num_images"]) for job in batch]  # batch order, as the engine's images
         self.metrics.batch_size.observe(sum(count for _, count in counts))
         last_saved = [time.perf_counter()]  # when progress was last written to the store
@@ -307,8 +370,10 @@ class Worker:
             done = progress.step / progress.total_steps
             for job_id in list(live & self._cancel_requested):
                 live.discard(job_id)
-                cancelled = "cancelled by the client"
-                self._terminal(self.store.finish(job_id, JobStatus.CANCELLED, error=cancelled, progress=done))
+                error = "cancelled by the client"
+                self._terminal(
+                    self.writes.finish(by_id[job_id], JobStatus.CANCELLED, error=error, progress=done)
+                )
             save_progress = now - last_saved[0] >= self.settings.progress_interval_s
             if save_progress:
                 last_saved[0] = now
@@ -318,7 +383,7 @@ class Worker:
             for job_id, count in counts:
                 if job_id in live:
                     if save_progress:
-                        self.store.set_progress(job_id, done)
+                        self.writes.progress(job_id, done)
                     event = {"type": "step", "step": progress.step, "total_steps": progress.total_steps}
                     self.hub.publish(job_id, {**event, **previews.get(job_id, {})})
                     if listener := self._listeners.get(job_id):
@@ -337,7 +402,7 @@ class Worker:
                 log.exception("engine failed on jobs %s", [job.id for job in batch])
             for job in batch:
                 if job.id in live:
-                    self._terminal(self.store.finish(job.id, JobStatus.FAILED, error=message))
+                    self._terminal(self.writes.finish(job, JobStatus.FAILED, error=message))
             return
         finally:
             self._cancel_requested -= {job.id for job in batch}
@@ -358,19 +423,22 @@ class Worker:
                 self.metrics.image_encoding.observe(time.perf_counter() - start)
                 images.append({"media": self.outputs.save(data, fmt), "seed": image.seed})
                 encoded.append(data)
-            summary = {
-                "images": images,
-                "width": result.width,
-                "height": result.height,
-                "steps": result.steps,
-                "guidance": result.guidance,
-            }
-            usage = metering.usage(result, engine_seconds=sum(result.timings.values()))
-            job = self.store.finish(job.id, JobStatus.SUCCEEDED, result=summary, usage=usage)
-            self._terminal(job, tuple(encoded))
-        except Exception:
-            log.exception("storing the result of job %s failed", job.id)
-            self._terminal(self.store.finish(job.id, JobStatus.FAILED, error="storing the result failed"))
+        except Exception as exc:  # a full disk (OSError) is not a bug, anything else is
+            if not isinstance(exc, OSError):
+                log.exception("storing the result of job %s failed", job.id)
+            error = "storing the result failed" + (f" ({exc.strerror})" if isinstance(exc, OSError) else "")
+            self._terminal(self.writes.finish(job, JobStatus.FAILED, error=error))
+            return
+        summary = {
+            "images": images,
+            "width": result.width,
+            "height": result.height,
+            "steps": result.steps,
+            "guidance": result.guidance,
+        }
+        usage = metering.usage(result, engine_seconds=sum(result.timings.values()))
+        job = self.writes.finish(job, JobStatus.SUCCEEDED, result=summary, usage=usage)
+        self._terminal(job, tuple(encoded))
 
     def _terminal(self, job: Job, images: tuple[bytes, ...] = ()) -> None:
         """Every way a job ends (`job` is its final row) passes here; `images` are its encoded results."""
