@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import uvicorn
 
-from kleinserve.api.server import ServerSettings, create_app
+from kleinserve.api.server import ServerSettings, create_app, http_config
 from kleinserve.engine import Pipeline, load_pipeline
 
 
@@ -46,10 +46,7 @@ def _free_port() -> int:
 
 def serve_in_thread(settings: ServerSettings, pipeline: Pipeline) -> RunningServer:
     settings = replace(settings, port=_free_port())
-    config = uvicorn.Config(
-        create_app(settings, pipeline), host=settings.host, port=settings.port, log_level="warning"
-    )
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(http_config(create_app(settings, pipeline), settings, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

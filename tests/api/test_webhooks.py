@@ -1,6 +1,8 @@
 """Webhooks against a live kleinserve (wire-formats.md section 4.6): a BFL submit with webhook_url and
 webhook_secret gets one signed POST on completion at a loopback receiver; failed deliveries are retried;
 without --allow-private-urls a loopback target is refused. The outcome is on the job (`webhook_status`).
+Deliveries are durable: one cut by a restart, or owed by a job that crash recovery failed, is sent by the next
+server on the data dir. (Receivers that misbehave: test_webhook_receivers.py.)
 """
 
 from __future__ import annotations
@@ -20,10 +22,14 @@ from typing import Any
 import httpx
 import pytest
 
+from kleinserve.api.auth import DATABASE_NAME
+from kleinserve.api.server import ServerSettings
+from kleinserve.engine import Pipeline
 from kleinserve.jobs import webhooks
 from kleinserve.jobs.events import EventHub
-from kleinserve.jobs.store import Job, JobStatus, SqliteJobStore, new_job_id
-from tests.api.conftest import RunningServer
+from kleinserve.jobs.store import MAX_ATTEMPTS, Job, JobStatus, SqliteJobStore, new_job_id
+from kleinserve.outbound import OutboundPolicy
+from tests.api.conftest import RunningServer, serve_in_thread
 
 SUBMIT = "/v1/flux-2-klein-4b"
 SECRET = "s3cret-for-tests"
@@ -198,9 +204,12 @@ def test_retries_wait_1_5_and_30_seconds(
 
     async def deliver() -> str:
         loops.append(asyncio.get_running_loop())
-        async with httpx.AsyncClient() as client:
-            sender = webhooks.WebhookSender(client, store, EventHub(), lambda job: {"id": job.id}, True)
+        policy = OutboundPolicy(allow_private=True)
+        sender = webhooks.WebhookSender(policy, store, EventHub(), lambda job: {"id": job.id})
+        try:
             return await sender.deliver(job)
+        finally:
+            await sender.aclose()
 
     outcome = asyncio.run(deliver())
     assert waits == [0.0, 1.0, 5.0, 30.0]
@@ -230,3 +239,71 @@ def test_loopback_refused_by_default(server: RunningServer, receiver: Receiver) 
     assert status.startswith("refused"), status
     assert "loopback" in status
     assert receiver.deliveries == []
+
+
+# --- durable deliveries -------------------------------------------------------------------------------------
+
+
+def test_pending_delivery_is_resumed_after_a_restart(
+    tmp_path: Path, server_pipeline: Pipeline, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A delivery waiting for its retry when the server stops is sent by the next server on the data dir."""
+    monkeypatch.setattr(webhooks, "RETRY_DELAYS_S", (60.0, 60.0, 60.0))
+    settings = ServerSettings(data_dir=tmp_path / "data", allow_private_urls=True)
+    receiver.statuses = [503]
+    first = serve_in_thread(settings, server_pipeline)
+    try:
+        with httpx.Client(base_url=first.base_url, timeout=30) as http:
+            job = submit(http, webhook_url=receiver.url, webhook_secret=SECRET)
+            receiver.wait(1)  # refused once; the retry is a minute away
+            assert http.get(f"/v1/jobs/{job['id']}").json()["webhook_status"] is None
+    finally:
+        first.stop()
+    second = serve_in_thread(settings, server_pipeline)
+    try:
+        with httpx.Client(base_url=second.base_url, timeout=30) as http:
+            status = webhook_status(http, job["id"], lambda s: True)
+    finally:
+        second.stop()
+    assert status.startswith("delivered on attempt 1"), status
+    _, delivery = receiver.wait(2)
+    assert delivery.json["id"] == job["id"] and delivery.json["status"] == "Ready"
+    assert delivery.headers["X-BFL-Signature"] == expected_signature(delivery.body)
+
+
+def test_job_failed_by_crash_recovery_sends_its_webhook(
+    tmp_path: Path, server_pipeline: Pipeline, receiver: Receiver
+) -> None:
+    """A job left running by a crash on its last attempt is failed at start-up, and its webhook says so."""
+    data_dir = tmp_path / "data"
+    store = SqliteJobStore(data_dir / DATABASE_NAME)
+    job = store.add(
+        Job(
+            id=new_job_id(),
+            owner="anonymous",
+            status=JobStatus.RUNNING,
+            params={"prompt": "a crash"},
+            reference_count=0,
+            batch_key="",
+            created=time.time(),
+            started=time.time(),
+            attempts=MAX_ATTEMPTS,
+            webhook_url=receiver.url,
+            webhook_secret=SECRET,
+        )
+    )
+    store.close()
+    running = serve_in_thread(ServerSettings(data_dir=data_dir, allow_private_urls=True), server_pipeline)
+    try:
+        (delivery,) = receiver.wait(1)
+    finally:
+        running.stop()
+    assert delivery.json["id"] == job.id
+    assert delivery.json["status"] == "Error"
+    assert "crash" in delivery.json["message"]
+    assert delivery.headers["X-BFL-Signature"] == expected_signature(delivery.body)
+    store = SqliteJobStore(data_dir / DATABASE_NAME)
+    try:
+        assert (store.get(job.id).webhook_status or "").startswith("delivered on attempt 1")
+    finally:
+        store.close()

@@ -8,20 +8,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
-import httpx
 import uvicorn
 from fastapi import FastAPI
 
 from kleinserve.api import bfl
 from kleinserve.api.app import MAX_BODY_BYTES, build_app
 from kleinserve.api.auth import DATABASE_NAME, KeyStore, check_open_binding
+from kleinserve.api.connections import ConnectionLimits, LimitedConfig
 from kleinserve.api.service import Services
 from kleinserve.engine.pipeline import Pipeline
 from kleinserve.errors import InvalidInput
@@ -31,6 +33,7 @@ from kleinserve.jobs.webhooks import WebhookSender
 from kleinserve.jobs.worker import Worker, WorkerSettings
 from kleinserve.logs import LOG_CONFIG, RequestId
 from kleinserve.media import MEDIA_TTL_S, ImageFetcher, MediaStore
+from kleinserve.outbound import AddressPolicy, OutboundPolicy, Resolver, is_public_address
 
 log = logging.getLogger(__name__)
 MEDIA_CLEANUP_INTERVAL_S = 60
@@ -48,6 +51,11 @@ class ServerSettings:
     allow_private_urls: bool = False
     insecure_no_auth: bool = False
     max_body_bytes: int = MAX_BODY_BYTES
+    connections: ConnectionLimits = ConnectionLimits()
+    # How reference URLs and webhooks resolve names and which addresses count as public (outbound.py);
+    # replaced only by tests (a resolver stub on loopback).
+    resolver: Resolver = socket.getaddrinfo
+    public_address: AddressPolicy = is_public_address
 
 
 def check_binding(settings: ServerSettings, keys: KeyStore) -> None:
@@ -55,7 +63,8 @@ def check_binding(settings: ServerSettings, keys: KeyStore) -> None:
     check_open_binding(settings.host, keys, settings.insecure_no_auth)
 
 
-def build_services(settings: ServerSettings, pipeline: Pipeline) -> Services:
+def build_services(settings: ServerSettings, pipeline: Pipeline) -> tuple[Services, WebhookSender]:
+    """The routes' services, and the webhook sender (started and stopped with the app)."""
     keys = KeyStore(settings.data_dir / DATABASE_NAME)
     try:
         check_binding(settings, keys)
@@ -67,26 +76,20 @@ def build_services(settings: ServerSettings, pipeline: Pipeline) -> Services:
     hub = EventHub()
     worker_settings = WorkerSettings(settings.max_batch, settings.max_waiting, settings.max_in_flight_per_key)
     worker = Worker(pipeline, store, media, settings.data_dir / "inputs", hub, worker_settings)
-    client = httpx.AsyncClient()
+    # One policy; the fetcher and the sender each make their own connection pool from it.
+    outbound = OutboundPolicy(settings.allow_private_urls, settings.resolver, settings.public_address)
     services = Services(
-        worker=worker,
-        store=store,
-        hub=hub,
-        keys=keys,
-        media=media,
-        fetcher=ImageFetcher(client, allow_private=settings.allow_private_urls),
+        worker=worker, store=store, hub=hub, keys=keys, media=media, fetcher=ImageFetcher(outbound)
     )
-    webhooks = WebhookSender(
-        client, store, hub, lambda job: bfl.webhook_body(services, job), settings.allow_private_urls
-    )
+    webhooks = WebhookSender(outbound, store, hub, lambda job: bfl.webhook_body(services, job))
     worker.on_finished = webhooks.schedule
-    return services
+    return services, webhooks
 
 
 def create_app(settings: ServerSettings, pipeline: Pipeline, engine_thread: bool = True) -> FastAPI:
     """The app with its background duties (engine, media clean-up) tied to its lifespan; with
     `engine_thread` False the engine runs wherever `app.state.worker.run_engine()` is called."""
-    services = build_services(settings, pipeline)
+    services, webhooks = build_services(settings, pipeline)
     app = build_app(services, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(RequestId)  # outermost of the app's middleware: its id is in every log line
     inner_lifespan = app.router.lifespan_context
@@ -95,6 +98,7 @@ def create_app(settings: ServerSettings, pipeline: Pipeline, engine_thread: bool
     async def lifespan(application: FastAPI) -> AsyncIterator[None]:
         services.hub.attach(asyncio.get_running_loop())
         services.worker.start(engine_thread)
+        await webhooks.resume()  # after start(): the jobs its crash recovery failed send theirs too
         cleanup = asyncio.create_task(_clean_media(services.media))
         try:
             async with inner_lifespan(application):
@@ -102,6 +106,7 @@ def create_app(settings: ServerSettings, pipeline: Pipeline, engine_thread: bool
         finally:
             cleanup.cancel()
             await asyncio.to_thread(services.worker.stop)
+            await webhooks.aclose()  # after the last batch: unsent deliveries stay pending for the next start
             services.store.close()
             services.keys.close()
 
@@ -140,6 +145,20 @@ class DrainingServer(uvicorn.Server):
         self.worker.wait_idle()
         self.should_exit = True
 
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)  # exits the process when the port cannot be bound
+        # Only now, listening: a script that waits for this line may send its first request at once.
+        name = self.worker.pipeline.spec.name
+        print(f"kleinserve: serving {name} at http://{self.config.host}:{self.config.port}/", flush=True)
+
+
+def http_config(app: FastAPI, settings: ServerSettings, **options: Any) -> uvicorn.Config:
+    """uvicorn's configuration for `app` on the settings' host and port, under their connection limits;
+    `options` are more uvicorn.Config arguments (logging). `serve` and the tests' servers both use it."""
+    config = LimitedConfig(app, settings.connections, host=settings.host, port=settings.port, **options)
+    log.info("serving at most %d connections at once", config.connection_cap)
+    return config
+
 
 def serve(settings: ServerSettings, load: Callable[[], Pipeline]) -> None:
     """Load the model and serve until SIGTERM/SIGINT. `load` runs on the engine thread, which then runs the
@@ -167,8 +186,5 @@ def serve(settings: ServerSettings, load: Callable[[], Pipeline]) -> None:
     pipeline = loaded.result()
     app = create_app(settings, pipeline, engine_thread=False)
     worker.set_result(app.state.worker)
-    print(f"kleinserve: serving {pipeline.spec.name} at http://{settings.host}:{settings.port}/", flush=True)
-    config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level="info", log_config=LOG_CONFIG
-    )
+    config = http_config(app, settings, log_level="info", log_config=LOG_CONFIG)
     DrainingServer(config, app.state.worker).run()

@@ -25,6 +25,7 @@ from typing import Any, NamedTuple, Protocol
 import orjson
 
 from kleinserve.errors import Conflict, NotFound, StoreUnavailable
+from kleinserve.files import private_database
 from kleinserve.types import json_bytes
 
 MAX_ATTEMPTS = 2  # the first run and one retry after a crash
@@ -92,6 +93,7 @@ class JobStore(Protocol):
     def check_writable(self) -> None: ...
     def recover(self) -> list[Job]: ...
     def usage(self, owner: str | None = None, since: float | None = None) -> list[Job]: ...
+    def pending_webhooks(self) -> list[Job]: ...
 
 
 _SCHEMA = """
@@ -118,6 +120,8 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, created);
 CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, created);
+CREATE INDEX IF NOT EXISTS jobs_with_pending_webhook ON jobs (finished)
+    WHERE webhook_url IS NOT NULL AND webhook_status IS NULL;
 """
 _JSON_COLUMNS = ("params", "result", "usage", "extra")
 _COLUMNS = (
@@ -139,9 +143,8 @@ class SqliteJobStore:
     """
 
     def __init__(self, database: Path, busy_timeout_s: float = BUSY_TIMEOUT_S) -> None:
-        database.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(
-            database, timeout=busy_timeout_s, check_same_thread=False, isolation_level=None
+            private_database(database), timeout=busy_timeout_s, check_same_thread=False, isolation_level=None
         )
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -298,6 +301,16 @@ class SqliteJobStore:
             args.append(since)
         with self._locked():
             return [_from_row(row) for row in self._db.execute(query + " ORDER BY created", args).fetchall()]
+
+    def pending_webhooks(self) -> list[Job]:
+        """Finished jobs whose webhook has no outcome yet (webhook_status is written once, when delivery
+        ends): deliveries a crash or a shutdown cut, and those of jobs failed by `recover()`. Oldest first."""
+        with self._locked():
+            rows = self._db.execute(
+                f"SELECT {_COLUMNS} FROM jobs WHERE webhook_url IS NOT NULL AND webhook_status IS NULL "
+                "AND status IN ('succeeded', 'failed', 'cancelled') ORDER BY finished, id"
+            ).fetchall()
+        return [_from_row(row) for row in rows]
 
     def close(self) -> None:
         self._db.close()
