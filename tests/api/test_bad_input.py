@@ -788,3 +788,112 @@ def test_url_body_over_the_size_cap_is_400(
         response = send_url(http, surface, image_host.base_url + path)
         assert_refused(surface, response, mentions=(reference_param(surface, 0), "larger than 1000 bytes"))
         assert_serving(http, surface)
+
+
+# --- what only a parser sees: nesting, huge numbers, lone surrogates, non-finite ratios --------------------
+
+BFL = "/v1/flux-2-klein-4b"
+JSON_PATHS = {"openai-generations": OPENAI_GENERATIONS, "vercel": VERCEL, "bfl": BFL}
+BFL_FIELDS = {"prompt": "a red fox", "width": 256, "height": 256}
+
+
+def post_json_text(client: httpx.Client, surface: str, text: str) -> httpx.Response:
+    """`text` sent as the JSON body as it is: values json.dumps cannot write (lone surrogates, NaN)."""
+    return client.post(
+        JSON_PATHS[surface], content=text.encode(), headers={"content-type": "application/json"}
+    )
+
+
+def with_field(surface: str, name: str, value_text: str) -> str:
+    """The surface's good JSON fields with `name` set to the raw JSON `value_text`."""
+    fields = BFL_FIELDS if surface == "bfl" else base_fields(surface)
+    rest = json.dumps({key: value for key, value in fields.items() if key != name})
+    return f'{{"{name}": {value_text}, {rest[1:]}'
+
+
+def assert_json_refused(surface: str, response: httpx.Response, *, mentions: tuple[str, ...] = ()) -> None:
+    """Refused in the dialect: BFL's 422 `{"detail": [{loc, msg, type}]}`, the others' 400 `{"error"}`."""
+    if surface != "bfl":
+        assert_refused(surface, response, mentions=mentions)
+        return
+    assert response.status_code == 422, response.text[:500]
+    [detail] = response.json()["detail"]
+    assert set(detail) == {"loc", "msg", "type"}, detail
+    for words in mentions:
+        assert words.lower() in detail["msg"].lower(), detail
+
+
+def assert_json_serving(client: httpx.Client, surface: str) -> None:
+    if surface != "bfl":
+        assert_serving(client, surface)
+        return
+    accepted = client.post(BFL, json=BFL_FIELDS)  # asynchronous: accepted and queued is serving
+    assert accepted.status_code == 200 and accepted.json()["polling_url"], accepted.text[:500]
+
+
+@pytest.mark.parametrize("surface", JSON_PATHS)
+def test_json_nested_100000_deep_is_refused(client: httpx.Client, surface: str) -> None:
+    """Python's json module answered a RecursionError (500); over 1024 levels is malformed here."""
+    nested = "[" * 100_000 + "]" * 100_000
+    response = post_json_text(client, surface, with_field(surface, "extra", nested))
+    assert_json_refused(surface, response, mentions=("malformed json", "depth"))
+    assert_json_serving(client, surface)
+
+
+@pytest.mark.parametrize("surface", JSON_PATHS)
+def test_integer_of_5000_digits_is_refused(client: httpx.Client, surface: str) -> None:
+    """Past Python's 4300-digit int-from-string limit json.loads raised a ValueError (500)."""
+    response = post_json_text(client, surface, with_field(surface, "seed", "9" * 5000))
+    assert_json_refused(surface, response, mentions=("malformed json",))
+    assert_json_serving(client, surface)
+
+
+@pytest.mark.parametrize("surface", JSON_PATHS)
+def test_lone_surrogate_in_a_json_prompt_is_refused(client: httpx.Client, surface: str) -> None:
+    """'\\ud800' is valid JSON text for Python's json module, but no Unicode string: the store, the tokenizer
+    and every JSON writer refused it later (500 for Vercel)."""
+    response = post_json_text(client, surface, with_field(surface, "prompt", '"a fox \\ud800"'))
+    assert_json_refused(surface, response, mentions=("malformed json", "surrogate"))
+    assert_json_serving(client, surface)
+
+
+def test_lone_surrogate_in_a_bfl_webhook_secret_is_refused(client: httpx.Client) -> None:
+    text = with_field("bfl", "webhook_secret", '"\\udc00"')
+    text = text[:-1] + ', "webhook_url": "https://example.com/hook"}'
+    response = post_json_text(client, "bfl", text)
+    assert_json_refused("bfl", response, mentions=("surrogate",))
+    assert_json_serving(client, "bfl")
+
+
+def test_lone_surrogate_in_a_multipart_prompt_is_refused(client: httpx.Client) -> None:
+    """Multipart fields are decoded in the charset the Content-Type names; UTF-7's "+2AA-" is U+D800 alone.
+    (OpenAI edits read the same way, service.read_form; pydantic refused such a prompt there already.)"""
+    fields = {**base_fields("cloudflare"), "prompt": "+2AA-"}
+    body, content_type = _multipart(fields, {"input_image_0": small_png()})
+    response = client.post(
+        CLOUDFLARE, content=body, headers={"content-type": f"{content_type}; charset=utf-7"}
+    )
+    assert_refused("cloudflare", response, mentions=("prompt", "unicode"))
+    assert_serving(client, "cloudflare")
+
+
+@pytest.mark.parametrize("files", [5, True, 0.5])
+def test_vercel_files_that_is_not_a_list_is_refused(client: httpx.Client, files: object) -> None:
+    response = send(client, "vercel", {"files": files})
+    assert_refused("vercel", response, mentions=("files", "array"), param="files")
+    assert_serving(client, "vercel")
+
+
+@pytest.mark.parametrize("ratio", ["NaN:1", "1:nan", "Infinity:Infinity"])
+def test_vercel_aspect_ratio_that_is_not_finite_is_refused(client: httpx.Client, ratio: str) -> None:
+    response = send(client, "vercel", {"size": None, "aspectRatio": ratio})
+    assert_refused("vercel", response, mentions=("aspectRatio",), param="aspectRatio")
+    assert_serving(client, "vercel")
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+def test_json_nan_and_infinity_literals_are_refused(client: httpx.Client, literal: str) -> None:
+    """Not JSON; Python's json module read them as floats."""
+    response = post_json_text(client, "vercel", with_field("vercel", "n", literal))
+    assert_refused("vercel", response, mentions=("malformed json",))
+    assert_serving(client, "vercel")

@@ -14,7 +14,7 @@ import base64
 import io
 import json
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,9 @@ import pytest
 from PIL import Image
 
 from kleinserve.api.auth import KeyStore
-from tests.api.conftest import RunningServer
+from kleinserve.api.server import ServerSettings
+from kleinserve.engine import load_pipeline
+from tests.api.conftest import RunningServer, serve_in_thread
 from tests.conftest import max_difference, random_image, random_png_files
 
 CURL = "/usr/bin/curl"
@@ -125,6 +127,33 @@ def test_docs_example_verbatim(server: RunningServer) -> None:
     _, image = image_of(json.loads(done.stdout))
     assert image.format == "PNG"
     assert image.size == (1024, 1024)
+
+
+@pytest.fixture(scope="module")
+def toy_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """What `kleinserve serve` without --model serves: the embedded toy, trained at 128-256 px."""
+    toy = load_pipeline("flux-2-klein-toy", dtype="float32")
+    running = serve_in_thread(ServerSettings(data_dir=tmp_path_factory.mktemp("toy-data")), toy)
+    yield running
+    running.stop()
+
+
+def test_without_a_size_a_klein_sized_model_makes_cloudflares_1024x768(server: RunningServer) -> None:
+    assert server.pipeline.spec.default_side == 1024  # the tiny model declares klein's own default
+    _, image = generate(short_url(server), "prompt=a sunset at the alps", "seed=3")
+    assert image.size == (1024, 768)
+
+
+def test_without_a_size_a_smaller_model_keeps_4_3_at_its_own_side(toy_server: RunningServer) -> None:
+    """The toy's default side is 256: 256x192, not a smeared 1024x768. The 256-1920 bounds still apply to
+    sizes a client sends."""
+    assert toy_server.pipeline.spec.default_side == 256
+    _, image = generate(short_url(toy_server), "prompt=a red circle on a white background", "seed=3")
+    assert image.size == (256, 192)
+    _, given = generate(short_url(toy_server), "prompt=a red circle", "width=256", "height=256", "seed=3")
+    assert given.size == (256, 256)
+    status, body = curl(short_url(toy_server), "prompt=a red circle", "width=192", "height=192")
+    assert "width 192 is out of range" in assert_error(status, body, 5006, 400)
 
 
 def test_short_form_with_size_and_seed(server: RunningServer) -> None:

@@ -8,8 +8,10 @@ from __future__ import annotations
 import base64
 import io
 import json
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from kleinserve.api.auth import KeyStore
+from kleinserve.api.auth import DATABASE_NAME, KeyStore
 from tests.api.conftest import RunningServer
 
 SUBMIT = "/v1/flux-2-klein-4b"
@@ -199,3 +201,42 @@ def test_events_of_a_cancelled_job(client: httpx.Client) -> None:
     (event,) = sse_events(client, queued_id)
     assert event[0] == "cancelled" and event[1]["error"]
     assert sse_events(client, running_id)[-1][0] == "cancelled"
+
+
+def test_store_calls_wait_for_a_lock_off_the_event_loop(start_server: Callable[..., RunningServer]) -> None:
+    """Another process holds the database's write lock: a submit waits for it (up to the store's busy timeout)
+    holding the store, and the job API's and BFL's polls wait behind it, each on a thread of its own, while
+    the event loop goes on answering /healthz at once. (On the loop, the polls stalled every request.)"""
+    server = start_server()
+    with httpx.Client(base_url=server.base_url, timeout=30) as http:
+        job_id = submit(http)
+        wait_for(http, job_id, finished)
+
+    def get(path: str) -> httpx.Response:
+        with httpx.Client(base_url=server.base_url, timeout=30) as own:
+            return own.get(path)
+
+    def submit_alone() -> str:
+        with httpx.Client(base_url=server.base_url, timeout=30) as own:
+            return submit(own)
+
+    holder = sqlite3.connect(server.settings.data_dir / DATABASE_NAME, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            blocked_submit = pool.submit(submit_alone)
+            time.sleep(0.3)  # the submit now waits for the lock, holding the store
+            polls = [pool.submit(get, f"/v1/jobs/{job_id}"), pool.submit(get, f"/v1/get_result?id={job_id}")]
+            time.sleep(0.3)  # the polls now wait for the store
+            started = time.monotonic()
+            health = httpx.get(server.base_url + "/healthz", timeout=30)
+            elapsed = time.monotonic() - started
+            assert health.status_code == 200
+            assert elapsed < 0.3, f"/healthz took {elapsed:.2f} s while the store waited for a lock"
+            assert not blocked_submit.done() and not any(poll.done() for poll in polls)
+            holder.execute("ROLLBACK")
+            assert [poll.result().status_code for poll in polls] == [200, 200]
+            assert polls[1].result().json()["status"] == "Ready"
+            assert blocked_submit.result()  # accepted once the lock was released
+    finally:
+        holder.close()

@@ -93,6 +93,15 @@ def alone(
     return engine.generate(request).images[0].image
 
 
+def prompt_tokens(engine: Pipeline, prompt: str) -> int:
+    """Tokens of `prompt` in the chat template, as the tokenizer itself counts them (no padding, no cap)."""
+    message = [{"role": "user", "content": prompt}]
+    templated = engine.components.tokenizer.apply_chat_template(
+        message, tokenize=True, add_generation_prompt=True, enable_thinking=False
+    )
+    return len(templated["input_ids"])
+
+
 def seeds(response: ImagesResponse) -> list[int]:
     assert response.data is not None
     return [item.to_dict()["seed"] for item in response.data]
@@ -130,9 +139,10 @@ def test_generate_two_b64_pngs_with_consecutive_seeds(client: openai.OpenAI, eng
     assert response.output_format == "png"
     assert response.usage is not None
     assert response.usage.output_tokens == 2 * (256 // 16) ** 2
-    assert response.usage.input_tokens_details.text_tokens == 512
+    text_tokens = prompt_tokens(engine, PROMPT)
+    assert response.usage.input_tokens == response.usage.input_tokens_details.text_tokens == text_tokens
     assert response.usage.input_tokens_details.image_tokens == 0
-    assert response.usage.total_tokens == 512 + 2 * (256 // 16) ** 2
+    assert response.usage.total_tokens == text_tokens + 2 * (256 // 16) ** 2
     # image 1 is what seed 8 gives alone, and differs from image 0
     assert max_difference(images[1], alone(engine, seed=8)) <= 1
     assert max_difference(images[0], alone(engine, seed=7)) <= 1
@@ -394,20 +404,17 @@ def test_stream_with_n_images_and_no_partials(client: openai.OpenAI) -> None:
     assert [event.to_dict()["seed"] for event in events] == [30, 31]
 
 
-def test_overload_is_a_rate_limit_error_and_a_stream_error_event(
-    start_server: Callable[..., RunningServer],
-) -> None:
-    """No room in the queue: 429 with Retry-After; inside a stream, an `error` event that the SDK raises."""
+def test_overload_is_a_rate_limit_error_streaming_or_not(start_server: Callable[..., RunningServer]) -> None:
+    """No room in the queue: 429 with Retry-After and OpenAI's error body, for `stream: true` too (a stream
+    is submitted before it starts, so a refusal is no 200 with an `error` event)."""
     full = start_server(max_waiting=0)
     with openai.OpenAI(base_url=full.base_url + "/v1", api_key="unused", max_retries=0) as sdk:
-        with pytest.raises(openai.RateLimitError) as caught:
-            sdk.images.generate(model=MODEL, prompt=PROMPT, size="256x256")
-        assert caught.value.response.headers["retry-after"].isdigit()
-        assert isinstance(caught.value.body, dict) and caught.value.body["code"] == "overloaded"
-
-        stream = sdk.images.generate(model=MODEL, prompt=PROMPT, size="256x256", stream=True)
-        with pytest.raises(openai.APIError, match="waiting"):
-            list(stream)
+        for stream in (False, True):
+            with pytest.raises(openai.RateLimitError) as caught:
+                sdk.images.generate(model=MODEL, prompt=PROMPT, size="256x256", stream=stream)
+            assert caught.value.response.headers["retry-after"].isdigit()
+            assert isinstance(caught.value.body, dict) and caught.value.body["code"] == "overloaded"
+            assert "waiting" in caught.value.body["message"]
 
 
 # 7 -------------------------------------------------------------------------------------------------------
@@ -454,6 +461,58 @@ def test_unknown_fields_are_ignored(client: openai.OpenAI, engine: Pipeline) -> 
     for response in (typed, extra):
         [image] = images_of(response)
         assert max_difference(image, expected) <= 1
+
+
+def test_usage_counts_the_prompts_tokens_not_the_padding(client: openai.OpenAI, engine: Pipeline) -> None:
+    """The tiny model reads up to 512 tokens (one per byte): a short prompt is its template and its bytes, a
+    long one is cut where the encoder cuts it, also at a smaller max_sequence_length."""
+    short = client.images.generate(model=MODEL, prompt="x", size="256x256", extra_body={"seed": 1})
+    long_prompt = "a red fox in the snow " * 40  # 880 bytes
+    long = client.images.generate(model=MODEL, prompt=long_prompt, size="256x256", extra_body={"seed": 1})
+    cut = client.images.generate(
+        model=MODEL, prompt=long_prompt, size="256x256", extra_body={"seed": 1, "max_sequence_length": 64}
+    )
+
+    assert short.usage is not None and long.usage is not None and cut.usage is not None
+    assert short.usage.input_tokens_details.text_tokens == prompt_tokens(engine, "x") == 26
+    assert prompt_tokens(engine, long_prompt) > 512
+    assert long.usage.input_tokens_details.text_tokens == 512
+    assert cut.usage.input_tokens_details.text_tokens == 64
+    assert short.usage.input_tokens == 26
+    assert short.usage.total_tokens == 26 + (256 // 16) ** 2
+
+
+def test_transparent_background_is_answered_opaque_with_a_warning(
+    client: openai.OpenAI, engine: Pipeline
+) -> None:
+    transparent = client.images.generate(
+        model=MODEL, prompt=PROMPT, size="256x256", background="transparent", extra_body={"seed": 8}
+    )
+    opaque = client.images.generate(
+        model=MODEL, prompt=PROMPT, size="256x256", background="opaque", extra_body={"seed": 8}
+    )
+    plain = client.images.generate(model=MODEL, prompt=PROMPT, size="256x256", extra_body={"seed": 8})
+
+    assert transparent.background == opaque.background == plain.background == "opaque"
+    assert transparent.model_extra is not None
+    assert transparent.model_extra["warnings"] == [
+        {
+            "type": "unsupported",
+            "param": "background",
+            "message": "transparent backgrounds are not supported: the image is opaque",
+        }
+    ]
+    for response in (opaque, plain):
+        assert response.model_extra is not None and "warnings" not in response.model_extra
+    [image] = images_of(transparent)
+    assert image.mode == "RGB"  # no alpha channel
+    assert max_difference(image, alone(engine, seed=8)) <= 1
+    wire, _ = bad_request(
+        lambda: client.images.generate(
+            model=MODEL, prompt=PROMPT, size="256x256", extra_body={"background": "checkered"}
+        )
+    )
+    assert wire["param"] == "background"
 
 
 # 9 -------------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ by the dialect that owns the request's path: OpenAI `{"error": {...}}`, Cloudfla
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import secrets
 from collections.abc import AsyncIterator, Callable
@@ -18,12 +19,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kleinserve import logs
-from kleinserve.api import bfl, cloudflare, jobs, openai, vercel
+from kleinserve.api import bfl, cloudflare, jobs, openai, openapi, vercel
 from kleinserve.api.service import JSONBody, Services
-from kleinserve.errors import InvalidInput, KleinError, NotFound, PayloadTooLarge
+from kleinserve.errors import Cancelled, InvalidInput, KleinError, NotFound, PayloadTooLarge
+from kleinserve.web import docs
 from kleinserve.web import routes as web
 
 log = logging.getLogger(__name__)
@@ -71,6 +74,8 @@ def as_klein_error(exc: Exception) -> KleinError:
         error.status = exc.status_code
         error.code = "http_error"
         return error
+    if isinstance(exc, ClientDisconnect):  # gone mid-body (or its body timed out): nobody reads the answer
+        return Cancelled("the client disconnected while sending its request")
     request_id = logs.request_id.get() or secrets.token_hex(8)
     log.exception("unhandled error, request id %s", request_id)
     return KleinError(f"internal error (request id {request_id})")
@@ -112,12 +117,22 @@ def build_app(services: Services, max_body_bytes: int = MAX_BODY_BYTES) -> FastA
         yield
         await services.fetcher.client.aclose()
 
-    app = FastAPI(title="kleinserve", version="0.1.0", lifespan=lifespan, default_response_class=JSONBody)
+    app = FastAPI(
+        title="kleinserve",
+        version="0.1.0",
+        lifespan=lifespan,
+        default_response_class=JSONBody,
+        docs_url=None,  # FastAPI's pages load their scripts from a CDN: web/docs.py serves its own
+        redoc_url=None,
+    )
 
     async def handle(request: Request, exc: Exception) -> Response:
-        return _dialect_for(request.url.path).render_error(as_klein_error(exc))
+        response = _dialect_for(request.url.path).render_error(as_klein_error(exc))
+        if isinstance(exc, HTTPException) and exc.headers:  # e.g. a 405's Allow: the methods the path takes
+            response.headers.update(exc.headers)
+        return response
 
-    for kind in (KleinError, RequestValidationError, HTTPException, Exception):
+    for kind in (KleinError, RequestValidationError, HTTPException, ClientDisconnect, Exception):
         app.add_exception_handler(kind, handle)
 
     app.include_router(openai.build_router(services))
@@ -126,6 +141,7 @@ def build_app(services: Services, max_body_bytes: int = MAX_BODY_BYTES) -> FastA
     app.include_router(jobs.build_router(services))
     app.include_router(bfl.build_router(services))  # last: its POST /v1/{model} matches any one segment
     app.include_router(web.build_router())  # the playground page: no key needed to load it
+    app.include_router(docs.build_router(app.title, app.openapi_url or "/openapi.json"))
 
     @app.get("/media/{name}", include_in_schema=False)
     async def media(name: str, expires: int, signature: str) -> FileResponse:
@@ -147,5 +163,6 @@ def build_app(services: Services, max_body_bytes: int = MAX_BODY_BYTES) -> FastA
     async def metrics() -> Response:
         return Response(services.worker.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    app.openapi = functools.partial(openapi.document, app)  # type: ignore[method-assign]
     app.add_middleware(BodyLimit, limit=max_body_bytes)
     return app

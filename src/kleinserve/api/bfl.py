@@ -25,9 +25,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from kleinserve.api import service
+from kleinserve.api import openapi, service
 from kleinserve.api.service import Services
-from kleinserve.errors import InvalidInput, KleinError, Overloaded
+from kleinserve.errors import InvalidInput, KleinError, NotFound, Overloaded
 from kleinserve.jobs import metering
 from kleinserve.jobs.store import Job, JobStatus
 from kleinserve.types import GenerateRequest, ImageFormat
@@ -142,7 +142,16 @@ def webhook_body(services: Services, job: Job) -> dict[str, Any]:
 def build_router(services: Services) -> APIRouter:
     router = APIRouter(tags=["Black Forest Labs"])
 
-    @router.post("/v1/{model}", summary="Submit a FLUX.2 [klein] job (BFL API)")
+    @router.post(
+        "/v1/{model}",
+        summary="Submit a FLUX.2 [klein] job (BFL API)",
+        openapi_extra=openapi.json_body(FluxKleinInputs),
+        responses=openapi.errors(
+            openapi.BFLError,
+            (401, 404, 413, 503),
+            {422: openapi.BFLValidationError, 429: openapi.BFLRateLimit},
+        ),
+    )
     async def submit(model: str, http_request: Request) -> dict[str, Any]:
         owner = service.caller(services, http_request)
         services.check_model(model)
@@ -178,14 +187,27 @@ def build_router(services: Services) -> APIRouter:
             answer.update(status="Pending", webhook_url=wire.webhook_url)
         return answer
 
-    @router.get("/v1/get_result", summary="Poll a BFL job")
+    @router.get(
+        "/v1/get_result",
+        summary="Poll a BFL job",
+        responses=openapi.errors(openapi.BFLError, (401, 503), {422: openapi.BFLValidationError}),
+    )
     async def get_result(id: str, http_request: Request) -> dict[str, Any]:
         owner = service.caller(services, http_request)
-        try:
-            job = services.store.get(id, owner)
-        except KleinError:
+        try:  # on a thread: the store may wait seconds for another process's write lock
+            job = await asyncio.to_thread(services.store.get, id, owner)
+        except NotFound:  # not StoreUnavailable: a store that cannot answer says so (503)
             return {"id": id, "status": "Task not found", "result": None, "progress": None}
         base_url = str(http_request.base_url).rstrip("/")
+        if job.status is JobStatus.SUCCEEDED and services.media.expired(job.finished):
+            expired = f"the result expired: images are kept {services.media.ttl_s} s after the job ends"
+            return {
+                "id": job.id,
+                "status": "Error",
+                "result": None,
+                "progress": 1.0,
+                "details": {"error": expired},
+            }
         return {
             "id": job.id,
             "status": _STATUS[job.status],

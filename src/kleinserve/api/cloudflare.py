@@ -2,8 +2,9 @@
 (and /ai/run/{model}), multipart/form-data, answered in Cloudflare's v4 envelope.
 
 Fields: `prompt` (a JSON object given as the prompt is passed through as text), `width`/`height` (256-1920,
-default 1024x768), `seed`, `guidance` (variants with CFG only), `steps` (fixed at the variant's default for
-distilled klein, as on Cloudflare), `input_image_0` ... `input_image_3`. The image comes back as base64 PNG.
+default 1024x768, or that 4:3 at a smaller model's own side: 256x192 for the toy), `seed`, `guidance`
+(variants with CFG only), `steps` (fixed at the variant's default for distilled klein, as on Cloudflare),
+`input_image_0` ... `input_image_3`. The image comes back as base64 PNG.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from starlette.datastructures import UploadFile
 
-from kleinserve.api import service
+from kleinserve.api import openapi, service
 from kleinserve.api.service import Services
+from kleinserve.engine.spec import SIZE_MULTIPLE, ModelSpec
 from kleinserve.errors import (
     Cancelled,
     InvalidInput,
@@ -26,7 +28,7 @@ from kleinserve.errors import (
     Unauthorized,
     UnknownModel,
 )
-from kleinserve.media import decode_base64, decode_image
+from kleinserve.media import decode_base64_image, decode_image
 from kleinserve.types import GenerateRequest, ImageFormat, base64_text
 
 PREFIXES = ("/client/v4/", "/ai/run/")
@@ -51,7 +53,17 @@ def _int(form: dict[str, str], name: str, default: int | None, low: int, high: i
     return value
 
 
-def to_request(form: dict[str, str], references: list, distilled: bool) -> GenerateRequest:
+def default_size(spec: ModelSpec) -> tuple[int, int]:
+    """(width, height) in pixels when the form gives none: Cloudflare's 1024x768, or for a model whose own
+    default side is smaller (the toy: 256, trained at 128-256 px, smears at 1024) the same 4:3 with that side
+    as the width, the height rounded down to a multiple of 16 (256x192). MIN_SIDE bounds what clients send,
+    not this."""
+    width = min(DEFAULT_WIDTH, spec.default_side)
+    height = width * DEFAULT_HEIGHT // DEFAULT_WIDTH
+    return width, height - height % SIZE_MULTIPLE
+
+
+def to_request(form: dict[str, str], references: list, spec: ModelSpec) -> GenerateRequest:
     prompt = form.get("prompt", "")
     if not prompt.strip():
         raise InvalidInput("prompt is required", param="prompt", allowed="1-32000 characters")
@@ -64,13 +76,14 @@ def to_request(form: dict[str, str], references: list, distilled: bool) -> Gener
         guidance_value = float(guidance) if guidance not in (None, "") else None
     except ValueError:
         raise InvalidInput(f"guidance {guidance!r} is not a number", param="guidance") from None
+    width, height = default_size(spec)
     return GenerateRequest(
         prompt=prompt,
-        width=_int(form, "width", DEFAULT_WIDTH, MIN_SIDE, MAX_SIDE),
-        height=_int(form, "height", DEFAULT_HEIGHT, MIN_SIDE, MAX_SIDE),
+        width=_int(form, "width", width, MIN_SIDE, MAX_SIDE),
+        height=_int(form, "height", height, MIN_SIDE, MAX_SIDE),
         seed=_int(form, "seed", None, 0, 2**63 - 8),
-        steps=None if distilled else _int(form, "steps", None, 1, 50),
-        guidance=None if distilled else guidance_value,
+        steps=None if spec.distilled else _int(form, "steps", None, 1, 50),
+        guidance=None if spec.distilled else guidance_value,
         reference_images=tuple(references),
         output_format=ImageFormat.PNG,
     )
@@ -113,7 +126,7 @@ def build_router(services: Services) -> APIRouter:
                 "required properties at '/' are 'multipart'", allowed="multipart/form-data fields"
             )
         # As a context manager so that uploaded files (spooled to temporary files) are closed afterwards.
-        async with http_request.form(max_files=8, max_fields=32) as form:
+        async with service.read_form(http_request, max_files=8, max_fields=32) as form:
             fields = {k: v for k, v in form.multi_items() if not isinstance(v, UploadFile)}
             extra = sorted(k for k in form if k.startswith("input_image_") and k not in REFERENCE_FIELDS)
             if extra:
@@ -123,9 +136,11 @@ def build_router(services: Services) -> APIRouter:
                 upload = form.get(name)
                 if upload is None:
                     continue
-                data = await upload.read() if isinstance(upload, UploadFile) else decode_base64(upload, name)
-                references.append(await asyncio.to_thread(decode_image, data, name))
-        request = to_request(fields, references, services.spec.distilled)
+                if isinstance(upload, UploadFile):
+                    references.append(await asyncio.to_thread(decode_image, await upload.read(), name))
+                else:  # base64 text: decoded off the loop too
+                    references.append(await asyncio.to_thread(decode_base64_image, upload, name))
+        request = to_request(fields, references, services.spec)
         completed = await service.generate(services, http_request, owner, request)
         (png,) = completed.images
         return {
@@ -135,11 +150,21 @@ def build_router(services: Services) -> APIRouter:
             "messages": [],
         }
 
-    @router.post("/client/v4/accounts/{account_id}/ai/run/{model:path}", summary="Run a model (Workers AI)")
+    @router.post(
+        "/client/v4/accounts/{account_id}/ai/run/{model:path}",
+        summary="Run a model (Workers AI)",
+        openapi_extra=openapi.multipart_body(openapi.WorkersAIForm),
+        responses=openapi.errors(openapi.WorkersAIError, (400, 401, 413, 429, 503)),
+    )
     async def run_with_account(account_id: str, model: str, http_request: Request) -> dict:
         return await run(model, http_request)
 
-    @router.post("/ai/run/{model:path}", summary="Run a model (Workers AI, no account path)")
+    @router.post(
+        "/ai/run/{model:path}",
+        summary="Run a model (Workers AI, no account path)",
+        openapi_extra=openapi.multipart_body(openapi.WorkersAIForm),
+        responses=openapi.errors(openapi.WorkersAIError, (400, 401, 413, 429, 503)),
+    )
     async def run_short(model: str, http_request: Request) -> dict:
         return await run(model, http_request)
 

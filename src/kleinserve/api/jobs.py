@@ -2,9 +2,11 @@
 
     GET  /v1/jobs/{id}            the job: status, progress, result URLs, usage, webhook outcome
     GET  /v1/jobs/{id}/events     Server-Sent Events: queued (position), each step (small preview), the end
-    POST /v1/jobs/{id}/cancel     queued: cancelled at once; running: at the next step boundary
+    POST /v1/jobs/{id}/cancel     queued: cancelled at once; running: at the next step boundary, unless it
+                                  ends first (the answer says so); ended: 409
     GET  /v1/jobs?status=&limit=  the key's jobs, newest first
-Errors use the OpenAI-style body `{"error": {...}}`.
+Errors use the OpenAI-style body `{"error": {...}}`. Store calls run on threads: one may wait seconds for
+another process's write lock (jobs/store.py), and the event loop must go on serving meanwhile.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 
-from kleinserve.api import service
+from kleinserve.api import openapi, service
 from kleinserve.api.service import Services
 from kleinserve.errors import InvalidInput
 from kleinserve.jobs.events import TERMINAL_EVENTS
@@ -28,13 +30,20 @@ HEARTBEAT_S = 15.0
 
 
 def job_body(services: Services, job: Job, base_url: str) -> dict[str, Any]:
+    """The job as GET /v1/jobs/{id} answers it. Past the media lifetime its images are deleted: their `url`
+    is null and `result.expired` true, rather than a link to a file that is gone."""
     result = None
     if job.result is not None:
+        expired = services.media.expired(job.finished)
         images = [
-            {"url": base_url + services.media.signed_path(image["media"]), "seed": image["seed"]}
+            {
+                "url": None if expired else base_url + services.media.signed_path(image["media"]),
+                "seed": image["seed"],
+            }
             for image in job.result["images"]
         ]
         result = {**{k: v for k, v in job.result.items() if k != "images"}, "images": images}
+        result["expired"] = expired
     return {
         "id": job.id,
         "status": job.status.value,
@@ -47,6 +56,7 @@ def job_body(services: Services, job: Job, base_url: str) -> dict[str, Any]:
         "result": result,
         "usage": job.usage,
         "webhook_status": job.webhook_status,
+        "cancel_requested": job.cancel_requested,
     }
 
 
@@ -54,10 +64,14 @@ def _sse(event: dict[str, Any]) -> str:
     return f"event: {event['type']}\ndata: {json_bytes(event).decode()}\n\n"
 
 
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return openapi.errors(openapi.ErrorBody, statuses)
+
+
 def build_router(services: Services) -> APIRouter:
     router = APIRouter(tags=["Jobs"])
 
-    @router.get("/v1/jobs", summary="List this key's jobs")
+    @router.get("/v1/jobs", summary="List this key's jobs", responses=_errors(400, 401, 503))
     async def list_jobs(
         http_request: Request, status: str | None = None, limit: int = Query(50, ge=1, le=500)
     ) -> dict[str, Any]:
@@ -68,24 +82,35 @@ def build_router(services: Services) -> APIRouter:
             allowed = ", ".join(s.value for s in JobStatus)
             raise InvalidInput(f"unknown status {status!r}", param="status", allowed=allowed) from None
         base_url = str(http_request.base_url).rstrip("/")
-        jobs = services.store.list(owner, wanted, limit)
+        jobs = await asyncio.to_thread(services.store.list, owner, wanted, limit)
         return {"object": "list", "data": [job_body(services, job, base_url) for job in jobs]}
 
-    @router.get("/v1/jobs/{job_id}", summary="One job")
+    @router.get("/v1/jobs/{job_id}", summary="One job", responses=_errors(401, 404, 503))
     async def get_job(job_id: str, http_request: Request) -> dict[str, Any]:
         owner = service.caller(services, http_request)
-        return job_body(services, services.store.get(job_id, owner), str(http_request.base_url).rstrip("/"))
-
-    @router.post("/v1/jobs/{job_id}/cancel", summary="Cancel a job")
-    async def cancel_job(job_id: str, http_request: Request) -> dict[str, Any]:
-        owner = service.caller(services, http_request)
-        job = services.worker.cancel(job_id, owner)
+        job = await asyncio.to_thread(services.store.get, job_id, owner)
         return job_body(services, job, str(http_request.base_url).rstrip("/"))
 
-    @router.get("/v1/jobs/{job_id}/events", summary="Follow a job (Server-Sent Events)")
+    @router.post("/v1/jobs/{job_id}/cancel", summary="Cancel a job", responses=_errors(401, 404, 409, 503))
+    async def cancel_job(job_id: str, http_request: Request) -> dict[str, Any]:
+        owner = service.caller(services, http_request)
+        job = await asyncio.to_thread(services.worker.cancel, job_id, owner)
+        body = job_body(services, job, str(http_request.base_url).rstrip("/"))
+        if job.status is JobStatus.RUNNING:  # what will happen, since a job may end before its next step
+            body["message"] = (
+                "cancel requested: the job stops at its next denoising step, unless it finishes first; "
+                f"GET /v1/jobs/{job.id} says which"
+            )
+        return body
+
+    @router.get(
+        "/v1/jobs/{job_id}/events",
+        summary="Follow a job (Server-Sent Events)",
+        responses=_errors(401, 404, 503),
+    )
     async def job_events(job_id: str, http_request: Request) -> StreamingResponse:
         owner = service.caller(services, http_request)
-        services.store.get(job_id, owner)  # NotFound before the stream starts
+        await asyncio.to_thread(services.store.get, job_id, owner)  # NotFound before the stream starts
         return StreamingResponse(_follow(services, job_id), media_type="text/event-stream")
 
     return router
@@ -93,9 +118,9 @@ def build_router(services: Services) -> APIRouter:
 
 async def _follow(services: Services, job_id: str) -> AsyncIterator[str]:
     async with services.hub.subscribe(job_id) as events:
-        job = services.store.get(job_id)
+        job = await asyncio.to_thread(services.store.get, job_id)
         if job.status is JobStatus.QUEUED:
-            queued = [j.id for j in services.store.queued()]
+            queued = [j.id for j in await asyncio.to_thread(services.store.queued)]
             position = queued.index(job_id) + 1 if job_id in queued else 1
             yield _sse({"type": "queued", "position": position})
         elif job.status is JobStatus.RUNNING:

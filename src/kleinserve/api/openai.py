@@ -1,9 +1,10 @@
 """OpenAI Images API: POST /v1/images/generations (JSON), POST /v1/images/edits (multipart), GET /v1/models.
 
 Fields follow OpenAI's Images API plus the klein extensions hosted klein endpoints accept (wire-formats.md
-section 3); the pydantic model below is the contract and `GET /v1/models/{id}` publishes it as JSON Schema.
-Unknown fields are ignored. Sizes that are not multiples of 16 are rounded down and the response's `size`
-says what was made. `stream: true` answers Server-Sent Events with `partial_images` previews.
+section 3); the pydantic model in openai_protocol.py is the contract and `GET /v1/models/{id}` publishes it
+as JSON Schema. Unknown fields are ignored. Sizes that are not multiples of 16 are rounded down and the
+response's `size` says what was made. `stream: true` answers Server-Sent Events with `partial_images`
+previews.
 """
 
 from __future__ import annotations
@@ -11,94 +12,29 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from PIL import Image
 from starlette.datastructures import UploadFile
 
-from kleinserve.api import service
+from kleinserve.api import openapi, service
+from kleinserve.api.openai_protocol import (
+    ASPECT_RATIOS,
+    DEFAULT_COMPRESSION,
+    MAX_AREA,
+    MAX_TEXT_FIELD_BYTES,
+    ImageRequest,
+    parse_fields,
+)
 from kleinserve.api.service import Completed, Services
 from kleinserve.errors import InvalidInput, KleinError, Overloaded
+from kleinserve.jobs.worker import Pending
 from kleinserve.media import decode_image
-from kleinserve.types import GenerateRequest, ImageFormat, Progress, base64_text, json_bytes
+from kleinserve.types import GenerateRequest, Progress, StepCallback, base64_text, json_bytes
 
 PREFIXES = ("/v1/images", "/v1/models")
-MAX_PROMPT_CHARS = 32000
-MAX_AREA = 1024 * 1024
-DEFAULT_COMPRESSION = 100  # OpenAI's default for output_compression (jpeg/webp quality)
-# Multipart text fields may carry data-URL references as large as in JSON bodies (starlette's default limit
-# is 1 MiB); the whole body stays capped by app.BodyLimit.
-MAX_TEXT_FIELD_BYTES = 32 * 1024 * 1024
-ASPECT_RATIOS = {  # about one megapixel each, sides multiples of 16
-    "1:1": (1024, 1024),
-    "16:9": (1344, 768),
-    "9:16": (768, 1344),
-    "4:3": (1152, 864),
-    "3:4": (864, 1152),
-    "3:2": (1248, 832),
-    "2:3": (832, 1248),
-}
-_FORMATS = {
-    "png": ImageFormat.PNG,
-    "jpeg": ImageFormat.JPEG,
-    "jpg": ImageFormat.JPEG,
-    "webp": ImageFormat.WEBP,
-}
-
-
-class ImageRequest(BaseModel):
-    """Body of /v1/images/generations; the same fields as multipart text fields on /v1/images/edits."""
-
-    model_config = ConfigDict(extra="allow")
-
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
-    model: str | None = None
-    n: int | None = Field(None, ge=1, le=4, description="number of images; seeds seed, seed+1, ...")
-    num_images: int | None = Field(None, ge=1, le=4, description="alias of n")
-    size: str | None = Field(
-        None, description='"WxH" (256-2048 px per side) or "auto"', examples=["1024x768"]
-    )
-    aspect_ratio: Literal["1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3"] | None = None
-    width: int | None = Field(None, ge=256, le=2048, description="with height; width*height <= 1048576")
-    height: int | None = Field(None, ge=256, le=2048, description="with width; width*height <= 1048576")
-    num_inference_steps: int | None = Field(None, ge=1, le=12, description="default 4")
-    guidance_scale: float | None = Field(None, ge=0, le=8, description="used only by variants with CFG")
-    seed: int | None = Field(None, ge=0, le=2**63 - 8)
-    negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
-    output_format: Literal["png", "jpeg", "jpg", "webp"] | None = None
-    format: Literal["png", "jpeg", "jpg", "webp"] | None = Field(None, description="alias of output_format")
-    output_compression: int | None = Field(None, ge=0, le=100, description="jpeg/webp quality, default 100")
-    response_format: Literal["url", "b64_json"] | None = Field(None, description="default b64_json")
-    return_base64: bool | None = None
-    max_sequence_length: int | None = Field(
-        None, ge=64, le=512, description="prompt tokens (default: the model's)"
-    )
-    images: list[str] | None = Field(
-        None, max_length=4, description="reference images: URLs, data URLs, base64"
-    )
-    user: str | None = None
-    stream: bool = False
-    partial_images: int | None = Field(None, ge=0, le=3)
-
-    @property
-    def image_format(self) -> ImageFormat:
-        return _FORMATS[self.output_format or self.format or "png"]
-
-    @property
-    def wants_url(self) -> bool:
-        return self.response_format == "url" and not self.return_base64
-
-
-def parse_fields(fields: dict[str, Any]) -> ImageRequest:
-    """Validate request fields; pydantic's errors become InvalidInput naming the field."""
-    try:
-        return ImageRequest.model_validate(fields)
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        param = ".".join(str(part) for part in error["loc"]) or None
-        raise InvalidInput(f"{param}: {error['msg']}", param=param) from None
 
 
 def _size(wire: ImageRequest) -> tuple[int | None, int | None]:
@@ -111,17 +47,7 @@ def _size(wire: ImageRequest) -> tuple[int | None, int | None]:
             )
         return wire.width, wire.height
     if wire.size and wire.size != "auto":
-        try:
-            width, height = (int(part) for part in wire.size.lower().split("x"))
-        except ValueError:
-            raise InvalidInput(
-                f"size {wire.size!r} is not WIDTHxHEIGHT", param="size", allowed='"1024x768" or "auto"'
-            ) from None
-        if not (256 <= width <= 2048 and 256 <= height <= 2048):
-            raise InvalidInput(
-                f"size {wire.size} is out of range", param="size", allowed="256-2048 px per side"
-            )
-        return width, height
+        return service.parse_size(wire.size, MAX_AREA)
     if wire.aspect_ratio:
         return ASPECT_RATIOS[wire.aspect_ratio]
     return None, None  # auto: the first reference's size, else the variant's default (1024x1024 for klein)
@@ -153,9 +79,10 @@ def to_request(wire: ImageRequest, references: list[Any], spec_distilled: bool) 
 
 
 def usage(completed: Completed, request: GenerateRequest) -> dict[str, Any]:
-    """OpenAI-shaped usage in the model's own tokens (prompt positions, reference and output latent tokens),
-    plus kleinserve's metering (tiles, megapixels, steps, engine seconds)."""
-    text = completed.job.params["max_sequence_length"]
+    """OpenAI-shaped usage in the model's own tokens (the prompt's tokens as the text encoder reads them,
+    chat template included and padding not; reference and output latent tokens), plus kleinserve's metering
+    (tiles, megapixels, steps, engine seconds)."""
+    text = completed.result["prompt_tokens"]
     image = completed.reference_tokens
     output = completed.output_tokens
     return {
@@ -166,6 +93,16 @@ def usage(completed: Completed, request: GenerateRequest) -> dict[str, Any]:
         "total_tokens": text + image + output,
         **(completed.job.usage or {}),
     }
+
+
+def warnings(wire: ImageRequest) -> list[dict[str, str]]:
+    """Requested fields the answer does not honour, said in its `warnings` (not an OpenAI field; the openai
+    SDK keeps it as an extra). A diffusion model makes no alpha channel: `background: "transparent"` gets an
+    opaque image, as the answer's `background` says."""
+    if wire.background == "transparent":
+        message = "transparent backgrounds are not supported: the image is opaque"
+        return [{"type": "unsupported", "param": "background", "message": message}]
+    return []
 
 
 def render_error(exc: KleinError) -> Response:
@@ -189,7 +126,9 @@ async def _form_fields(request: Request) -> tuple[dict[str, Any], list[Any]]:
             "expected a multipart/form-data body", allowed="multipart/form-data with image files"
         )
     # As a context manager so that the uploads' spooled temporary files are closed, on errors too.
-    async with request.form(max_files=16, max_fields=64, max_part_size=MAX_TEXT_FIELD_BYTES) as form:
+    async with service.read_form(
+        request, max_files=16, max_fields=64, max_part_size=MAX_TEXT_FIELD_BYTES
+    ) as form:
         if "mask" in form:
             raise InvalidInput("masks are not supported yet", param="mask", allowed="edits without a mask")
         files = [f for key in ("image", "image[]") for f in form.getlist(key)]
@@ -224,34 +163,47 @@ def build_router(services: Services) -> APIRouter:
         ]
         request = to_request(wire, references, services.spec.distilled)
         if wire.stream:
-            # Checked here as well as on submit: once streaming starts, errors can only be events. Other
-            # requests are checked once, by the worker (resolving resizes up to four references).
-            resolved = await asyncio.to_thread(services.worker.pipeline.resolve, request)
-            partial_at = service.partial_steps(resolved.steps, wire.partial_images or 0)
-            events = _stream(services, http_request, owner, request, partial_at, kind)
+            # Submitted before the stream starts, so that every refusal up to acceptance (bad values, a full
+            # queue) is an HTTP error in OpenAI's body; once the stream has started, errors are events.
+            previews: asyncio.Queue[list[Image.Image]] = asyncio.Queue()
+            on_step = _send_previews(previews, wire.partial_images or 0)
+            pending = await service.submit(services, owner, request, on_step)
+            events = _stream(services, http_request, pending, request, previews, kind)
             return StreamingResponse(events, media_type="text/event-stream")
         completed = await service.generate(services, http_request, owner, request)
         base_url = str(http_request.base_url).rstrip("/")
         return service.JSONBody(_body(services, base_url, wire, request, completed, model))
 
-    @router.post("/v1/images/generations", summary="Create images from a prompt (and optional references)")
+    @router.post(
+        "/v1/images/generations",
+        summary="Create images from a prompt (and optional references)",
+        openapi_extra=openapi.json_body(ImageRequest),
+        responses=openapi.errors(openapi.ErrorBody, (400, 401, 404, 413, 429, 503)),
+    )
     async def create_image(http_request: Request) -> Response:
         owner = service.caller(services, http_request)  # before reading the body
         wire = parse_fields(await service.read_json_object(http_request, require_json_type=True))
         return await run(http_request, owner, wire, [], "image_generation")
 
-    @router.post("/v1/images/edits", summary="Edit 1-4 images (multipart)")
+    @router.post(
+        "/v1/images/edits",
+        summary="Edit 1-4 images (multipart)",
+        openapi_extra=openapi.multipart_body(
+            ImageRequest, "ImageEditRequest", {"image": "1-4 images to edit (also taken as image[])"}
+        ),
+        responses=openapi.errors(openapi.ErrorBody, (400, 401, 404, 413, 429, 503)),
+    )
     async def create_image_edit(http_request: Request) -> Response:
         owner = service.caller(services, http_request)  # before reading and decoding uploads
         fields, images = await _form_fields(http_request)
         return await run(http_request, owner, parse_fields(fields), images, "image_edit")
 
-    @router.get("/v1/models")
+    @router.get("/v1/models", responses=openapi.errors(openapi.ErrorBody, (401,)))
     async def list_models(http_request: Request) -> dict[str, Any]:
         service.caller(services, http_request)
         return {"object": "list", "data": [_card(services, model) for model in services.model_ids]}
 
-    @router.get("/v1/models/{model_id:path}")
+    @router.get("/v1/models/{model_id:path}", responses=openapi.errors(openapi.ErrorBody, (401, 404)))
     async def retrieve_model(model_id: str, http_request: Request) -> dict[str, Any]:
         service.caller(services, http_request)
         services.check_model(model_id)
@@ -280,42 +232,50 @@ def _body(
         "model": model,
         "id": completed.job.id,
         "data": data,
+        "background": "opaque",
         "output_format": request.output_format.value,
         "size": f"{completed.width}x{completed.height}",
         "usage": usage(completed, request),
+        **({"warnings": notes} if (notes := warnings(wire)) else {}),
     }
+
+
+def _send_previews(previews: asyncio.Queue[list[Image.Image]], partial_images: int) -> StepCallback:
+    """The step callback that decodes previews at the steps `partial_images` asks for (service.partial_steps
+    of the job's own step count) and hands them to `previews` on the calling event loop."""
+    loop = asyncio.get_running_loop()
+
+    def on_step(progress: Progress) -> None:
+        if progress.step in service.partial_steps(progress.total_steps, partial_images):
+            decoded = progress.preview()  # on the engine thread, for the chosen steps only
+            loop.call_soon_threadsafe(previews.put_nowait, decoded)
+
+    return on_step
 
 
 async def _stream(
     services: Services,
     http_request: Request,
-    owner: str,
+    pending: Pending,
     request: GenerateRequest,
-    partial_at: list[int],
+    previews: asyncio.Queue[list[Image.Image]],
     kind: str,
 ) -> AsyncIterator[str]:
-    """SSE: `<kind>.partial_image` for the chosen steps, then `<kind>.completed` per image."""
-    loop = asyncio.get_running_loop()
-    events: asyncio.Queue[tuple[int, list[Any]]] = asyncio.Queue()
+    """SSE for a submitted job: `<kind>.partial_image` per item of `previews`, then `<kind>.completed` per
+    image, or an `error` event if the job does not succeed."""
     fmt = request.output_format
-
-    def on_step(progress: Progress) -> None:
-        if progress.step in partial_at:
-            previews = progress.preview()  # decoded on the engine thread, for the chosen steps only
-            loop.call_soon_threadsafe(events.put_nowait, (progress.step, previews))
-
-    task = asyncio.ensure_future(service.generate(services, http_request, owner, request, on_step))
+    task = asyncio.ensure_future(service.finish(services, http_request, pending))
     partial_index = 0
     try:
-        while not task.done() or not events.empty():
-            getter = asyncio.ensure_future(events.get())
+        while not task.done() or not previews.empty():
+            getter = asyncio.ensure_future(previews.get())
             await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
             if not getter.done():
                 getter.cancel()
                 continue
-            _, previews = getter.result()
-            payload = (await service.encode_all(previews[:1], fmt, request.output_quality))[0]
-            size = f"{previews[0].width}x{previews[0].height}"
+            images = getter.result()
+            payload = (await service.encode_all(images[:1], fmt, request.output_quality))[0]
+            size = f"{images[0].width}x{images[0].height}"
             yield _event(
                 f"{kind}.partial_image",
                 {

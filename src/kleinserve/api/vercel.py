@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import math
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from pydantic import BaseModel, Field
 
-from kleinserve.api import service
+from kleinserve.api import openapi, service
 from kleinserve.api.service import Services
 from kleinserve.errors import (
     Forbidden,
@@ -26,10 +27,17 @@ from kleinserve.errors import (
     Unauthorized,
     UnknownModel,
 )
-from kleinserve.media import decode_base64, decode_image
+from kleinserve.media import decode_base64_image
 from kleinserve.types import GenerateRequest, ImageFormat, base64_text
 
 PREFIXES = ("/image-model",)
+_MODEL_HEADER = {
+    "name": "ai-model-id",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string", "default": "bfl/flux-2-klein-4b"},
+    "description": "the model asked for; absent: the served klein model",
+}
 _OPTION_KEYS = {"steps", "guidance", "negative_prompt", "output_format"}
 _FORMATS = {
     "png": ImageFormat.PNG,
@@ -39,27 +47,46 @@ _FORMATS = {
 }
 
 
+MAX_PIXELS = 1024 * 1024
+
+
+class ImageModelFile(BaseModel):
+    type: Literal["file", "url"]
+    mediaType: str | None = Field(None, examples=["image/png"])  # noqa: N815 (the wire's name)
+    data: str | None = Field(None, description='base64, with type "file"')
+    url: str | None = Field(None, description='with type "url"')
+
+
+class ImageModelBody(BaseModel):
+    """The body `@ai-sdk/gateway` sends, for the OpenAPI document: the route reads the body field by field,
+    to refuse each value in the Gateway's words."""
+
+    prompt: str = Field(min_length=1, max_length=32000)
+    n: int = Field(1, ge=1, le=4)
+    size: str | None = Field(None, description='"WxH", 256-2048 px per side', examples=["1024x768"])
+    aspectRatio: str | None = Field(None, description='"W:H" up to 4:1', examples=["16:9"])  # noqa: N815
+    seed: int | None = Field(None, ge=0)
+    providerOptions: dict[str, dict[str, Any]] | None = Field(  # noqa: N815
+        None, description="under any provider key: steps, guidance, negative_prompt, output_format"
+    )
+    files: list[ImageModelFile] | None = Field(None, max_length=4, description="reference images")
+
+
 def size_for_aspect_ratio(text: str) -> tuple[int, int]:
     """About one megapixel at the ratio "W:H", sides multiples of 16."""
     try:
-        w, h = (float(part) for part in text.split(":"))
-        if w <= 0 or h <= 0 or max(w / h, h / w) > 4:
+        w, h = (float(part) for part in text.split(":"))  # float() also reads "nan" and "inf"
+        if not (math.isfinite(w) and math.isfinite(h) and w > 0 and h > 0 and max(w / h, h / w) <= 4):
             raise ValueError
     except ValueError:
         raise InvalidInput(f"aspectRatio {text!r}", param="aspectRatio", allowed='"W:H" up to 4:1') from None
-    height = math.sqrt(1024 * 1024 * h / w)
+    height = math.sqrt(MAX_PIXELS * h / w)
     return int(height * w / h) // 16 * 16, int(height) // 16 * 16
 
 
 def _size(body: dict[str, Any]) -> tuple[int | None, int | None]:
     if size := body.get("size"):
-        try:
-            width, height = (int(part) for part in str(size).lower().split("x"))
-        except ValueError:
-            raise InvalidInput(f"size {size!r} is not WIDTHxHEIGHT", param="size") from None
-        if not (256 <= width <= 2048 and 256 <= height <= 2048):
-            raise InvalidInput(f"size {size} is out of range", param="size", allowed="256-2048 px per side")
-        return width, height
+        return service.parse_size(str(size), MAX_PIXELS)  # the cap of its aspect ratios
     if ratio := body.get("aspectRatio"):
         return size_for_aspect_ratio(str(ratio))
     return None, None
@@ -175,7 +202,12 @@ def render_error(exc: KleinError) -> Response:
 def build_router(services: Services) -> APIRouter:
     router = APIRouter(tags=["Vercel AI Gateway"])
 
-    @router.post("/image-model", summary="Generate images (AI Gateway image model protocol, version 3)")
+    @router.post(
+        "/image-model",
+        summary="Generate images (AI Gateway image model protocol, version 3)",
+        openapi_extra={**openapi.json_body(ImageModelBody), "parameters": [_MODEL_HEADER]},
+        responses=openapi.errors(openapi.ErrorBody, (400, 401, 404, 413, 429, 503)),
+    )
     async def image_model(http_request: Request) -> dict[str, Any]:
         owner = service.caller(services, http_request)
         services.check_model(http_request.headers.get("ai-model-id"))
@@ -185,6 +217,8 @@ def build_router(services: Services) -> APIRouter:
         warnings: list[dict[str, str]] = []
         options = provider_options(body, warnings)
         files = body.get("files") or []
+        if not isinstance(files, list):
+            raise InvalidInput("files must be an array", param="files", allowed="a list of 0-4 files")
         if len(files) > 4:
             raise InvalidInput(f"{len(files)} files given", param="files", allowed="at most 4")
         references = []
@@ -193,8 +227,7 @@ def build_router(services: Services) -> APIRouter:
             if isinstance(file, dict) and file.get("type") == "url":
                 references.append(await services.fetcher.image(str(file.get("url", "")), param))
             elif isinstance(file, dict) and isinstance(file.get("data"), str):
-                data = decode_base64(file["data"], param)
-                references.append(await asyncio.to_thread(decode_image, data, param))
+                references.append(await asyncio.to_thread(decode_base64_image, file["data"], param))
             else:
                 raise InvalidInput(f"{param} is neither a base64 file nor a URL", param=param)
         request = to_request(body, references, services.spec.distilled, options)
