@@ -8,6 +8,7 @@ time of running them one after the other.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -24,6 +26,7 @@ from kleinserve.types import GenerateRequest, ImageFormat
 from tests.conftest import max_difference, random_image
 
 TIMEOUT_SECONDS = 300
+NO_SUCH_REPO = "kleinserve-test/no-such-model"  # a repo id in no cache; the runs are offline
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,13 @@ def cli(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ru
         "bad_size": [["generate", "a fox", *model, "--size", "32x32", "--seed", "1"]],
         "bad_ref": [["generate", "a fox", *model, "--ref", str(work / "broken.png"), "--size", "64x64"]],
         "default_model": [["generate", "a red circle on a white background", "--seed", "1", "-o", "toy.png"]],
+        "cuda": [["generate", "a fox", *model, "--device", "cuda", "--size", "64x64"]],
+        "fp16": [["generate", "a fox", *model, "--dtype", "float16", "--size", "64x64"]],
+        "bad_device": [["generate", "a fox", *model, "--device", "gpu", "--size", "64x64"]],
+        "help": [["generate", "--help"]],
+        "info_repo": [["model", "info", NO_SUCH_REPO]],
+        "info_repo_download": [["model", "info", NO_SUCH_REPO, "--download"]],
+        "info_toy": [["model", "info", "flux-2-klein-toy"]],
         "tiny": [["model", "create-tiny", "made"], ["model", "info", "made"]],
         "tiny_base": [["model", "create-tiny", "made", "--base"], ["model", "info", "made"]],
     }
@@ -175,7 +185,46 @@ def test_unreadable_reference(cli: Runs) -> None:
     assert_one_line_error(run, str(run.cwd.parent / "broken.png"), "not a readable image")
 
 
+def test_cuda_device_without_cuda(cli: Runs) -> None:
+    run = cli["cuda"]
+    if torch.cuda.is_available():
+        assert_ok(run)
+    else:  # refused before any weight is read, not torch's "Torch not compiled with CUDA enabled" traceback
+        assert_one_line_error(run, "device cuda is not available", "allowed: cpu")
+
+
+def test_float16_runs_whatever_the_cpu(cli: Runs) -> None:
+    """oneDNN packs float16 weights only on CPUs with AVX512_FP16 or AVX_NE_CONVERT; elsewhere loading ended
+    in torch's RuntimeError from mkldnn_reorder_linear_weight (exit 1). Now such a CPU computes unpacked."""
+    run = cli["fp16"]
+    assert_ok(run)
+    assert "seed" in run.stdout
+
+
+def test_unknown_device(cli: Runs) -> None:
+    assert_one_line_error(cli["bad_device"], "unknown device 'gpu'", "cpu, cuda, cuda:N")
+
+
+def test_generate_help_says_the_default_size_follows_the_model(cli: Runs) -> None:
+    run = cli["help"]
+    assert_ok(run)
+    text = " ".join(run.stdout.split())  # argparse wraps the help at the terminal's width
+    assert "else the model's own square: 1024x1024 for klein, 256x256 for the toy" in text
+
+
 # --- model create-tiny / info -----------------------------------------------------------------------------
+
+
+def test_info_on_a_repo_id_suggests_download_which_it_takes(cli: Runs) -> None:
+    assert_one_line_error(cli["info_repo"], NO_SUCH_REPO, "not in the local Hugging Face cache", "--download")
+    # accepted (not argparse's "unrecognized arguments"); offline, the download itself fails
+    assert_one_line_error(cli["info_repo_download"], NO_SUCH_REPO, "not in the local Hugging Face cache")
+
+
+def test_info_shows_the_default_size(cli: Runs) -> None:
+    run = cli["info_toy"]
+    assert_ok(run)
+    assert info_lines(run.stdout)["default size"] == "256x256"
 
 
 def info_lines(stdout: str) -> dict[str, str]:
@@ -208,6 +257,7 @@ def test_create_tiny_then_info(cli: Runs, tiny_dir: Path) -> None:
     assert info["distilled"] == "True"
     assert info["default steps"] == "4"
     assert info["default guidance"] == "1.0"
+    assert info["default size"] == "1024x1024"
     assert info["stored dtypes"] == "transformer F32, text_encoder F32, vae F32"
     transformer = values_in(made / "transformer" / "diffusion_pytorch_model.safetensors")
     text_encoder = values_in(made / "text_encoder" / "model.safetensors", layers_below=27)
@@ -225,3 +275,44 @@ def test_create_tiny_base_then_info(cli: Runs) -> None:
     assert info["distilled"] == "False"
     assert info["default steps"] == "50"
     assert info["default guidance"] == "4.0"
+
+
+# --- serve --------------------------------------------------------------------------------------------------
+
+
+def serve_command(tiny_dir: Path, data_dir: Path, port: int) -> list[str]:
+    return [sys.executable, "-m", "kleinserve.cli", "serve", "--model", str(tiny_dir), "--dtype", "float32",
+            "--port", str(port), "--data-dir", str(data_dir)]  # fmt: skip
+
+
+def test_serve_on_a_busy_port_fails_before_loading(tiny_dir: Path, tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            serve_command(tiny_dir, tmp_path / "data", port),
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT_SECONDS,
+        )
+    run = Run(tmp_path, done.returncode, done.stdout, done.stderr)
+    assert_one_line_error(run, f"port {port} on 127.0.0.1 is in use")  # and no "serving ..." on stdout
+
+
+def test_serve_says_serving_once_it_listens(tiny_dir: Path, tmp_path: Path) -> None:
+    """A script may connect as soon as it reads the line (it used to be printed before uvicorn bound)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = serve_command(tiny_dir, tmp_path / "data", port)
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) as server:
+        try:
+            assert server.stdout is not None
+            line = server.stdout.readline()
+            with socket.create_connection(("127.0.0.1", port), timeout=5):
+                pass  # ConnectionRefusedError if nothing listens yet
+            assert line == f"kleinserve: serving tiny-random at http://127.0.0.1:{port}/\n"
+        finally:
+            server.terminate()
+            server.wait(timeout=60)

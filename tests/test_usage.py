@@ -11,7 +11,8 @@ import httpx
 import pytest
 
 from kleinserve.api.auth import DATABASE_NAME, KeyStore
-from kleinserve.cli import USAGE_COLUMNS, main
+from kleinserve.cli import main
+from kleinserve.jobs.report import USAGE_COLUMNS
 from tests.test_crash import ServerProcess, wait_for
 
 SIDE = 256

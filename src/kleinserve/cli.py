@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING
 from kleinserve.errors import InvalidInput, KleinError
 
 if TYPE_CHECKING:
+    from kleinserve.engine.loading import ModelSource
     from kleinserve.engine.pipeline import Pipeline
-    from kleinserve.jobs.store import Job
 
 DEFAULT_MODEL = os.environ.get("KLEINSERVE_MODEL", "flux-2-klein-toy")
 
@@ -47,6 +47,45 @@ def _date(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a date YYYY-MM-DD") from None
 
 
+def _add_source_options(parser: argparse._ActionsContainer) -> None:
+    """Where the model's files come from, besides the model argument itself (see `_source`)."""
+    parser.add_argument(
+        "--components", help="with a BFL single file: directory or repo id of the other parts"
+    )
+    parser.add_argument(
+        "--download", action="store_true", help="fetch a repo id from the Hugging Face Hub (the whole model)"
+    )
+
+
+def _add_connection_options(parser: argparse.ArgumentParser) -> None:
+    """`serve`'s ConnectionLimits (kleinserve/api/connections.py), with its defaults."""
+    group = parser.add_argument_group("connection limits")
+    group.add_argument(
+        "--max-connections", type=int, help="connections served at once (default: from the open-file limit)"
+    )
+    group.add_argument(
+        "--max-head-bytes", type=int, default=16384, help="request line + header fields (default %(default)s)"
+    )
+    group.add_argument(
+        "--max-headers", type=int, default=100, help="header fields in a request (default %(default)s)"
+    )
+    group.add_argument(
+        "--head-timeout", type=float, default=10, help="seconds to send a request head (default %(default)s)"
+    )
+    group.add_argument(
+        "--body-idle-timeout", type=float, default=30, help="seconds a body may stall (default %(default)s)"
+    )
+    group.add_argument(
+        "--body-timeout", type=float, default=300, help="seconds to send a whole body (default %(default)s)"
+    )
+    group.add_argument(
+        "--keep-alive-timeout",
+        type=float,
+        default=5,
+        help="seconds an idle connection stays (default %(default)s)",
+    )
+
+
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument(
@@ -54,8 +93,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_MODEL,
         help="directory, BFL .safetensors, repo id, flux-2-klein-toy (default) or tiny-random",
     )
-    group.add_argument("--components", help="with a BFL single file: directory or repo id of the other parts")
-    group.add_argument("--download", action="store_true", help="fetch a repo id from the Hugging Face Hub")
+    _add_source_options(group)
     group.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     group.add_argument(
         "--dtype", help="compute dtype: float32, bfloat16, float16 (default: cuda bf16, cpu fp32)"
@@ -73,7 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("prompt")
     generate.add_argument("--ref", action="append", default=[], type=Path, help="reference image (up to 4)")
     generate.add_argument(
-        "--size", type=_size, help="WIDTHxHEIGHT (default: first reference's size, else 1024)"
+        "--size",
+        type=_size,
+        help="WIDTHxHEIGHT (default: the first reference's size, else the model's own square: 1024x1024 for "
+        "klein, 256x256 for the toy; `model info` shows it)",
     )
     generate.add_argument("--seed", type=int)
     generate.add_argument("--steps", type=int)
@@ -92,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     info = model.add_parser("info", help="variant, parameters, dtype and memory of a model")
     info.add_argument("model")
-    info.add_argument("--components")
+    _add_source_options(info)
 
     toy = commands.add_parser("toy", help="the embedded toy model").add_subparsers(
         dest="toy_command", required=True
@@ -123,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--insecure-no-auth", action="store_true", help="allow a non-loopback host without keys"
     )
+    _add_connection_options(serve)
     _add_model_options(serve)
 
     usage = commands.add_parser("usage", help="usage per key: succeeded jobs, images, tiles, megapixels")
@@ -180,7 +222,7 @@ def _generate(args: argparse.Namespace) -> int:
     from PIL import Image, UnidentifiedImageError
     from tqdm import tqdm
 
-    from kleinserve.engine.loading import inspect_source, resolve_source
+    from kleinserve.engine.loading import inspect_source
     from kleinserve.engine.pipeline import resolve_request
     from kleinserve.types import GenerateRequest, ImageFormat
 
@@ -213,7 +255,7 @@ def _generate(args: argparse.Namespace) -> int:
         output_format=formats[suffix],
     )
     # Check the request against the model's configs before spending minutes loading the weights.
-    resolve_request(request, inspect_source(resolve_source(args.model, components=args.components)).spec)
+    resolve_request(request, inspect_source(_source(args)).spec)
     pipeline = _load(args)
     resolved = pipeline.resolve(request)
     with tqdm(total=resolved.steps, desc="denoising", unit="step", file=sys.stderr) as bar:
@@ -248,6 +290,13 @@ def _toy(args: argparse.Namespace) -> int:
     return 0 if score.meets_targets() else 1
 
 
+def _source(args: argparse.Namespace) -> ModelSource:
+    """The model named by `args.model`, `--components` and `--download` (ModelLoadError if unusable)."""
+    from kleinserve.engine.loading import resolve_source
+
+    return resolve_source(args.model, components=args.components, download=args.download)
+
+
 def _load(args: argparse.Namespace) -> Pipeline:
     from kleinserve.engine import load_pipeline
 
@@ -268,7 +317,10 @@ def _serve(args: argparse.Namespace) -> int:
     from kleinserve.logs import configure
 
     configure()  # JSON lines on stderr, model loading included
+    from kleinserve.api.connections import ConnectionLimits, check_port_free
+
     # Before importing the server (torch, diffusers: seconds) and before minutes of model loading.
+    check_port_free(args.host, args.port)
     keys = KeyStore(args.data_dir / DATABASE_NAME)
     try:
         check_open_binding(args.host, keys, args.insecure_no_auth)
@@ -287,6 +339,15 @@ def _serve(args: argparse.Namespace) -> int:
         media_ttl_s=args.media_ttl,
         allow_private_urls=args.allow_private_urls,
         insecure_no_auth=args.insecure_no_auth,
+        connections=ConnectionLimits(
+            max_head_bytes=args.max_head_bytes,
+            max_headers=args.max_headers,
+            head_timeout_s=args.head_timeout,
+            body_idle_timeout_s=args.body_idle_timeout,
+            body_timeout_s=args.body_timeout,
+            keep_alive_timeout_s=args.keep_alive_timeout,
+            max_connections=args.max_connections,
+        ),
     )
     serve(settings, lambda: _load(args))
     return 0
@@ -314,31 +375,9 @@ def _keys(args: argparse.Namespace) -> int:
     return 0
 
 
-USAGE_COLUMNS = (
-    ("jobs", "jobs"),
-    ("images", "images"),
-    ("tiles_in", "tiles in"),
-    ("tiles_out", "tiles out"),
-    ("megapixels_in", "MP in"),
-    ("megapixels_out", "MP out"),
-    ("steps", "steps"),
-    ("engine_seconds", "engine s"),
-)
-
-
-def usage_totals(jobs: Sequence[Job]) -> dict[str, dict[str, float]]:
-    """Per key (sorted by name): the sums of the succeeded jobs' usage, and their count as `jobs`."""
-    totals: dict[str, dict[str, float]] = {}
-    for job in jobs:
-        row = totals.setdefault(job.owner, dict.fromkeys((name for name, _ in USAGE_COLUMNS), 0.0))
-        row["jobs"] += 1
-        for name, _ in USAGE_COLUMNS[1:]:
-            row[name] += float((job.usage or {}).get(name, 0))
-    return dict(sorted(totals.items()))
-
-
 def _usage(args: argparse.Namespace) -> int:
     from kleinserve.api.auth import DATABASE_NAME
+    from kleinserve.jobs.report import usage_report
     from kleinserve.jobs.store import SqliteJobStore
 
     database = args.data_dir / DATABASE_NAME
@@ -346,44 +385,26 @@ def _usage(args: argparse.Namespace) -> int:
         raise InvalidInput(f"{database}: no job database (is --data-dir right?)", param="data-dir")
     store = SqliteJobStore(database)
     try:
-        totals = usage_totals(store.usage(args.key, args.since))
+        lines = usage_report(store.usage(args.key, args.since))
     finally:
         store.close()
-    header = ["key", *(title for _, title in USAGE_COLUMNS)]
-    rows = [
-        [owner, *(_figure(name, row[name]) for name, _ in USAGE_COLUMNS)] for owner, row in totals.items()
-    ]
-    if len(rows) > 1:
-        grand = {name: sum(row[name] for row in totals.values()) for name, _ in USAGE_COLUMNS}
-        rows.append(["total", *(_figure(name, grand[name]) for name, _ in USAGE_COLUMNS)])
-    widths = [max(len(line[i]) for line in (header, *rows)) for i in range(len(header))]
-    for line in (header, *rows):
-        rest = (cell.rjust(width) for cell, width in zip(line[1:], widths[1:], strict=True))
-        cells = [line[0].ljust(widths[0]), *rest]
-        print("  ".join(cells).rstrip())
-    if not rows:
+    print("\n".join(lines))
+    if len(lines) == 1:
         print("(no succeeded jobs)", file=sys.stderr)
     return 0
 
 
-def _figure(name: str, value: float) -> str:
-    if name.startswith("megapixels"):
-        return f"{value:.4f}"
-    if name == "engine_seconds":
-        return f"{value:.3f}"
-    return str(int(value))
-
-
 def _info(args: argparse.Namespace) -> int:
-    from kleinserve.engine.loading import inspect_source, resolve_source
+    from kleinserve.engine.loading import inspect_source
 
-    info = inspect_source(resolve_source(args.model, components=args.components))
+    info = inspect_source(_source(args))
     gib = 1 << 30
     lines = {
         "variant": info.spec.name,
         "distilled": info.spec.distilled,
         "default steps": info.spec.default_steps,
         "default guidance": info.spec.default_guidance,
+        "default size": f"{info.spec.default_side}x{info.spec.default_side}",
         "transformer parameters": f"{info.transformer_parameters:,}",
         "text encoder parameters (layers used)": f"{info.text_encoder_parameters:,}",
         "vae parameters": f"{info.vae_parameters:,}",

@@ -93,6 +93,7 @@ class GenerateResult:
     height: int
     steps: int
     guidance: float
+    prompt_tokens: int  # tokens the text encoder read for the prompt (chat template included, padding not)
     reference_sizes: tuple[tuple[int, int], ...] = ()  # (width, height) of each reference as processed
     timings: dict[str, float] = field(default_factory=dict)  # stage name -> seconds, shared by the batch
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from kleinserve.engine.loading import ModelComponents, load_components, resolve_source
 from kleinserve.engine.pipeline import Pipeline
-from kleinserve.engine.precision import choose_placement, keep_freed_memory
+from kleinserve.engine.precision import check_runnable, choose_placement, keep_freed_memory
 from kleinserve.engine.text import DEFAULT_CACHE_BYTES, PromptEmbeddingCache
 
 
@@ -29,6 +29,7 @@ def load_pipeline(
     keep_freed_memory()
     source = resolve_source(model, components=components, download=download)
     placement = choose_placement(device, dtype, quantize, offload, memory_budget_gib)
+    check_runnable(placement)  # before reading any weight
     return Pipeline(load_components(source, placement), PromptEmbeddingCache(prompt_cache_bytes))
 
 

@@ -181,6 +181,7 @@ class Pipeline:
         with self._timed(timings, "text_encoding"), self._resident(components.text_encoder):
             prompts = [r.request.prompt for r in resolved for _ in r.seeds]
             embeds = self.prompts.encode(prompts, length, self.device)  # (B, L, D)
+            prompt_tokens = self.prompts.count_tokens([r.request.prompt for r in resolved], length)
             if first.use_cfg:
                 negatives = [r.request.negative_prompt for r in resolved for _ in r.seeds]
                 embeds = torch.cat([embeds, self.prompts.encode(negatives, length, self.device)])
@@ -221,7 +222,7 @@ class Pipeline:
 
         results = []
         outputs_left = iter(images)
-        for r in resolved:
+        for r, tokens in zip(resolved, prompt_tokens, strict=True):
             outputs = tuple(GeneratedImage(next(outputs_left), seed) for seed in r.seeds)
             results.append(
                 GenerateResult(
@@ -230,6 +231,7 @@ class Pipeline:
                     r.height,
                     r.steps,
                     r.guidance,
+                    prompt_tokens=tokens,
                     reference_sizes=tuple(reference.size for reference in r.references),
                     timings=dict(timings),
                 )

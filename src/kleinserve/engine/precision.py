@@ -30,6 +30,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import dataclasses
+import functools
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -118,8 +119,14 @@ def choose_placement(
     offload: bool = False,
     memory_budget_gib: float | None = None,
 ) -> Placement:
-    """Automatic choice (CUDA -> bf16; CPU -> its fastest dtype) with the user's overrides applied."""
-    resolved = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """Automatic choice (CUDA -> bf16; CPU -> its fastest dtype) with the user's overrides applied. Whether
+    this machine can run it is `check_runnable`'s question."""
+    try:
+        resolved = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:  # torch's parse error lists every device type it knows
+        raise InvalidInput(
+            f"unknown device {device!r}", param="device", allowed="cpu, cuda, cuda:N"
+        ) from None
     if dtype is not None and dtype not in _DTYPES:
         raise InvalidInput(f"unknown dtype {dtype!r}", param="dtype", allowed=", ".join(sorted(_DTYPES)))
     if quantize not in (None, "int8"):
@@ -133,6 +140,41 @@ def choose_placement(
         default = torch.bfloat16 if native_cpu_bf16() and not quantize else torch.float32
     budget = None if memory_budget_gib is None else int(memory_budget_gib * _GIB)
     return Placement(resolved, _DTYPES[dtype] if dtype else default, quantize, offload, budget)
+
+
+def check_runnable(placement: Placement) -> None:
+    """InvalidInput when this machine cannot compute on `placement`'s device: a CUDA device torch does not see
+    (or a torch built without CUDA), or a device type other than cpu/cuda. Called before any weight is read:
+    loading would otherwise end in torch's AssertionError after seconds to minutes. Every dtype runs on every
+    CPU: one whose oneDNN cannot pack it computes unpacked (`can_pack`)."""
+    device = placement.device
+    if device.type not in ("cpu", "cuda"):
+        raise InvalidInput(f"device {device} is not supported", param="device", allowed="cpu, cuda, cuda:N")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) < count:
+            return
+        if not torch.backends.cuda.is_built():
+            why = f"this torch ({torch.__version__}) is built without CUDA"
+        else:
+            why = f"{count} CUDA device(s) visible"
+        allowed = f"cuda:0-{count - 1} or cpu" if count else "cpu"
+        raise InvalidInput(f"device {device} is not available: {why}", param="device", allowed=allowed)
+
+
+@functools.cache
+def can_pack(dtype: torch.dtype) -> bool:
+    """Whether this CPU's oneDNN pre-packs Linear weights of `dtype`: float32 everywhere; bfloat16 needs
+    AVX512BW/VL/DQ or AVX_NE_CONVERT, float16 AVX512_FP16 or AVX_NE_CONVERT. torch has no flag for it, so one
+    tiny weight is packed to find out (elsewhere packing raised "bf16 path needs the cpu support ..." and
+    loading died; tests/engine/test_precision.py::test_weights_are_packed_where_the_cpu_can)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(1, 1, dtype=dtype), _PACK_HINT_ROWS)
+    except RuntimeError:
+        return False
+    return True
 
 
 def choose_load_dtype(placement: Placement, fp32_bytes: int, stored_16bit: bool) -> torch.dtype:
@@ -171,7 +213,7 @@ def place_modules(
         for parent, name, linear in _linears(module):
             extra = linear.weight.numel() * (placement.dtype.itemsize - linear.weight.element_size())
             # extra == 0: the packed weight replaces the stored one, so it always fits.
-            if (extra == 0 or extra <= spare) and torch.backends.mkldnn.is_available():
+            if (extra == 0 or extra <= spare) and can_pack(placement.dtype):
                 setattr(parent, name, PackedLinear(linear, placement.dtype))
                 spare -= extra
             else:
