@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import re
 import secrets
 import sqlite3
 import time
@@ -21,10 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kleinserve.errors import InvalidInput, NotFound, Unauthorized
+from kleinserve.files import private_database
 
 DATABASE_NAME = "kleinserve.db"  # in the data dir
 KEY_PREFIX = "ks-"
-ANONYMOUS = "anonymous"
+# Key names are words (KEY_NAME); the owner of the jobs made while the server is open is not one, so that no
+# key created later can take it and see those jobs (tests/api/test_auth_media.py::test_open_owner_is_no_key).
+KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+ANONYMOUS = "(no key)"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS api_keys (
     name TEXT PRIMARY KEY,
@@ -50,13 +55,18 @@ class KeyStore:
     """Named API keys in `<data dir>/kleinserve.db` (table api_keys)."""
 
     def __init__(self, database: Path) -> None:
-        database.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(database, check_same_thread=False, isolation_level=None)
+        self._db = sqlite3.connect(private_database(database), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(_SCHEMA)
 
     def create(self, name: str) -> str:
-        """A new key for `name`; the only time the key itself is visible."""
+        """A new key for `name` (KEY_NAME: letters, digits, `._@-`, up to 64); the only time the key itself is
+        visible. ValueError for a taken or malformed name."""
+        if not KEY_NAME.fullmatch(name):
+            raise ValueError(
+                f"key name {name!r} is not allowed: use 1-64 letters, digits, '.', '_', '@' or '-', "
+                "starting with a letter or digit"
+            )
         key = KEY_PREFIX + secrets.token_urlsafe(32)
         try:
             self._db.execute(

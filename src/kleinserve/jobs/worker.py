@@ -4,7 +4,8 @@
     worker.start()                                   # recovers jobs a crash left running, starts the engine
     # or: worker.start(engine_thread=False), then worker.run_engine() on the thread that loaded the model
     job = worker.submit(request, owner="alice")      # validated, stored, queued (raises Overloaded)
-    outcome = await worker.submit_and_wait(request, owner="alice")   # sync APIs: the job and its image bytes
+    pending = await worker.enqueue(request, owner="alice")   # the same from the event loop (off it)
+    outcome = await worker.wait(pending)             # sync APIs: the job and its image bytes
 
 Batching: the oldest queued job always runs next, together with younger jobs of the same batch key (size,
 steps, guidance, text length, reference geometry) up to `max_batch` images, so compatible work shares an
@@ -12,7 +13,8 @@ engine call and an older incompatible job never starves. Image encoding and stor
 thread pool, so the engine starts the next batch at once; a synchronous caller gets the encoded bytes from
 there in memory (`Outcome`), not by reading them back from the media store. Cancel: a queued job is
 cancelled at once; a running job is marked cancelled at the next step boundary (its batch stops when every
-job in it is cancelled).
+job in it is cancelled). What happens at each step: jobs/batch.py; while the store refuses writes (a lock
+held elsewhere, a full disk) the engine goes on and /readyz says why: jobs/writes.py.
 
 `kleinserve serve` runs the engine on the thread that loaded the model (`run_engine()`; why: api/server.py's
 `serve`); `start()`'s own engine thread remains for embedding and tests.
@@ -22,33 +24,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from kleinserve.engine.pipeline import Pipeline
 from kleinserve.engine.references import to_rgb
 from kleinserve.errors import Cancelled, KleinError, Overloaded, StoreUnavailable, Unavailable
 from kleinserve.jobs import metering
+from kleinserve.jobs.batch import BatchSteps, OutputStore, store_result
 from kleinserve.jobs.events import EventHub
 from kleinserve.jobs.metrics import Metrics
 from kleinserve.jobs.store import Job, JobStatus, JobStore, new_job_id
 from kleinserve.jobs.writes import EngineWrites
 from kleinserve.media import ReferenceStore
-from kleinserve.types import (
-    GenerateRequest,
-    GenerateResult,
-    ImageFormat,
-    Progress,
-    StepCallback,
-    encode_image,
-)
+from kleinserve.types import GenerateRequest, GenerateResult, StepCallback
 
 log = logging.getLogger(__name__)
 IDLE_POLL_S = 0.5
@@ -70,12 +65,6 @@ class Pending:
 
     job: Job
     ended: asyncio.Future[Outcome]
-
-
-class OutputStore(Protocol):
-    """Where result images go (kleinserve.media.MediaStore)."""
-
-    def save(self, data: bytes, fmt: ImageFormat) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -358,42 +347,20 @@ class Worker:
         for job in batch:
             self.metrics.queue_wait.observe(now - job.created)
             self.hub.publish(job.id, {"type": "running"})
-        live = {job.id for job in batch}
-        by_id = {job.id: job for job in batch}
-        counts = [(job.id, job.params["num_images"]) for job in batch]  # batch order, as the engine's images
-        self.metrics.batch_size.observe(sum(count for _, count in counts))
-        last_saved = [time.perf_counter()]  # when progress was last written to the store
-
-        def on_step(progress: Progress) -> None:
-            self.metrics.step.observe(progress.seconds)
-            now = time.perf_counter()
-            done = progress.step / progress.total_steps
-            for job_id in list(live & self._cancel_requested):
-                live.discard(job_id)
-                error = "cancelled by the client"
-                self._terminal(
-                    self.writes.finish(by_id[job_id], JobStatus.CANCELLED, error=error, progress=done)
-                )
-            save_progress = now - last_saved[0] >= self.settings.progress_interval_s
-            if save_progress:
-                last_saved[0] = now
-            decoded = functools.cache(progress.preview)  # one VAE pass per step, whoever asks
-            previews = self.hub.previews(decoded, counts, live)
-            offset = 0
-            for job_id, count in counts:
-                if job_id in live:
-                    if save_progress:
-                        self.writes.progress(job_id, done)
-                    event = {"type": "step", "step": progress.step, "total_steps": progress.total_steps}
-                    self.hub.publish(job_id, {**event, **previews.get(job_id, {})})
-                    if listener := self._listeners.get(job_id):
-                        own = functools.partial(lambda o, c: decoded()[o : o + c], offset, count)
-                        listener(replace(progress, preview=own))
-                offset += count
-
+        steps = BatchSteps(
+            batch,
+            hub=self.hub,
+            writes=self.writes,
+            metrics=self.metrics,
+            listeners=self._listeners,
+            cancel_requested=self._cancel_requested,
+            end=self._terminal,
+            progress_interval_s=self.settings.progress_interval_s,
+        )
+        self.metrics.batch_size.observe(steps.images)
         try:
             requests = [self.load_request(job) for job in batch]
-            results = self.pipeline.generate_batch(requests, on_step, cancelled=lambda: not live)
+            results = self.pipeline.generate_batch(requests, steps, cancelled=steps.cancelled)
         except Cancelled:
             return
         except Exception as exc:
@@ -401,7 +368,7 @@ class Worker:
             if not isinstance(exc, KleinError):
                 log.exception("engine failed on jobs %s", [job.id for job in batch])
             for job in batch:
-                if job.id in live:
+                if job.id in steps.live:
                     self._terminal(self.writes.finish(job, JobStatus.FAILED, error=message))
             return
         finally:
@@ -409,36 +376,15 @@ class Worker:
         self.metrics.text_encoding.observe(results[0].timings.get("text_encoding", 0.0))
         self.metrics.vae_decode.observe(results[0].timings.get("vae_decode", 0.0))
         for job, result in zip(batch, results, strict=True):
-            if job.id in live:
+            if job.id in steps.live:
                 self._encoder.submit(self._store_result, job, result)
 
     # encoder threads
     def _store_result(self, job: Job, result: GenerateResult) -> None:
-        try:
-            fmt = ImageFormat(job.params["output_format"])
-            images, encoded = [], []
-            for image in result.images:
-                start = time.perf_counter()
-                data = encode_image(image.image, fmt, job.params.get("output_quality"))
-                self.metrics.image_encoding.observe(time.perf_counter() - start)
-                images.append({"media": self.outputs.save(data, fmt), "seed": image.seed})
-                encoded.append(data)
-        except Exception as exc:  # a full disk (OSError) is not a bug, anything else is
-            if not isinstance(exc, OSError):
-                log.exception("storing the result of job %s failed", job.id)
-            error = "storing the result failed" + (f" ({exc.strerror})" if isinstance(exc, OSError) else "")
-            self._terminal(self.writes.finish(job, JobStatus.FAILED, error=error))
-            return
-        summary = {
-            "images": images,
-            "width": result.width,
-            "height": result.height,
-            "steps": result.steps,
-            "guidance": result.guidance,
-        }
-        usage = metering.usage(result, engine_seconds=sum(result.timings.values()))
-        job = self.writes.finish(job, JobStatus.SUCCEEDED, result=summary, usage=usage)
-        self._terminal(job, tuple(encoded))
+        final, images = store_result(
+            job, result, outputs=self.outputs, writes=self.writes, metrics=self.metrics
+        )
+        self._terminal(final, images)
 
     def _terminal(self, job: Job, images: tuple[bytes, ...] = ()) -> None:
         """Every way a job ends (`job` is its final row) passes here; `images` are its encoded results."""
