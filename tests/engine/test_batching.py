@@ -25,7 +25,7 @@ def test_batch_of_different_prompts_and_references_equals_each_alone(pipeline):
             prompt="a dog on a hill", seed=7, num_images=2, reference_images=(random_image(96, 64, 2),)
         ),
     ]
-    batched = pipeline.generate_batch(requests)
+    batched = pipeline.generate_batch([pipeline.resolve(request) for request in requests])
     assert [len(r.images) for r in batched] == [1, 2]
     for request, result in zip(requests, batched, strict=True):
         alone = pipeline.generate(request)
@@ -40,7 +40,7 @@ def test_incompatible_requests_are_refused(pipeline):
         GenerateRequest(prompt="b", width=80, height=64, seed=1),
     ]
     with pytest.raises(InvalidInput, match="share"):
-        pipeline.generate_batch(requests)
+        pipeline.generate_batch([pipeline.resolve(request) for request in requests])
     assert pipeline.resolve(requests[0]).batch_key != pipeline.resolve(requests[1]).batch_key
 
 

@@ -489,7 +489,7 @@ def _crashed_job(setup: Setup, request: GenerateRequest, attempts: int) -> Job:
         id="crashed" + str(attempts),
         owner="alice",
         status=JobStatus.RUNNING,
-        params=metering.request_params(request, resolved),
+        params=metering.request_params(resolved.request, resolved),
         reference_count=len(request.reference_images),
         batch_key=repr(resolved.batch_key),
         created=time.time() - 60,
@@ -497,7 +497,7 @@ def _crashed_job(setup: Setup, request: GenerateRequest, attempts: int) -> Job:
         attempts=attempts,
         progress=0.5,
     )
-    ReferenceStore(setup.inputs).save(job.id, [to_rgb(image) for image in request.reference_images])
+    ReferenceStore(setup.inputs).save(job.id, resolved.request.reference_images)
     return setup.store.add(job)
 
 

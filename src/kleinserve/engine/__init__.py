@@ -2,6 +2,8 @@
 
 from kleinserve.engine import load_pipeline
 pipeline = load_pipeline("tiny-random")
+
+The rest of kleinserve sees a loaded pipeline only as an `Engine` (engine/protocol.py).
 """
 
 from __future__ import annotations

@@ -377,7 +377,7 @@ class _quiet_library_logs:
         diffusers_logging.set_verbosity_error()
         transformers_logging.disable_progress_bar()
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, *exc: Any) -> None:
         transformers_logging.set_verbosity(self._levels[0])
         diffusers_logging.set_verbosity(self._levels[1])
         transformers_logging.enable_progress_bar()

@@ -1,22 +1,20 @@
-"""Pipeline: GenerateRequest(s) -> GenerateResult(s), one batch per call.
+"""Pipeline: ResolvedRequest(s) -> GenerateResult(s), one batch per call; the `Engine` of engine/protocol.py.
 
     pipeline = load_pipeline("tiny-random")
     result = pipeline.generate(GenerateRequest(prompt="a red circle", width=128, height=128, seed=7))
     result.images[0].image.save("out.png")
 
-A batch is any list of requests sharing size, steps, guidance, text length and reference geometry
-(`ResolvedRequest.batch_key`); their prompts, seeds and reference pixels may differ. Each image is the image
-its seed gives alone: image i of a request with seed s uses seed s + i (guarded by
+A batch is any list of resolved requests (engine/resolve.py) sharing size, steps, guidance, text length and
+reference geometry (`ResolvedRequest.batch_key`); their prompts, seeds and reference pixels may differ. Each
+image is the image its seed gives alone: image i of a request with seed s uses seed s + i (guarded by
 tests/engine/test_batching.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import secrets
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from functools import partial
 
 import torch
@@ -25,12 +23,9 @@ from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
 from kleinserve.engine import latents as L
 from kleinserve.engine import spec as limits
 from kleinserve.engine.loading import ModelComponents
-from kleinserve.engine.references import (
-    PreparedReference,
-    encode_references,
-    prepare_reference,
-    vae_latents,
-)
+from kleinserve.engine.protocol import EngineStats
+from kleinserve.engine.references import encode_references, vae_latents
+from kleinserve.engine.resolve import ResolvedRequest, resolve_request
 from kleinserve.engine.sampling import ClassifierFreeGuidance, denoise, make_scheduler
 from kleinserve.engine.spec import ModelSpec
 from kleinserve.engine.text import PromptEmbeddingCache, PromptEncoder
@@ -44,95 +39,14 @@ from kleinserve.types import (
     StepCallback,
 )
 
-MAX_SEED = 2**63 - 1 - limits.MAX_IMAGES_PER_REQUEST
-MAX_STEPS = 200
-MAX_GUIDANCE = 30.0
 DECODE_PIXELS = 1024 * 1024  # output pixels per VAE decode call (1 MP: one image at a time at klein sizes)
 
 _postprocessor = Flux2ImageProcessor(vae_scale_factor=limits.SIZE_MULTIPLE)
 
 
-@dataclass(frozen=True)
-class ResolvedRequest:
-    """A request with every default applied and every value checked; sizes are pixels."""
-
-    request: GenerateRequest
-    width: int
-    height: int
-    steps: int
-    guidance: float
-    seeds: tuple[int, ...]
-    max_sequence_length: int
-    references: tuple[PreparedReference, ...]
-    use_cfg: bool
-
-    @property
-    def batch_key(self) -> tuple[object, ...]:
-        """Requests with equal keys can run as one batch."""
-        guidance = self.guidance if self.use_cfg else None
-        grids = tuple(r.grid for r in self.references)
-        return (self.width, self.height, self.steps, guidance, self.max_sequence_length, grids)
-
-
-def _check_range(value: float, low: float, high: float, param: str, what: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidInput(f"{param} {value!r} is not a number", param=param, allowed=f"{what} {low}-{high}")
-    if not low <= value <= high:
-        raise InvalidInput(f"{param} {value} is out of range", param=param, allowed=f"{what} {low}-{high}")
-
-
-def _floor_side(value: int, param: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidInput(f"{param} must be an integer", param=param, allowed="integer pixels")
-    _check_range(value, limits.MIN_SIDE, limits.MAX_SIDE, param, "pixels")
-    return value - value % limits.SIZE_MULTIPLE
-
-
-def resolve_request(request: GenerateRequest, spec: ModelSpec) -> ResolvedRequest:
-    """Apply `spec`'s defaults and check every value; raises InvalidInput naming the parameter.
-
-    Needs only the variant's spec, not the weights: callers can refuse bad input before loading or queueing.
-    """
-    if not 1 <= request.num_images <= limits.MAX_IMAGES_PER_REQUEST:
-        raise InvalidInput(
-            f"num_images {request.num_images} is out of range", param="num_images", allowed="1-4"
-        )
-    if len(request.reference_images) > limits.MAX_REFERENCE_IMAGES:
-        raise InvalidInput(
-            f"{len(request.reference_images)} reference images given",
-            param="reference_images",
-            allowed="at most 4",
-        )
-    length = request.max_sequence_length or spec.max_sequence_length
-    _check_range(length, 1, limits.MAX_SEQUENCE_LENGTH, "max_sequence_length", "tokens")
-    references = tuple(prepare_reference(img, i) for i, img in enumerate(request.reference_images))
-    default_width, default_height = references[0].size if references else (spec.default_side,) * 2
-    width = _floor_side(request.width, "width") if request.width is not None else default_width
-    height = _floor_side(request.height, "height") if request.height is not None else default_height
-    steps = request.steps if request.steps is not None else spec.default_steps
-    _check_range(steps, 1, MAX_STEPS, "steps", "steps")
-    guidance = spec.default_guidance
-    if request.guidance is not None and not spec.guidance_fixed:
-        _check_range(request.guidance, 0.0, MAX_GUIDANCE, "guidance", "scale")
-        guidance = float(request.guidance)
-    seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
-    _check_range(seed, 0, MAX_SEED, "seed", "integer")
-    return ResolvedRequest(
-        request=request,
-        width=width,
-        height=height,
-        steps=steps,
-        guidance=guidance,
-        seeds=tuple(seed + i for i in range(request.num_images)),
-        max_sequence_length=length,
-        references=references,
-        # As in diffusers: CFG only for the base variants and only with a scale above 1.
-        use_cfg=spec.uses_cfg and guidance > 1.0,
-    )
-
-
 class Pipeline:
-    """A loaded model that turns requests into images. Not thread-safe: one caller at a time."""
+    """A loaded model that turns requests into images: the `Engine` (engine/protocol.py). Not thread-safe:
+    one caller at a time."""
 
     def __init__(self, components: ModelComponents, cache: PromptEmbeddingCache | None = None) -> None:
         self.components = components
@@ -146,8 +60,13 @@ class Pipeline:
         return self.components.spec
 
     def resolve(self, request: GenerateRequest) -> ResolvedRequest:
-        """Apply defaults and check every value; raises InvalidInput naming the parameter."""
+        """Apply defaults and policy and check every value; raises InvalidInput naming the parameter."""
         return resolve_request(request, self.spec)
+
+    def stats(self) -> EngineStats:
+        """The prompt cache's counters now."""
+        cache = self.prompts.cache
+        return EngineStats(cache.hits, cache.misses)
 
     def generate(
         self,
@@ -155,21 +74,20 @@ class Pipeline:
         on_step: StepCallback | None = None,
         cancelled: CancelCheck | None = None,
     ) -> GenerateResult:
-        return self.generate_batch([request], on_step, cancelled)[0]
+        """Resolve `request` and run it alone (warm-up, CLI, tests)."""
+        return self.generate_batch([self.resolve(request)], on_step, cancelled)[0]
 
     @torch.inference_mode()
     def generate_batch(
         self,
-        requests: list[GenerateRequest | ResolvedRequest],
+        resolved: Sequence[ResolvedRequest],
         on_step: StepCallback | None = None,
         cancelled: CancelCheck | None = None,
     ) -> list[GenerateResult]:
-        """Run compatible requests as one batch; results are in request order. Each result's `timings` (stage
-        -> seconds, shared by the batch) cover the engine's whole call but for building the results and the
-        time spent in `on_step`."""
+        """Run resolved requests of one batch key as one batch; results are in request order. Each result's
+        `timings` (stage -> seconds, shared by the batch) cover the engine's whole call but for building the
+        results and the time spent in `on_step`."""
         timings: dict[str, float] = {}
-        with self._timed(timings, "preparation"):
-            resolved = [r if isinstance(r, ResolvedRequest) else self.resolve(r) for r in requests]
         first = resolved[0]
         if any(r.batch_key != first.batch_key for r in resolved):
             raise InvalidInput("requests in one batch must share size, steps, guidance and reference sizes")
@@ -238,7 +156,7 @@ class Pipeline:
             )
         return results
 
-    def _encode_references(self, resolved: list[ResolvedRequest]) -> torch.Tensor | None:
+    def _encode_references(self, resolved: Sequence[ResolvedRequest]) -> torch.Tensor | None:
         """(B, N_ref, C) reference tokens, each image carrying its own request's references; None without."""
         if not resolved[0].references:
             return None

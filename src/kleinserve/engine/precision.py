@@ -5,8 +5,8 @@ bf16 matmul instructions (AVX512_BF16 or AMX; oneDNN then runs bf16 at ~2x fp32)
 emulated there and ~4x slower). `--dtype float32` forces full precision, whose pixels match diffusers in fp32.
 
 Linear layers on the CPU run through oneDNN with weights pre-packed once at load time
-(`torch.ops.mkldnn._linear_pointwise`, the kernels Inductor uses with freezing): measured 2.0x the default
-fp32 matmul on a Zen 4 core (104 vs 52 GFLOP/s for 768x3072x9216), and 1.4x for bf16 (182 vs 130).
+(`torch.ops.mkldnn._linear_pointwise`, the kernels Inductor uses with freezing), faster than the default
+matmul in fp32 and in bf16 (README, Performance), where this CPU's oneDNN can pack the dtype (`can_pack`).
 
 Storage: the published checkpoints are bf16, so a weight kept in bf16 and widened when used computes exactly
 what the fp32 weight computes. When the packed weights would not fit the memory budget, the remaining Linear
@@ -16,9 +16,8 @@ once per step, the text encoder once per prompt).
 Allocator (glibc): by default every buffer over 128 KiB-32 MiB (the threshold adapts) is a fresh mmap whose
 pages fault in one by one on first touch, and freed heap memory over 128 KiB is handed back to the OS.
 `keep_freed_memory()` keeps buffers up to 32 MiB in the heap and freed memory in the process, so the next
-step, request or image reuses warm pages. Measured with tiny-random at 256 px, processes alternating:
-`pipeline.generate` + PNG 2,900-4,400 -> 1 minor page fault per image and 0.75-0.79x the time; a request to
-`kleinserve serve` 3,540 -> 27 faults (tests/engine/test_allocator.py).
+step, request or image reuses warm pages (the page faults saved: README, Performance;
+tests/engine/test_allocator.py).
 
 `--quantize int8` (CPU) replaces the Linear layers of the transformer and the text encoder by dynamically
 quantized int8 ones (torch.ao with fbgemm's VNNI kernels); pixels drift from full precision, and
@@ -200,8 +199,8 @@ def place_modules(
         vae.to(placement.dtype)
     modules = (transformer, text_encoder)
     if placement.quantize == "int8":
-        # Only the repeated blocks: the embedders, modulation and output projections are ~4 % of the weights
-        # but quantizing them costs ~15 dB of PSNR (measured on tiny-random: 65 vs 50 dB).
+        # Only the repeated blocks: the embedders, modulation and output projections are a few % of the
+        # weights, but quantizing them costs far more PSNR than all the blocks do (README, Performance).
         for module in modules:
             for block in _blocks(module):
                 for parent, name, linear in _linears(block):
@@ -253,9 +252,10 @@ class WidenedLinear(nn.Module):
 def _quantized(linear: nn.Linear) -> nn.Module:
     """An int8 dynamic Linear with the same weights. Built directly with `from_float`: `quantize_dynamic` on
     a wrapper leaves the fp32 copy in a reference cycle, freed only when the garbage collector runs (at the
-    4B size that alone exhausted 24 GiB while quantizing; measured in bench/engine.py)."""
+    4B size that alone exhausted the memory while quantizing)."""
     linear.float()
-    linear.qconfig = torch.ao.quantization.default_dynamic_qconfig
+    # torch.ao reads the attribute; nn.Module's typing knows only tensors and modules as attributes.
+    linear.qconfig = torch.ao.quantization.default_dynamic_qconfig  # type: ignore[assignment]
     return torch.ao.nn.quantized.dynamic.Linear.from_float(linear)
 
 

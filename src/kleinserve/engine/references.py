@@ -10,9 +10,11 @@ noised; their tokens follow the target's in the sequence.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
+from diffusers import AutoencoderKLFlux2
 from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
 from PIL import Image
 
@@ -29,9 +31,12 @@ _processor = Flux2ImageProcessor(vae_scale_factor=SIZE_MULTIPLE)
 
 @dataclass(frozen=True)
 class PreparedReference:
-    """A reference after resizing and cropping: `pixels` (1, 3, H, W) in [-1, 1], H and W multiples of 16."""
+    """A reference after resizing and cropping: `pixels` (1, 3, H, W) in [-1, 1], H and W multiples of 16.
+    `source` is the image it was prepared from, as 8-bit RGB at its given size: preparing it again gives the
+    same pixels, so it is what a job stores to run again after a restart."""
 
     pixels: torch.Tensor
+    source: Image.Image
 
     @property
     def size(self) -> tuple[int, int]:
@@ -58,20 +63,20 @@ def prepare_reference(image: Image.Image, index: int = 0) -> PreparedReference:
         )
     # Conversion before resizing: diffusers converts after, which is the same for RGB input and makes
     # palette/CMYK/16-bit images resize as colours rather than as indices or raw channels.
-    image = to_rgb(image)
+    source = image = to_rgb(image)
     if width * height > MAX_REFERENCE_AREA:
         image = _processor._resize_to_target_area(image, MAX_REFERENCE_AREA)
         width, height = image.size
     width -= width % SIZE_MULTIPLE
     height -= height % SIZE_MULTIPLE
     pixels = _processor.preprocess(image, height=height, width=width, resize_mode="crop")
-    return PreparedReference(pixels=pixels)
+    return PreparedReference(pixels=pixels, source=source)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL image as 8-bit RGB: 16-bit grey scaled (PIL's own convert clips it to white), transparency
     composited over white (dropping alpha would reveal whatever colour hides under transparent pixels)."""
-    if image.mode.startswith("I;16") or (image.mode == "I" and image.getextrema()[1] > 255):
+    if image.mode.startswith("I;16") or (image.mode == "I" and _brightest(image) > 255):
         scaled = np.asarray(image, dtype=np.float64) / 257.0
         image = Image.fromarray(scaled.round().clip(0, 255).astype(np.uint8))
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
@@ -81,9 +86,15 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def _brightest(image: Image.Image) -> int:
+    """The largest value of a one-band image (its getextrema() is (min, max))."""
+    _, high = image.getextrema()
+    return int(cast(int, high))
+
+
 @torch.inference_mode()
 def encode_references(
-    references: list[PreparedReference], vae: torch.nn.Module, dtype: torch.dtype
+    references: list[PreparedReference], vae: AutoencoderKLFlux2, dtype: torch.dtype
 ) -> torch.Tensor:
     """(1, sum h_i*w_i, C) normalised reference tokens, in reference order."""
     mean, std = latent_statistics(vae)
@@ -96,14 +107,14 @@ def encode_references(
     return torch.cat(tokens, dim=1)
 
 
-def vae_latents(packed: torch.Tensor, vae: torch.nn.Module, h: int, w: int) -> torch.Tensor:
+def vae_latents(packed: torch.Tensor, vae: AutoencoderKLFlux2, h: int, w: int) -> torch.Tensor:
     """Packed normalised tokens (B, h*w, C) -> the VAE's own latents (B, C/4, 2h, 2w) in fp32, ready to
     decode: the inverse of encode_references' pack(normalize(patchify(.)))."""
     mean, std = latent_statistics(vae)
     return L.unpatchify(L.denormalize(L.unpack(packed.float(), h, w), mean.float(), std.float()))
 
 
-def latent_statistics(vae: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+def latent_statistics(vae: AutoencoderKLFlux2) -> tuple[torch.Tensor, torch.Tensor]:
     """The VAE's BatchNorm running mean and std (sqrt(var + eps)) over patchified channels, each (C,)."""
     mean = vae.bn.running_mean
     std = torch.sqrt(vae.bn.running_var + vae.config.batch_norm_eps)

@@ -1,14 +1,16 @@
 """What kind of FLUX.2 [klein] a checkpoint is, read from its configs, never guessed from file names.
 
 `detect_spec` looks at `model_index.json` (`is_distilled`), the transformer config (width) and the text
-encoder config (width). The variant decides the sampling defaults:
+encoder config (width). The variant decides the sampling defaults and policy (`ModelSpec`):
 
-| variant               | steps | guidance | CFG                      | text encoder |
-|-----------------------|-------|----------|--------------------------|--------------|
-| flux-2-klein-4b       | 4     | 1.0 fixed| no (one pass per step)   | Qwen3-4B     |
-| flux-2-klein-base-4b  | 50    | 4.0      | real CFG, negative ""    | Qwen3-4B     |
-| flux-2-klein-9b       | 4     | 1.0 fixed| no                       | Qwen3-8B     |
-| flux-2-klein-base-9b  | 50    | 4.0      | real CFG                 | Qwen3-8B     |
+| variant               | steps    | guidance  | CFG                      | text encoder |
+|-----------------------|----------|-----------|--------------------------|--------------|
+| flux-2-klein-4b       | 4 fixed* | 1.0 fixed | no (one pass per step)   | Qwen3-4B     |
+| flux-2-klein-base-4b  | 50       | 4.0       | real CFG, negative ""    | Qwen3-4B     |
+| flux-2-klein-9b       | 4 fixed* | 1.0 fixed | no                       | Qwen3-8B     |
+| flux-2-klein-base-9b  | 50       | 4.0       | real CFG                 | Qwen3-8B     |
+
+*for requests marked `fixed_by_variant` (as the hosted APIs fix it); others may ask for another count.
 """
 
 from __future__ import annotations
@@ -31,14 +33,22 @@ DEFAULT_SIDE = 1024
 MAX_IMAGES_PER_REQUEST = 4
 MAX_REFERENCE_IMAGES = 4
 MAX_SEQUENCE_LENGTH = 512
+MAX_STEPS = 200
+MAX_GUIDANCE = 30.0
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One variant: its public name and the sampling parameters it was trained for.
+    """One variant: its public name, what it was trained for, and its sampling policy, stated here once.
 
-    `guidance_fixed` means the variant ignores any guidance value (distilled klein); `uses_cfg` means each
-    step runs the transformer twice (conditional and unconditional) and mixes them with `guidance`.
+    The policy follows from `distilled` (model_index.json's `is_distilled`), the one fact that decides it,
+    read through the properties below; `resolve_request` (engine/resolve.py) applies it:
+    - `guidance_fixed`: guidance is distilled into the weights; a guidance value sent is ignored.
+    - `steps_fixed`: the step count was distilled too; a request with `fixed_by_variant` (the dialects
+      whose hosted API fixes it) gets `default_steps` whatever it asks, any other may ask for another count.
+    - `uses_cfg`: each step runs the transformer twice (conditional and unconditional) and mixes the two
+      with `guidance`.
+    Values a request may ask for lie in `steps_range` and `guidance_range` (inclusive).
     """
 
     name: str
@@ -48,14 +58,20 @@ class ModelSpec:
     parameters: int  # transformer parameters
     default_side: int = DEFAULT_SIDE  # pixels per side when a request gives no size and no reference
     max_sequence_length: int = MAX_SEQUENCE_LENGTH  # prompt tokens the transformer was trained to read
-
-    @property
-    def uses_cfg(self) -> bool:
-        return not self.distilled
+    steps_range: tuple[int, int] = (1, MAX_STEPS)
+    guidance_range: tuple[float, float] = (0.0, MAX_GUIDANCE)
 
     @property
     def guidance_fixed(self) -> bool:
         return self.distilled
+
+    @property
+    def steps_fixed(self) -> bool:
+        return self.distilled
+
+    @property
+    def uses_cfg(self) -> bool:
+        return not self.distilled
 
 
 def detect_spec(

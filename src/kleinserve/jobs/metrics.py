@@ -7,13 +7,15 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from kleinserve.engine.text import PromptEmbeddingCache
+from kleinserve.engine.protocol import Engine
 
 _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 
 class Metrics:
-    def __init__(self, prompt_cache: PromptEmbeddingCache) -> None:
+    """The worker's instruments; `engine.stats()` is read whenever /metrics renders."""
+
+    def __init__(self, engine: Engine) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.queue_depth = Gauge("kleinserve_queue_depth", "jobs waiting for the engine", registry=r)
@@ -45,7 +47,7 @@ class Metrics:
         hit_ratio = Gauge(
             "kleinserve_prompt_cache_hit_ratio", "prompt embedding cache hits / lookups", registry=r
         )
-        hit_ratio.set_function(lambda: prompt_cache.hits / max(1, prompt_cache.hits + prompt_cache.misses))
+        hit_ratio.set_function(lambda: engine.stats().prompt_cache_hit_ratio)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

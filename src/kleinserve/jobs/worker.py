@@ -1,6 +1,6 @@
 """Worker: claims queued jobs, batches compatible ones, runs the engine on its own thread.
 
-    worker = Worker(pipeline, store, outputs, inputs_dir, hub)
+    worker = Worker(engine, store, outputs, inputs_dir, hub)
     worker.start()                                   # recovers jobs a crash left running, starts the engine
     # or: worker.start(engine_thread=False), then worker.run_engine() on the thread that loaded the model
     job = worker.submit(request, owner="alice")      # validated, stored, queued (raises Overloaded)
@@ -33,8 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kleinserve.engine.pipeline import Pipeline
-from kleinserve.engine.references import to_rgb
+from kleinserve.engine.protocol import Engine
 from kleinserve.errors import Cancelled, KleinError, Overloaded, StoreUnavailable, Unavailable
 from kleinserve.jobs import metering
 from kleinserve.jobs.batch import BatchSteps, OutputStore, store_result
@@ -72,15 +71,15 @@ class WorkerSettings:
     max_batch: int = 4  # images per engine call
     max_waiting: int = 64  # queued jobs, all keys together
     max_in_flight_per_key: int = 24  # queued + running jobs of one key
-    # A job's stored progress (GET /v1/jobs/{id}, BFL get_result) lags its steps by at most this; its events
-    # carry every step. A save is a SQLite commit (0.15-0.2 ms here): too dear at every step of a fast model.
+    # A job's stored progress (GET /v1/jobs/{id}, polling) lags its steps by at most this; its events
+    # carry every step. A save is a SQLite commit: too dear at every step of a fast model (README).
     progress_interval_s: float = 0.5
 
 
 class Worker:
     def __init__(
         self,
-        pipeline: Pipeline,
+        engine: Engine,
         store: JobStore,
         outputs: OutputStore,
         inputs_dir: Path,
@@ -89,13 +88,13 @@ class Worker:
         metrics: Metrics | None = None,
         on_finished: Callable[[Job], None] | None = None,
     ) -> None:
-        self.pipeline = pipeline
+        self.engine = engine
         self.store = store
         self.outputs = outputs
         self.references = ReferenceStore(inputs_dir)
         self.hub = hub
         self.settings = settings
-        self.metrics = metrics or Metrics(pipeline.prompts.cache)
+        self.metrics = metrics or Metrics(engine)
         self.on_finished = on_finished  # e.g. webhook delivery; called on the encoder thread
         self._wake = threading.Event()
         self._started = threading.Event()  # start() was called: run_engine() may begin
@@ -152,7 +151,7 @@ class Worker:
     def _warm_up(self) -> None:
         """One tiny generation, so that the first request does not pay one-time costs (kernels, allocator)."""
         side = 64
-        self.pipeline.generate(GenerateRequest(prompt="warm-up", width=side, height=side, steps=1, seed=0))
+        self.engine.generate(GenerateRequest(prompt="warm-up", width=side, height=side, steps=1, seed=0))
         self._warmed = True
 
     def drain(self) -> None:
@@ -190,7 +189,7 @@ class Worker:
             raise Unavailable("the server is shutting down; try again shortly", retry_after=30)
         if self.writes.refusal is not None:  # at once, rather than after the store's busy timeout
             raise StoreUnavailable(f"the job store is not taking writes ({self.writes.refusal})")
-        resolved = self.pipeline.resolve(request)
+        resolved = self.engine.resolve(request)
         with self._submit_lock:  # the limits are checked and the job added as one step
             limits = self.settings
             waiting, in_flight = self.store.load(owner)
@@ -202,8 +201,8 @@ class Worker:
                     retry_after=5,
                 )
             job_id = new_job_id()
-            try:  # as the engine will see them (RGB): any input mode can then be stored losslessly as PNG
-                self.references.save(job_id, [to_rgb(image) for image in request.reference_images])
+            try:  # as the engine reads them (RGB): any input mode can then be stored losslessly as PNG
+                self.references.save(job_id, resolved.request.reference_images)
             except OSError as exc:
                 self.references.remove(job_id, len(request.reference_images))
                 raise StoreUnavailable(f"the reference images cannot be stored ({exc.strerror})") from exc
@@ -211,7 +210,7 @@ class Worker:
                 id=job_id,
                 owner=owner,
                 status=JobStatus.QUEUED,
-                params=metering.request_params(request, resolved),
+                params=metering.request_params(resolved.request, resolved),
                 reference_count=len(request.reference_images),
                 batch_key=repr(resolved.batch_key),
                 created=time.time(),
@@ -359,8 +358,8 @@ class Worker:
         )
         self.metrics.batch_size.observe(steps.images)
         try:
-            requests = [self.load_request(job) for job in batch]
-            results = self.pipeline.generate_batch(requests, steps, cancelled=steps.cancelled)
+            resolved = [self.engine.resolve(self.load_request(job)) for job in batch]
+            results = self.engine.generate_batch(resolved, steps, cancelled=steps.cancelled)
         except Cancelled:
             return
         except Exception as exc:

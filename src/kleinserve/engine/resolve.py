@@ -1,0 +1,112 @@
+"""Resolution: a GenerateRequest with the variant's defaults and policy applied and every value checked.
+
+    resolved = resolve_request(GenerateRequest(prompt="a fox", steps=2), spec)
+    resolved.steps, resolved.seeds, resolved.batch_key
+
+Needs only the variant's `ModelSpec`, not the weights: callers refuse bad input before loading or queueing.
+The policy itself (which values a variant fixes, its ranges) is stated in `ModelSpec`; this module applies it.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, replace
+
+from kleinserve.engine import spec as limits
+from kleinserve.engine.references import PreparedReference, prepare_reference
+from kleinserve.engine.spec import ModelSpec
+from kleinserve.errors import InvalidInput
+from kleinserve.types import MAX_SEED, GenerateRequest
+
+
+@dataclass(frozen=True)
+class ResolvedRequest:
+    """A request with every default applied and every value checked; sizes are pixels.
+
+    `request` is the request as the engine honours it: its references as 8-bit RGB at their given size, and
+    `steps`/`guidance` that the variant overrode cleared to None. Store it (with `seeds[0]` as its seed) and
+    resolving it again gives this same resolution; the dialects' job answers show its `guidance`.
+    """
+
+    request: GenerateRequest
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    seeds: tuple[int, ...]
+    max_sequence_length: int
+    references: tuple[PreparedReference, ...]
+    use_cfg: bool
+
+    @property
+    def batch_key(self) -> tuple[object, ...]:
+        """Requests with equal keys can run as one batch."""
+        guidance = self.guidance if self.use_cfg else None
+        grids = tuple(r.grid for r in self.references)
+        return (self.width, self.height, self.steps, guidance, self.max_sequence_length, grids)
+
+
+def _check_range(value: float, low: float, high: float, param: str, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidInput(f"{param} {value!r} is not a number", param=param, allowed=f"{what} {low}-{high}")
+    if not low <= value <= high:
+        raise InvalidInput(f"{param} {value} is out of range", param=param, allowed=f"{what} {low}-{high}")
+
+
+def _floor_side(value: int, param: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInput(f"{param} must be an integer", param=param, allowed="integer pixels")
+    _check_range(value, limits.MIN_SIDE, limits.MAX_SIDE, param, "pixels")
+    return value - value % limits.SIZE_MULTIPLE
+
+
+def resolve_request(request: GenerateRequest, spec: ModelSpec) -> ResolvedRequest:
+    """Apply `spec`'s defaults and policy and check every value; raises InvalidInput naming the parameter.
+
+    A value the variant fixes (`spec.guidance_fixed`; `spec.steps_fixed` for a request `fixed_by_variant`)
+    is neither checked nor used, as the hosted APIs ignore it.
+    """
+    if not 1 <= request.num_images <= limits.MAX_IMAGES_PER_REQUEST:
+        raise InvalidInput(
+            f"num_images {request.num_images} is out of range", param="num_images", allowed="1-4"
+        )
+    if len(request.reference_images) > limits.MAX_REFERENCE_IMAGES:
+        raise InvalidInput(
+            f"{len(request.reference_images)} reference images given",
+            param="reference_images",
+            allowed="at most 4",
+        )
+    length = request.max_sequence_length or spec.max_sequence_length
+    _check_range(length, 1, limits.MAX_SEQUENCE_LENGTH, "max_sequence_length", "tokens")
+    references = tuple(prepare_reference(img, i) for i, img in enumerate(request.reference_images))
+    default_width, default_height = references[0].size if references else (spec.default_side,) * 2
+    width = _floor_side(request.width, "width") if request.width is not None else default_width
+    height = _floor_side(request.height, "height") if request.height is not None else default_height
+    steps_asked = None if spec.steps_fixed and request.fixed_by_variant else request.steps
+    steps = spec.default_steps if steps_asked is None else steps_asked
+    _check_range(steps, *spec.steps_range, "steps", "steps")
+    guidance_asked = None if spec.guidance_fixed else request.guidance
+    guidance = spec.default_guidance
+    if guidance_asked is not None:
+        _check_range(guidance_asked, *spec.guidance_range, "guidance", "scale")
+        guidance = float(guidance_asked)
+    seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
+    _check_range(seed, 0, MAX_SEED, "seed", "integer")
+    honoured = replace(
+        request,
+        steps=steps_asked,
+        guidance=guidance_asked,
+        reference_images=tuple(reference.source for reference in references),
+    )
+    return ResolvedRequest(
+        request=honoured,
+        width=width,
+        height=height,
+        steps=steps,
+        guidance=guidance,
+        seeds=tuple(seed + i for i in range(request.num_images)),
+        max_sequence_length=length,
+        references=references,
+        # As in diffusers: CFG only for the base variants and only with a scale above 1.
+        use_cfg=spec.uses_cfg and guidance > 1.0,
+    )
