@@ -150,7 +150,7 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
 def stored_jobs(data_dir: Path) -> dict[str, Any]:
     store = SqliteJobStore(data_dir / DATABASE_NAME)
     try:
-        return {job.id: job for job in store.list(ANONYMOUS, limit=1000)}
+        return {job.id: job for job in store.owned(ANONYMOUS, limit=1000)}
     finally:
         store.close()
 

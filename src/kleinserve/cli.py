@@ -164,6 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--insecure-no-auth", action="store_true", help="allow a non-loopback host without keys"
     )
+    serve.add_argument(
+        "--public-url",
+        metavar="URL",
+        help="the server's public origin, for BFL's polling and webhook URLs (default: each request's)",
+    )
     _add_connection_options(serve)
     _add_model_options(serve)
 
@@ -339,6 +344,7 @@ def _serve(args: argparse.Namespace) -> int:
         media_ttl_s=args.media_ttl,
         allow_private_urls=args.allow_private_urls,
         insecure_no_auth=args.insecure_no_auth,
+        public_url=args.public_url,
         connections=ConnectionLimits(
             max_head_bytes=args.max_head_bytes,
             max_headers=args.max_headers,
@@ -358,10 +364,7 @@ def _keys(args: argparse.Namespace) -> int:
 
     store = KeyStore(args.data_dir / DATABASE_NAME)
     if args.keys_command == "create":
-        try:
-            print(store.create(args.name))
-        except ValueError as exc:
-            raise InvalidInput(str(exc), param="name") from None
+        print(store.create(args.name))
         print(f"kleinserve: key {args.name!r} created; it is shown only once", file=sys.stderr)
     elif args.keys_command == "revoke":
         store.revoke(args.name)

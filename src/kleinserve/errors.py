@@ -6,8 +6,9 @@
     ├── PayloadTooLarge         the request body is over the size limit (413)
     ├── Unauthorized            no API key, or not a valid one (401)
     ├── Forbidden               a signed link is expired or tampered with (403)
-    ├── NotFound                no such media file or job (404)
-    ├── Conflict                the job's state forbids it: cancelling a finished job (409)
+    ├── NotFound                no such endpoint, media file, job or key (404)
+    ├── MethodNotAllowed        the path exists, not for this HTTP method: names the `allowed` ones (405)
+    ├── Conflict                the state forbids it: cancelling a finished job, a key name taken (409)
     ├── Overloaded              the wait queue is full; `retry_after` seconds (429)
     ├── Unavailable             the server is shutting down or not ready; `retry_after` seconds (503)
     │   └── StoreUnavailable    the job store cannot be read or written (locked, disk full) (503)
@@ -72,6 +73,18 @@ class Forbidden(KleinError):
 class NotFound(KleinError):
     status = 404
     code = "not_found"
+
+
+class MethodNotAllowed(KleinError):
+    """The path is served, but not for the request's HTTP method; `allowed` are the methods it takes (the
+    answer's `Allow` header)."""
+
+    status = 405
+    code = "method_not_allowed"
+
+    def __init__(self, message: str, *, allowed: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.allowed = allowed
 
 
 class Conflict(KleinError):

@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from kleinserve.api.auth import DATABASE_NAME, KeyStore
+from kleinserve.errors import InvalidInput
 from kleinserve.media import ReferenceStore
 from tests.api.conftest import RunningServer
 from tests.conftest import random_image
@@ -63,7 +64,7 @@ def test_open_owner_is_no_key(start_server: Callable[..., RunningServer]) -> Non
             made_open = http.post(SUBMIT, json=SMALL).json()["id"]
             _finished(http, made_open)
             key = keys.create("anonymous")
-            with pytest.raises(ValueError, match="not allowed"):
+            with pytest.raises(InvalidInput, match="not allowed"):
                 keys.create("(no key)")
             listed = http.get("/v1/jobs", headers={"Authorization": f"Bearer {key}"})
             assert listed.status_code == 200 and listed.json()["data"] == []

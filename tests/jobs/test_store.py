@@ -48,7 +48,7 @@ def test_another_owner_gets_not_found(store: SqliteJobStore) -> None:
         store.request_cancel(job.id, "bob")
     with pytest.raises(NotFound):
         store.get("no-such-job")
-    assert store.list("bob") == []
+    assert store.owned("bob") == []
     assert store.get(job.id).status is JobStatus.QUEUED  # bob's cancel did nothing
 
 
@@ -57,11 +57,11 @@ def test_list_is_per_owner_newest_first_and_filters_status(store: SqliteJobStore
     first = store.add(_job("alice", now - 3))
     second = store.add(_job("alice", now - 2))
     store.add(_job("bob", now - 1))
-    assert [job.id for job in store.list("alice")] == [second.id, first.id]
-    assert [job.id for job in store.list("alice", limit=1)] == [second.id]
+    assert [job.id for job in store.owned("alice")] == [second.id, first.id]
+    assert [job.id for job in store.owned("alice", limit=1)] == [second.id]
     store.mark_running([first.id])
-    assert [job.id for job in store.list("alice", JobStatus.RUNNING)] == [first.id]
-    assert [job.id for job in store.list("alice", JobStatus.QUEUED)] == [second.id]
+    assert [job.id for job in store.owned("alice", JobStatus.RUNNING)] == [first.id]
+    assert [job.id for job in store.owned("alice", JobStatus.QUEUED)] == [second.id]
 
 
 def test_queued_is_oldest_first_and_only_queued(store: SqliteJobStore) -> None:

@@ -1,8 +1,10 @@
 """build_app: the FastAPI application with every dialect's routes and the one error handler.
 
 Errors are raised anywhere as KleinError (or by FastAPI as validation/HTTP errors) and rendered here, once,
-by the dialect that owns the request's path: OpenAI `{"error": {...}}`, Cloudflare's v4 envelope, BFL's
-`{"detail": [...]}`. Anything else is a bug: logged with a request id, answered 500 in the same dialect.
+by the dialect of the route that matched the request (api/_dialect.py's DialectRoute): OpenAI
+`{"error": {...}}`, Cloudflare's v4 envelope, BFL's `{"detail": [...]}`. A path no dialect's route matches is
+answered in kleinserve's own body, OpenAI's. Anything else is a bug: logged with a request id, answered 500
+in the same body.
 """
 
 from __future__ import annotations
@@ -11,8 +13,7 @@ import contextlib
 import functools
 import logging
 import secrets
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -24,8 +25,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kleinserve import logs
 from kleinserve.api import bfl, cloudflare, jobs, openai, openapi, vercel
+from kleinserve.api._dialect import DialectRoute, invalid_input
 from kleinserve.api.service import JSONBody, Services
-from kleinserve.errors import Cancelled, InvalidInput, KleinError, NotFound, PayloadTooLarge
+from kleinserve.errors import (
+    Cancelled,
+    InvalidInput,
+    KleinError,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+)
 from kleinserve.web import docs
 from kleinserve.web import routes as web
 
@@ -33,52 +42,30 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 50 * 1024 * 1024
 
 
-@dataclass(frozen=True)
-class Dialect:
-    prefixes: tuple[str, ...]
-    render_error: Callable[[KleinError], Response]
-
-
-_DIALECTS = (
-    Dialect(cloudflare.PREFIXES, cloudflare.render_error),
-    Dialect(vercel.PREFIXES, vercel.render_error),
-    Dialect(bfl.PREFIXES, bfl.render_error),
-    Dialect(jobs.PREFIXES, openai.render_error),  # kleinserve's own API uses the OpenAI error body
-    Dialect(openai.PREFIXES, openai.render_error),
-)
-
-
-def _dialect_for(path: str) -> Dialect:
-    for dialect in _DIALECTS:
-        if path.startswith(dialect.prefixes):
-            return dialect
-    return _DIALECTS[-1]  # OpenAI's body is the most widely understood default
-
-
 def as_klein_error(exc: Exception) -> KleinError:
-    """Framework errors in kleinserve's vocabulary."""
+    """Any exception in kleinserve's vocabulary: framework errors as the KleinError they mean, a bug as a 500
+    that names the request id it is logged under."""
     if isinstance(exc, KleinError):
         return exc
-    if isinstance(exc, RequestValidationError):
-        first = exc.errors()[0]
-        location = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "form")]
-        param = ".".join(location) or None
-        message = first.get("msg", "invalid request")
-        if first.get("type") == "json_invalid":
-            return InvalidInput(f"malformed JSON body ({message})", param=None, allowed="a JSON object")
-        return InvalidInput(f"{param}: {message}" if param else message, param=param)
+    if isinstance(exc, RequestValidationError):  # a query parameter (routes read their bodies themselves)
+        return invalid_input(exc.errors())
     if isinstance(exc, HTTPException):
-        if exc.status_code == 404:
-            return NotFound(f"no route {exc.detail}" if exc.detail != "Not Found" else "no such endpoint")
-        error = KleinError(str(exc.detail))
-        error.status = exc.status_code
-        error.code = "http_error"
-        return error
+        return _from_http(exc)
     if isinstance(exc, ClientDisconnect):  # gone mid-body (or its body timed out): nobody reads the answer
         return Cancelled("the client disconnected while sending its request")
     request_id = logs.request_id.get() or secrets.token_hex(8)
     log.exception("unhandled error, request id %s", request_id)
     return KleinError(f"internal error (request id {request_id})")
+
+
+def _from_http(exc: HTTPException) -> KleinError:
+    if exc.status_code == 404:  # no route matches the path
+        return NotFound("no such endpoint")
+    if exc.status_code == 405:  # a route matches the path, not the method
+        allowed = (exc.headers or {}).get("Allow", "")
+        return MethodNotAllowed(exc.detail, allowed=tuple(m.strip() for m in allowed.split(",") if m.strip()))
+    # The framework's only other refusal here: a 400 for a body it cannot parse (a malformed multipart form).
+    return InvalidInput(exc.detail)
 
 
 class BodyLimit:
@@ -127,10 +114,11 @@ def build_app(services: Services, max_body_bytes: int = MAX_BODY_BYTES) -> FastA
     )
 
     async def handle(request: Request, exc: Exception) -> Response:
-        response = _dialect_for(request.url.path).render_error(as_klein_error(exc))
-        if isinstance(exc, HTTPException) and exc.headers:  # e.g. a 405's Allow: the methods the path takes
-            response.headers.update(exc.headers)
-        return response
+        error = as_klein_error(exc)
+        route = request.scope.get("route")  # set for a 405 too: the route that matched the path
+        if isinstance(route, DialectRoute):
+            return route.render_error(error)
+        return openai.render_error(error)  # kleinserve's own routes and unknown paths
 
     for kind in (KleinError, RequestValidationError, HTTPException, ClientDisconnect, Exception):
         app.add_exception_handler(kind, handle)
@@ -139,7 +127,9 @@ def build_app(services: Services, max_body_bytes: int = MAX_BODY_BYTES) -> FastA
     app.include_router(cloudflare.build_router(services))
     app.include_router(vercel.build_router(services))
     app.include_router(jobs.build_router(services))
-    app.include_router(bfl.build_router(services))  # last: its POST /v1/{model} matches any one segment
+    # Last: its POST /v1/{model} matches any one segment, so that a path the routers above serve for other
+    # methods only (GET /v1/jobs, say) answers their 405, not BFL's, to a DELETE.
+    app.include_router(bfl.build_router(services))
     app.include_router(web.build_router())  # the playground page: no key needed to load it
     app.include_router(docs.build_router(app.title, app.openapi_url or "/openapi.json"))
 

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from kleinserve.errors import InvalidInput, NotFound, Unauthorized
+from kleinserve.errors import Conflict, InvalidInput, NotFound, Unauthorized
 from kleinserve.files import private_database
 
 DATABASE_NAME = "kleinserve.db"  # in the data dir
@@ -61,11 +61,12 @@ class KeyStore:
 
     def create(self, name: str) -> str:
         """A new key for `name` (KEY_NAME: letters, digits, `._@-`, up to 64); the only time the key itself is
-        visible. ValueError for a taken or malformed name."""
+        visible. InvalidInput for a malformed name, Conflict for a taken one (revoked keys keep theirs)."""
         if not KEY_NAME.fullmatch(name):
-            raise ValueError(
-                f"key name {name!r} is not allowed: use 1-64 letters, digits, '.', '_', '@' or '-', "
-                "starting with a letter or digit"
+            raise InvalidInput(
+                f"key name {name!r} is not allowed",
+                param="name",
+                allowed="1-64 letters, digits, '.', '_', '@' or '-', starting with a letter or digit",
             )
         key = KEY_PREFIX + secrets.token_urlsafe(32)
         try:
@@ -74,7 +75,7 @@ class KeyStore:
                 (name, _digest(key), time.time()),
             )
         except sqlite3.IntegrityError:
-            raise ValueError(f"a key named {name!r} exists already") from None
+            raise Conflict(f"a key named {name!r} exists already") from None
         return key
 
     def revoke(self, name: str) -> None:

@@ -16,12 +16,14 @@ from fastapi.responses import Response
 from starlette.datastructures import UploadFile
 
 from kleinserve.api import openapi, service
+from kleinserve.api._dialect import DialectRoute, check_prompt, claim_prefix, error_headers
 from kleinserve.api.service import Services
-from kleinserve.engine.spec import SIZE_MULTIPLE, ModelSpec
+from kleinserve.engine.protocol import SIZE_MULTIPLE, ModelSpec
 from kleinserve.errors import (
     Cancelled,
     InvalidInput,
     KleinError,
+    MethodNotAllowed,
     NotFound,
     Overloaded,
     PayloadTooLarge,
@@ -29,12 +31,10 @@ from kleinserve.errors import (
     UnknownModel,
 )
 from kleinserve.media import decode_base64_image, decode_image
-from kleinserve.types import GenerateRequest, ImageFormat, base64_text
+from kleinserve.types import MAX_SEED, GenerateRequest, ImageFormat, base64_text
 
-PREFIXES = ("/client/v4/", "/ai/run/")
 DEFAULT_WIDTH, DEFAULT_HEIGHT = 1024, 768
 MIN_SIDE, MAX_SIDE = 256, 1920
-MAX_PROMPT_CHARS = 32000
 REFERENCE_FIELDS = tuple(f"input_image_{i}" for i in range(4))
 
 
@@ -64,13 +64,7 @@ def default_size(spec: ModelSpec) -> tuple[int, int]:
 
 
 def to_request(form: dict[str, str], references: list, spec: ModelSpec) -> GenerateRequest:
-    prompt = form.get("prompt", "")
-    if not prompt.strip():
-        raise InvalidInput("prompt is required", param="prompt", allowed="1-32000 characters")
-    if len(prompt) > MAX_PROMPT_CHARS:
-        raise InvalidInput(
-            f"prompt has {len(prompt)} characters", param="prompt", allowed="1-32000 characters"
-        )
+    prompt = check_prompt(form.get("prompt"))
     guidance = form.get("guidance")
     try:
         guidance_value = float(guidance) if guidance not in (None, "") else None
@@ -81,11 +75,12 @@ def to_request(form: dict[str, str], references: list, spec: ModelSpec) -> Gener
         prompt=prompt,
         width=_int(form, "width", width, MIN_SIDE, MAX_SIDE),
         height=_int(form, "height", height, MIN_SIDE, MAX_SIDE),
-        seed=_int(form, "seed", None, 0, 2**63 - 8),
-        steps=None if spec.distilled else _int(form, "steps", None, 1, 50),
-        guidance=None if spec.distilled else guidance_value,
+        seed=_int(form, "seed", None, 0, MAX_SEED),
+        steps=_int(form, "steps", None, 1, 50),
+        guidance=guidance_value,
         reference_images=tuple(references),
         output_format=ImageFormat.PNG,
+        fixed_by_variant=True,  # as on Cloudflare: distilled klein's steps are its own
     )
 
 
@@ -101,9 +96,9 @@ def render_error(exc: KleinError) -> Response:
         code, status = 3040, exc.status
     elif isinstance(exc, PayloadTooLarge):
         code, status = 3006, 413
-    elif isinstance(exc, InvalidInput) or exc.status == 400:
+    elif isinstance(exc, InvalidInput):
         code, status = 5006, 400  # includes the framework's own 400s, e.g. a malformed multipart body
-    elif isinstance(exc, NotFound) or exc.status in (404, 405):
+    elif isinstance(exc, NotFound | MethodNotAllowed):
         code, status = 7000, exc.status
     elif isinstance(exc, Cancelled):
         code, status = 3008, exc.status
@@ -111,12 +106,16 @@ def render_error(exc: KleinError) -> Response:
         code, status = (3007 if exc.status < 500 else 5000), exc.status
     message = f"AiError: Bad input: {exc.message}" if code == 5006 else exc.message
     body = {"success": False, "errors": [{"code": code, "message": message}], "result": {}, "messages": []}
-    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Overloaded) else None
-    return service.JSONBody(body, status_code=status, headers=headers)
+    return service.JSONBody(body, status_code=status, headers=error_headers(exc))
+
+
+class WorkersAIRoute(DialectRoute):
+    def render_error(self, exc: KleinError) -> Response:
+        return render_error(exc)
 
 
 def build_router(services: Services) -> APIRouter:
-    router = APIRouter(tags=["Cloudflare Workers AI"])
+    router = APIRouter(tags=["Cloudflare Workers AI"], route_class=WorkersAIRoute)
 
     async def run(model: str, http_request: Request) -> dict:
         owner = service.caller(services, http_request)
@@ -168,4 +167,5 @@ def build_router(services: Services) -> APIRouter:
     async def run_short(model: str, http_request: Request) -> dict:
         return await run(model, http_request)
 
+    claim_prefix(router, "/client/v4/")  # the v4 API's own "No route for that URI" (7000) for the rest
     return router

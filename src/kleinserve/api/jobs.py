@@ -5,8 +5,9 @@
     POST /v1/jobs/{id}/cancel     queued: cancelled at once; running: at the next step boundary, unless it
                                   ends first (the answer says so); ended: 409
     GET  /v1/jobs?status=&limit=  the key's jobs, newest first
-Errors use the OpenAI-style body `{"error": {...}}`. Store calls run on threads: one may wait seconds for
-another process's write lock (jobs/store.py), and the event loop must go on serving meanwhile.
+Errors use OpenAI's body `{"error": {...}}` (the routes are OpenAIRoutes). Store calls run on threads: one
+may wait seconds for another process's write lock (jobs/store.py), and the event loop must go on serving
+meanwhile.
 """
 
 from __future__ import annotations
@@ -19,13 +20,13 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 
 from kleinserve.api import openapi, service
+from kleinserve.api.openai import OpenAIRoute
 from kleinserve.api.service import Services
 from kleinserve.errors import InvalidInput
 from kleinserve.jobs.events import TERMINAL_EVENTS
 from kleinserve.jobs.store import Job, JobStatus
 from kleinserve.types import json_bytes
 
-PREFIXES = ("/v1/jobs",)
 HEARTBEAT_S = 15.0
 
 
@@ -69,7 +70,7 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 def build_router(services: Services) -> APIRouter:
-    router = APIRouter(tags=["Jobs"])
+    router = APIRouter(tags=["Jobs"], route_class=OpenAIRoute)
 
     @router.get("/v1/jobs", summary="List this key's jobs", responses=_errors(400, 401, 503))
     async def list_jobs(
@@ -82,7 +83,7 @@ def build_router(services: Services) -> APIRouter:
             allowed = ", ".join(s.value for s in JobStatus)
             raise InvalidInput(f"unknown status {status!r}", param="status", allowed=allowed) from None
         base_url = str(http_request.base_url).rstrip("/")
-        jobs = await asyncio.to_thread(services.store.list, owner, wanted, limit)
+        jobs = await asyncio.to_thread(services.store.owned, owner, wanted, limit)
         return {"object": "list", "data": [job_body(services, job, base_url) for job in jobs]}
 
     @router.get("/v1/jobs/{job_id}", summary="One job", responses=_errors(401, 404, 503))

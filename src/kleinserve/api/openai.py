@@ -20,6 +20,14 @@ from PIL import Image
 from starlette.datastructures import UploadFile
 
 from kleinserve.api import openapi, service
+from kleinserve.api._dialect import (
+    DialectRoute,
+    check_area,
+    check_prompt,
+    error_body,
+    error_headers,
+    parse_size,
+)
 from kleinserve.api.openai_protocol import (
     ASPECT_RATIOS,
     DEFAULT_COMPRESSION,
@@ -29,34 +37,28 @@ from kleinserve.api.openai_protocol import (
     parse_fields,
 )
 from kleinserve.api.service import Completed, Services
-from kleinserve.errors import InvalidInput, KleinError, Overloaded
+from kleinserve.errors import InvalidInput, KleinError
 from kleinserve.jobs.worker import Pending
 from kleinserve.media import decode_image
 from kleinserve.types import GenerateRequest, Progress, StepCallback, base64_text, json_bytes
-
-PREFIXES = ("/v1/images", "/v1/models")
 
 
 def _size(wire: ImageRequest) -> tuple[int | None, int | None]:
     if wire.width is not None or wire.height is not None:
         if wire.width is None or wire.height is None:
             raise InvalidInput("width and height must be given together", param="width")
-        if wire.width * wire.height > MAX_AREA:
-            raise InvalidInput(
-                f"width*height is {wire.width * wire.height}", param="width", allowed="at most 1048576 pixels"
-            )
-        return wire.width, wire.height
+        return check_area(wire.width, wire.height, MAX_AREA, "width")
     if wire.size and wire.size != "auto":
-        return service.parse_size(wire.size, MAX_AREA)
+        return parse_size(wire.size, MAX_AREA)
     if wire.aspect_ratio:
         return ASPECT_RATIOS[wire.aspect_ratio]
     return None, None  # auto: the first reference's size, else the variant's default (1024x1024 for klein)
 
 
-def to_request(wire: ImageRequest, references: list[Any], spec_distilled: bool) -> GenerateRequest:
-    """The internal request for validated wire fields and decoded reference images."""
-    if not wire.prompt.strip():
-        raise InvalidInput("prompt is empty", param="prompt", allowed="1-32000 characters")
+def to_request(wire: ImageRequest, references: list[Any]) -> GenerateRequest:
+    """The internal request for validated wire fields and decoded reference images. `num_inference_steps` is
+    honoured on every variant; a variant with fixed guidance ignores `guidance_scale` (ModelSpec)."""
+    check_prompt(wire.prompt)
     if len(references) > 4:
         raise InvalidInput(f"{len(references)} reference images", param="image", allowed="at most 4")
     if wire.n is not None and wire.num_images is not None and wire.n != wire.num_images:
@@ -67,7 +69,7 @@ def to_request(wire: ImageRequest, references: list[Any], spec_distilled: bool) 
         width=width,
         height=height,
         steps=wire.num_inference_steps,
-        guidance=None if spec_distilled else wire.guidance_scale,
+        guidance=wire.guidance_scale,
         seed=wire.seed,
         num_images=wire.n or wire.num_images or 1,
         reference_images=tuple(references),
@@ -105,18 +107,23 @@ def warnings(wire: ImageRequest) -> list[dict[str, str]]:
     return []
 
 
+def error_type(exc: KleinError) -> str:
+    """OpenAI's error `type`: the caller's fault (4xx) or the server's (5xx)."""
+    return "invalid_request_error" if exc.status < 500 else "server_error"
+
+
 def render_error(exc: KleinError) -> Response:
-    kind = "invalid_request_error" if exc.status < 500 else "server_error"
-    body = {
-        "error": {
-            "message": exc.message,
-            "type": kind,
-            "param": getattr(exc, "param", None),
-            "code": exc.code,
-        }
-    }
-    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Overloaded) else None
-    return service.JSONBody(body, status_code=exc.status, headers=headers)
+    """OpenAI's error answer; a stream that has started sends the same body as its `error` event."""
+    return service.JSONBody(
+        error_body(exc, error_type(exc)), status_code=exc.status, headers=error_headers(exc)
+    )
+
+
+class OpenAIRoute(DialectRoute):
+    """OpenAI's routes, and kleinserve's own job API, which answers in the same error body."""
+
+    def render_error(self, exc: KleinError) -> Response:
+        return render_error(exc)
 
 
 async def _form_fields(request: Request) -> tuple[dict[str, Any], list[Any]]:
@@ -152,7 +159,7 @@ async def _form_fields(request: Request) -> tuple[dict[str, Any], list[Any]]:
 
 
 def build_router(services: Services) -> APIRouter:
-    router = APIRouter(tags=["OpenAI Images"])
+    router = APIRouter(tags=["OpenAI Images"], route_class=OpenAIRoute)
 
     async def run(
         http_request: Request, owner: str, wire: ImageRequest, files: list[Any], kind: str
@@ -161,7 +168,7 @@ def build_router(services: Services) -> APIRouter:
         references = files + [
             await services.fetcher.image(text, f"images[{i}]") for i, text in enumerate(wire.images or [])
         ]
-        request = to_request(wire, references, services.spec.distilled)
+        request = to_request(wire, references)
         if wire.stream:
             # Submitted before the stream starts, so that every refusal up to acceptance (bad values, a full
             # queue) is an HTTP error in OpenAI's body; once the stream has started, errors are events.
@@ -291,9 +298,7 @@ async def _stream(
             partial_index += 1
         completed = task.result()
     except KleinError as exc:
-        yield _event(
-            "error", {"error": {"message": exc.message, "type": "invalid_request_error", "code": exc.code}}
-        )
+        yield _event("error", error_body(exc, error_type(exc)))
         return
     finally:
         if not task.done():

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from kleinserve.errors import InvalidInput
-from kleinserve.types import ImageFormat
+from kleinserve.api._dialect import MAX_PROMPT_CHARS, parse_model
+from kleinserve.types import MAX_SEED, ImageFormat
 
-MAX_PROMPT_CHARS = 32000
 MAX_AREA = 1024 * 1024
 DEFAULT_COMPRESSION = 100  # OpenAI's default for output_compression (jpeg/webp quality)
 # Multipart text fields may carry data-URL references as large as in JSON bodies (starlette's default limit
@@ -26,12 +25,6 @@ ASPECT_RATIOS = {  # about one megapixel each, sides multiples of 16
     "3:4": (864, 1152),
     "3:2": (1248, 832),
     "2:3": (832, 1248),
-}
-_FORMATS = {
-    "png": ImageFormat.PNG,
-    "jpeg": ImageFormat.JPEG,
-    "jpg": ImageFormat.JPEG,
-    "webp": ImageFormat.WEBP,
 }
 
 
@@ -54,7 +47,7 @@ class ImageRequest(BaseModel):
     height: int | None = Field(None, ge=256, le=2048, description="with width; width*height <= 1048576")
     num_inference_steps: int | None = Field(None, ge=1, le=12, description="default 4")
     guidance_scale: float | None = Field(None, ge=0, le=8, description="used only by variants with CFG")
-    seed: int | None = Field(None, ge=0, le=2**63 - 8)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
     output_format: Literal["png", "jpeg", "jpg", "webp"] | None = None
     format: Literal["png", "jpeg", "jpg", "webp"] | None = Field(None, description="alias of output_format")
@@ -76,7 +69,7 @@ class ImageRequest(BaseModel):
 
     @property
     def image_format(self) -> ImageFormat:
-        return _FORMATS[self.output_format or self.format or "png"]
+        return ImageFormat.parse(self.output_format or self.format or "png")
 
     @property
     def wants_url(self) -> bool:
@@ -85,9 +78,4 @@ class ImageRequest(BaseModel):
 
 def parse_fields(fields: dict[str, Any]) -> ImageRequest:
     """Validate request fields; pydantic's errors become InvalidInput naming the field."""
-    try:
-        return ImageRequest.model_validate(fields)
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        param = ".".join(str(part) for part in error["loc"]) or None
-        raise InvalidInput(f"{param}: {error['msg']}", param=param) from None
+    return parse_model(ImageRequest, fields)

@@ -17,7 +17,7 @@ from PIL import Image
 from starlette.datastructures import FormData, UploadFile
 
 from kleinserve.api.auth import KeyStore, authenticate
-from kleinserve.engine.spec import ModelSpec
+from kleinserve.engine.protocol import Engine, ModelSpec
 from kleinserve.errors import Cancelled, EngineError, InvalidInput, UnknownModel
 from kleinserve.jobs.events import EventHub
 from kleinserve.jobs.store import Job, JobStatus, JobStore
@@ -37,8 +37,8 @@ KLEIN_4B_ALIASES = (
 
 
 class JSONBody(JSONResponse):
-    """Starlette's JSONResponse rendered by `json_bytes` (orjson; pydantic-core took 0.15-0.21 ms for a body
-    with one image). Every JSON answer of the API is one (app.py's default response class)."""
+    """Starlette's JSONResponse rendered by `json_bytes` (orjson, ten times pydantic-core's speed for a body
+    with an image). Every JSON answer of the API is one (app.py's default response class)."""
 
     def render(self, content: Any) -> bytes:
         return json_bytes(content)
@@ -46,18 +46,23 @@ class JSONBody(JSONResponse):
 
 @dataclass(frozen=True)
 class Services:
-    """Everything the routes need, built once at start-up (api/server.py) and passed to build_app."""
+    """Everything the routes need, built once at start-up (api/server.py) and passed to build_app. `engine`
+    is the one the worker runs, for what needs no queue (its spec, resolving a request)."""
 
+    engine: Engine
     worker: Worker
     store: JobStore
     hub: EventHub
     keys: KeyStore
     media: MediaStore
     fetcher: ImageFetcher
+    # The server's public origin ("https://host[/prefix]", no trailing slash) for the absolute URLs of the
+    # asynchronous dialect (its polling URL, its webhooks' results); None: the origin a request was made to.
+    public_url: str | None = None
 
     @property
     def spec(self) -> ModelSpec:
-        return self.worker.pipeline.spec
+        return self.engine.spec
 
     @property
     def model_ids(self) -> tuple[str, ...]:
@@ -87,7 +92,7 @@ async def read_json_object(request: Request, require_json_type: bool = False) ->
     integers beyond 64 bits as floats, out of every range we accept), lone surrogates such as "\\ud800"
     (json: a str that the store, the tokenizer and every JSON writer refuse) and NaN/Infinity (not JSON).
     On the event loop, even for large bodies: orjson holds the GIL, so a thread would not free the loop
-    (measured: a 40 MB body with a base64 data URL stalls the loop ~80 ms either way).
+    (README, Performance).
     """
     if require_json_type and "json" not in request.headers.get("content-type", ""):
         raise InvalidInput("expected a JSON body", allowed="Content-Type: application/json")
@@ -223,21 +228,3 @@ def partial_steps(total_steps: int, partial_images: int) -> list[int]:
     spread evenly: 4 steps with 3 partials -> [1, 2, 3]; with 1 partial -> [2]."""
     count = min(partial_images, total_steps - 1)
     return sorted({max(1, round(i * total_steps / (count + 1))) for i in range(1, count + 1)})
-
-
-def parse_size(text: str, max_pixels: int, param: str = "size") -> tuple[int, int]:
-    """A "WIDTHxHEIGHT" size (256-2048 px per side, at most `max_pixels` in all: the same cap as the
-    dialect's width/height fields, so that no way of giving a size makes a larger image than another)."""
-    try:
-        width, height = (int(part) for part in text.lower().split("x"))
-    except ValueError:
-        raise InvalidInput(
-            f"{param} {text!r} is not WIDTHxHEIGHT", param=param, allowed='"1024x768" or "auto"'
-        ) from None
-    if not (256 <= width <= 2048 and 256 <= height <= 2048):
-        raise InvalidInput(f"{param} {text} is out of range", param=param, allowed="256-2048 px per side")
-    if width * height > max_pixels:
-        raise InvalidInput(
-            f"{param} {text} is {width * height} pixels", param=param, allowed=f"at most {max_pixels} pixels"
-        )
-    return width, height

@@ -17,11 +17,21 @@ from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
 from kleinserve.api import openapi, service
+from kleinserve.api._dialect import (
+    MAX_PROMPT_CHARS,
+    DialectRoute,
+    check_prompt,
+    error_body,
+    error_headers,
+    parse_size,
+)
 from kleinserve.api.service import Services
 from kleinserve.errors import (
     Forbidden,
     InvalidInput,
     KleinError,
+    MethodNotAllowed,
+    NotFound,
     Overloaded,
     PayloadTooLarge,
     Unauthorized,
@@ -30,7 +40,6 @@ from kleinserve.errors import (
 from kleinserve.media import decode_base64_image
 from kleinserve.types import GenerateRequest, ImageFormat, base64_text
 
-PREFIXES = ("/image-model",)
 _MODEL_HEADER = {
     "name": "ai-model-id",
     "in": "header",
@@ -39,14 +48,6 @@ _MODEL_HEADER = {
     "description": "the model asked for; absent: the served klein model",
 }
 _OPTION_KEYS = {"steps", "guidance", "negative_prompt", "output_format"}
-_FORMATS = {
-    "png": ImageFormat.PNG,
-    "jpeg": ImageFormat.JPEG,
-    "jpg": ImageFormat.JPEG,
-    "webp": ImageFormat.WEBP,
-}
-
-
 MAX_PIXELS = 1024 * 1024
 
 
@@ -61,7 +62,7 @@ class ImageModelBody(BaseModel):
     """The body `@ai-sdk/gateway` sends, for the OpenAPI document: the route reads the body field by field,
     to refuse each value in the Gateway's words."""
 
-    prompt: str = Field(min_length=1, max_length=32000)
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     n: int = Field(1, ge=1, le=4)
     size: str | None = Field(None, description='"WxH", 256-2048 px per side', examples=["1024x768"])
     aspectRatio: str | None = Field(None, description='"W:H" up to 4:1', examples=["16:9"])  # noqa: N815
@@ -86,7 +87,7 @@ def size_for_aspect_ratio(text: str) -> tuple[int, int]:
 
 def _size(body: dict[str, Any]) -> tuple[int | None, int | None]:
     if size := body.get("size"):
-        return service.parse_size(str(size), MAX_PIXELS)  # the cap of its aspect ratios
+        return parse_size(str(size), MAX_PIXELS)  # the cap of its aspect ratios
     if ratio := body.get("aspectRatio"):
         return size_for_aspect_ratio(str(ratio))
     return None, None
@@ -135,37 +136,30 @@ def provider_options(body: dict[str, Any], warnings: list[dict[str, str]]) -> di
     return merged
 
 
-def to_request(
-    body: dict[str, Any], references: list[Any], distilled: bool, options: dict[str, Any]
-) -> GenerateRequest:
-    prompt = body.get("prompt")
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise InvalidInput("prompt is required", param="prompt", allowed="1-32000 characters")
-    if len(prompt) > 32000:
-        raise InvalidInput(
-            f"prompt has {len(prompt)} characters", param="prompt", allowed="1-32000 characters"
-        )
+def to_request(body: dict[str, Any], references: list[Any], options: dict[str, Any]) -> GenerateRequest:
+    """The internal request; `steps`/`guidance` apply only where the loaded variant leaves them free, as on
+    the gateway's hosted klein (`fixed_by_variant`)."""
+    prompt = check_prompt(body.get("prompt"))
     n = body.get("n", 1)
     if not _is_int(n) or not 1 <= n <= 4:
         raise InvalidInput(f"n {n!r} is out of range", param="n", allowed="1-4")
     seed = body.get("seed")
     if seed is not None and (not _is_int(seed) or seed < 0):
         raise InvalidInput(f"seed {seed!r}", param="seed", allowed="a non-negative integer")
-    fmt = str(options.get("output_format", "png")).lower()
-    if fmt not in _FORMATS:
-        raise InvalidInput(f"output_format {fmt!r}", param="output_format", allowed="png, jpeg, webp")
+    output_format = ImageFormat.parse(str(options.get("output_format", "png")))
     width, height = _size(body)
     return GenerateRequest(
         prompt=prompt,
         width=width,
         height=height,
-        steps=None if distilled else options.get("steps"),
-        guidance=None if distilled else options.get("guidance"),
+        steps=options.get("steps"),
+        guidance=options.get("guidance"),
         seed=seed,
         num_images=n,
         reference_images=tuple(references),
         negative_prompt=str(options.get("negative_prompt", "")),
-        output_format=_FORMATS[fmt],
+        output_format=output_format,
+        fixed_by_variant=True,
     )
 
 
@@ -175,7 +169,7 @@ def error_type(exc: KleinError) -> str:
     GatewayInternalServerError whatever the status."""
     if isinstance(exc, UnknownModel):
         return "model_not_found"
-    if isinstance(exc, InvalidInput | PayloadTooLarge) or exc.status in (400, 404, 405, 413, 422):
+    if isinstance(exc, InvalidInput | PayloadTooLarge | NotFound | MethodNotAllowed):
         return "invalid_request_error"
     if isinstance(exc, Unauthorized):
         return "authentication_error"
@@ -187,20 +181,19 @@ def error_type(exc: KleinError) -> str:
 
 
 def render_error(exc: KleinError) -> Response:
-    body = {
-        "error": {
-            "message": exc.message,
-            "type": error_type(exc),
-            "param": getattr(exc, "param", None),
-            "code": exc.code,
-        }
-    }
-    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Overloaded) else None
-    return service.JSONBody(body, status_code=exc.status, headers=headers)
+    """OpenAI's error body with the Gateway's error types."""
+    return service.JSONBody(
+        error_body(exc, error_type(exc)), status_code=exc.status, headers=error_headers(exc)
+    )
+
+
+class GatewayRoute(DialectRoute):
+    def render_error(self, exc: KleinError) -> Response:
+        return render_error(exc)
 
 
 def build_router(services: Services) -> APIRouter:
-    router = APIRouter(tags=["Vercel AI Gateway"])
+    router = APIRouter(tags=["Vercel AI Gateway"], route_class=GatewayRoute)
 
     @router.post(
         "/image-model",
@@ -230,7 +223,7 @@ def build_router(services: Services) -> APIRouter:
                 references.append(await asyncio.to_thread(decode_base64_image, file["data"], param))
             else:
                 raise InvalidInput(f"{param} is neither a base64 file nor a URL", param=param)
-        request = to_request(body, references, services.spec.distilled, options)
+        request = to_request(body, references, options)
         completed = await service.generate(services, http_request, owner, request)
         return {
             "images": [base64_text(data) for data in completed.images],
