@@ -38,6 +38,7 @@ browser-setup: setup
 lint: setup
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
+	$(BIN)/mypy
 
 test: setup node-setup browser-setup lint
 	$(BIN)/python -m pytest -q

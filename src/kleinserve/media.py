@@ -42,7 +42,7 @@ URL_TIMEOUT_S = 10.0  # for the whole download, not per read: a slow trickle can
 URL_MAX_BYTES = 20 * 1024 * 1024
 URL_MAX_CHARS = 8192  # what common HTTP servers accept in a request line
 URL_MAX_CONNECTIONS = 100  # reference downloads at once (others wait for a connection, within their timeout)
-BASE64_SLICE_CHARS = 1 << 20  # decoded per GIL hold (~4 ms); a multiple of 4, base64's quantum
+BASE64_SLICE_CHARS = 1 << 20  # decoded per GIL hold (a few ms); a multiple of 4, base64's quantum
 MEDIA_TTL_S = 600
 SECRET_BYTES = 32
 INPUT_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")  # Pillow format ids (JPEG includes multi-picture JPEG)
@@ -81,9 +81,9 @@ def decode_image(data: bytes, param: str) -> Image.Image:
 
 
 def decode_base64(text: str, param: str) -> bytes:
-    """Raw base64 or a `data:<type>;base64,<data>` URL -> bytes. Slow for large inputs (~4 ms per MB): call it
-    on a worker thread. It decodes in slices, and never copies the whole text, so that the thread lets go of
-    the GIL between slices: decoded at once, 45 MB of base64 held the GIL, and with it the event loop, ~0.2 s.
+    """Raw base64 or a `data:<type>;base64,<data>` URL -> bytes. Slow for large inputs: call it on a worker
+    thread. It decodes in slices, and never copies the whole text, so that the thread lets go of the GIL
+    between slices: decoded at once, a large body held the GIL, and with it the event loop (README).
     """
     begin, end = _base64_bounds(text, param)
     step = BASE64_SLICE_CHARS

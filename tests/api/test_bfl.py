@@ -7,9 +7,12 @@ polls and downloads the sample itself (`tests/node/generate.mjs bfl`).
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import io
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,9 @@ from PIL import Image
 
 from kleinserve.api import bfl
 from kleinserve.api.auth import KeyStore
+from kleinserve.api.server import ServerSettings
+from kleinserve.engine.resolve import resolve_request
+from kleinserve.errors import InvalidInput
 from tests.api.conftest import RunningServer, run_sdk
 from tests.conftest import random_image
 
@@ -160,13 +166,13 @@ def test_validation_errors(client: httpx.Client, body: dict[str, Any], field: st
     assert detail[0]["msg"] and detail[0]["type"]
 
 
-def test_steps_and_guidance_apply_to_base_variants_only(client: httpx.Client) -> None:
+def test_steps_and_guidance_apply_to_base_variants_only(client: httpx.Client, server: RunningServer) -> None:
     """BFL's klein endpoint has no steps/guidance and a distilled variant ignores them, as BFL does; base
     variants take them under [flex]'s names (the playground sets them so)."""
-    wire = bfl.FluxKleinInputs(prompt="x", steps=2, guidance=2.5)
-    distilled = bfl.to_request(wire, [], distilled=True)
+    request = bfl.to_request(bfl.FluxKleinInputs(prompt="x", steps=2, guidance=2.5), [])
+    distilled = resolve_request(request, server.pipeline.spec).request
     assert (distilled.steps, distilled.guidance) == (None, None)
-    base = bfl.to_request(wire, [], distilled=False)
+    base = resolve_request(request, replace(server.pipeline.spec, distilled=False)).request
     assert (base.steps, base.guidance) == (2, 2.5)
 
     answer = client.post(MODEL_PATH, json={"prompt": "x", "width": 64, "height": 64, "steps": 2})
@@ -181,6 +187,42 @@ def test_bad_input_image_is_422(client: httpx.Client) -> None:
     response = client.post(MODEL_PATH, json={"prompt": "x", "input_image": "not base64 at all!"})
     assert response.status_code == 422, response.text
     assert response.json()["detail"][0]["loc"][-1] == "input_image"
+
+
+def test_price_and_planned_megapixels() -> None:
+    """klein-4b: 1.4 credits for the first output megapixel, 0.1 per further one in or out (section 4.7)."""
+    assert bfl.cost(0.0, 0.05) == 1.4
+    assert bfl.cost(0.0, 2.0) == 1.5
+    assert bfl.cost(1.0, 1.0) == 1.5
+    params = {"num_images": 2, "width": 1024, "height": 512, "reference_sizes": [[1000, 1000], [500, 200]]}
+    assert bfl.planned_usage(params) == {"input_mp": 1.1, "output_mp": 1.05}
+    assert bfl.planned_usage({**params, "reference_sizes": []})["input_mp"] == 0.0
+
+
+def test_webhook_signature() -> None:
+    """X-BFL-Signature: sha256=<hex HMAC-SHA256 of the raw body>, keyed by the job's webhook_secret."""
+    expected = "sha256=" + hmac.new(b"secret", b'{"id":"x"}', hashlib.sha256).hexdigest()
+    assert bfl.sign_webhook(b'{"id":"x"}', "secret") == {"X-BFL-Signature": expected}
+
+
+@pytest.mark.parametrize(
+    ("given", "kept"),
+    [
+        ("https://images.example.com", "https://images.example.com"),
+        ("http://h:8080/klein/", "http://h:8080/klein"),
+    ],
+)
+def test_public_url_setting(tmp_path: Path, given: str, kept: str) -> None:
+    assert ServerSettings(data_dir=tmp_path, public_url=given).public_url == kept
+
+
+@pytest.mark.parametrize(
+    "given", ["images.example.com", "ftp://h", "https://", "https://h/?a=1", "http://[::1"]
+)
+def test_public_url_setting_refuses_what_is_no_origin(tmp_path: Path, given: str) -> None:
+    with pytest.raises(InvalidInput) as refused:
+        ServerSettings(data_dir=tmp_path, public_url=given)
+    assert refused.value.param == "public_url"
 
 
 # --- @ai-sdk/black-forest-labs under Node ------------------------------------------------------------------

@@ -2,7 +2,8 @@
 webhook_secret gets one signed POST on completion at a loopback receiver; failed deliveries are retried;
 without --allow-private-urls a loopback target is refused. The outcome is on the job (`webhook_status`).
 Deliveries are durable: one cut by a restart, or owed by a job that crash recovery failed, is sent by the next
-server on the data dir. (Receivers that misbehave: test_webhook_receivers.py.)
+server on the data dir, in the format the job records (a job stored before formats were recorded: BFL's).
+(Receivers that misbehave: test_webhook_receivers.py.)
 """
 
 from __future__ import annotations
@@ -205,7 +206,8 @@ def test_retries_wait_1_5_and_30_seconds(
     async def deliver() -> str:
         loops.append(asyncio.get_running_loop())
         policy = OutboundPolicy(allow_private=True)
-        sender = webhooks.WebhookSender(policy, store, EventHub(), lambda job: {"id": job.id})
+        plain = webhooks.WebhookFormat(render=lambda job: {"id": job.id}, sign=lambda body, secret: {})
+        sender = webhooks.WebhookSender(policy, store, EventHub(), {}, default=plain)
         try:
             return await sender.deliver(job)
         finally:
@@ -307,3 +309,121 @@ def test_job_failed_by_crash_recovery_sends_its_webhook(
         assert (store.get(job.id).webhook_status or "").startswith("delivered on attempt 1")
     finally:
         store.close()
+
+
+def test_public_url_in_polling_url_and_webhook(
+    start_server: Callable[..., RunningServer], receiver: Receiver
+) -> None:
+    """Behind a proxy: the absolute URLs of BFL's answers and webhooks start with --public-url."""
+    public = "https://images.example.com/klein"
+    running = start_server(allow_private_urls=True, public_url=public + "/")
+    with httpx.Client(base_url=running.base_url, timeout=30) as http:
+        answer = submit(http, webhook_url=receiver.url, webhook_secret=SECRET)
+        assert answer["polling_url"] == f"{public}/v1/get_result?id={answer['id']}"
+        (delivery,) = receiver.wait(1)
+        sample = delivery.json["result"]["sample"]
+        assert sample.startswith(public + "/media/")
+        assert http.get(sample.removeprefix(public)).status_code == 200  # the proxy strips the prefix
+        polled = http.get(answer["polling_url"].removeprefix(public)).json()
+        assert polled["result"]["sample"] == sample
+    assert delivery.headers["X-BFL-Signature"] == expected_signature(delivery.body)
+
+
+def test_job_stored_before_formats_is_delivered_in_the_default_format(
+    tmp_path: Path, server_pipeline: Pipeline, receiver: Receiver
+) -> None:
+    """A row written before jobs recorded their webhook format (extra held only the submitter's base_url),
+    finished with its delivery pending, is sent at the next start as BFL sends it."""
+    data_dir = tmp_path / "data"
+    store = SqliteJobStore(data_dir / DATABASE_NAME)
+    job = store.add(
+        Job(
+            id=new_job_id(),
+            owner="anonymous",
+            status=JobStatus.SUCCEEDED,
+            params={"prompt": "an old hook"},
+            reference_count=0,
+            batch_key="",
+            created=time.time() - 5,
+            started=time.time() - 4,
+            finished=time.time() - 3,
+            progress=1.0,
+            result={"images": [{"media": "old.jpeg", "seed": 5}], "width": 64, "height": 64, "steps": 2},
+            webhook_url=receiver.url,
+            webhook_secret=SECRET,
+            extra={"base_url": "http://old.example:8000"},
+        )
+    )
+    store.close()
+    running = serve_in_thread(ServerSettings(data_dir=data_dir, allow_private_urls=True), server_pipeline)
+    try:
+        (delivery,) = receiver.wait(1)
+    finally:
+        running.stop()
+    assert delivery.headers["X-BFL-Signature"] == expected_signature(delivery.body)
+    body = delivery.json
+    assert (body["id"], body["status"], body["result"]["seed"]) == (job.id, "Ready", 5)
+    assert body["result"]["sample"].startswith("http://old.example:8000/media/")
+
+
+# --- the sender and its formats, without a server ----------------------------------------------------------
+
+
+def _finished_job(store: SqliteJobStore, url: str, **extra: Any) -> Job:
+    return store.add(
+        Job(
+            id=new_job_id(),
+            owner="anon",
+            status=JobStatus.SUCCEEDED,
+            params={},
+            reference_count=0,
+            batch_key="",
+            created=time.time(),
+            webhook_url=url,
+            webhook_secret=SECRET,
+            extra=extra,
+        )
+    )
+
+
+def _tagged(tag: str) -> webhooks.WebhookFormat:
+    """A format whose body and signature header say which format wrote them."""
+    return webhooks.WebhookFormat(
+        render=lambda job: {"format": tag, "id": job.id}, sign=lambda body, secret: {"X-Signed-By": tag}
+    )
+
+
+def _deliver_all(store: SqliteJobStore, jobs: list[Job]) -> list[str]:
+    async def deliver() -> list[str]:
+        formats = {"first": _tagged("first"), "second": _tagged("second")}
+        sender = webhooks.WebhookSender(
+            OutboundPolicy(allow_private=True), store, EventHub(), formats, default=formats["first"]
+        )
+        try:
+            return [await sender.deliver(job) for job in jobs]
+        finally:
+            await sender.aclose()
+
+    return asyncio.run(deliver())
+
+
+def test_each_job_is_sent_in_the_format_it_records(tmp_path: Path, receiver: Receiver) -> None:
+    store = SqliteJobStore(tmp_path / "jobs.db")
+    jobs = [
+        _finished_job(store, receiver.url, **{webhooks.FORMAT_KEY: "second"}),
+        _finished_job(store, receiver.url),  # records none: the default
+    ]
+    outcomes = _deliver_all(store, jobs)
+    assert all(outcome.startswith("delivered on attempt 1") for outcome in outcomes), outcomes
+    sent = [(d.json["id"], d.json["format"], d.headers["X-Signed-By"]) for d in receiver.deliveries]
+    assert sent == [(jobs[0].id, "second", "second"), (jobs[1].id, "first", "first")]
+
+
+def test_unregistered_format_is_refused_not_sent(tmp_path: Path, receiver: Receiver) -> None:
+    """A job recorded by a server that registered other formats: its outcome says so, and it stays unsent."""
+    store = SqliteJobStore(tmp_path / "jobs.db")
+    job = _finished_job(store, receiver.url, **{webhooks.FORMAT_KEY: "gone"})
+    (outcome,) = _deliver_all(store, [job])
+    assert outcome == "refused: no webhook format 'gone' is registered"
+    assert store.get(job.id).webhook_status == outcome
+    assert receiver.deliveries == []

@@ -3,8 +3,10 @@
 Submit answers at once with `{id, polling_url (absolute), cost, input_mp, output_mp}`; the job runs in the
 queue. Polling answers `{id, status: Pending | Ready | Error | Task not found, result, progress}`;
 `result.sample` is a signed URL that a plain GET (the BFL clients send their `x-key` along; it is not
-needed) turns into the image bytes. `webhook_url` + `webhook_secret` get a signed POST on completion
-(jobs/webhooks.py). Errors use BFL's bodies: 422 `{"detail": [{loc, msg, type}]}`,
+needed) turns into the image bytes. `webhook_url` + `webhook_secret` get a POST on completion, signed
+`X-BFL-Signature: sha256=<hex HMAC-SHA256 of the raw body>` (this module's WebhookFormat, delivered by
+jobs/webhooks.py). Absolute URLs start with the server's `--public-url` when set, else with the origin the
+request was made to. Errors use BFL's bodies: 422 `{"detail": [{loc, msg, type}]}`,
 429 `{"error": "rate_limit_exceeded", ...}`.
 
 BFL's klein endpoints take no `steps`/`guidance` (the distilled model is fixed at 4 steps, guidance 1.0),
@@ -17,22 +19,24 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
+import hmac
 import time
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from kleinserve.api import openapi, service
+from kleinserve.api._dialect import MAX_PROMPT_CHARS, DialectRoute, check_prompt, error_headers, parse_model
 from kleinserve.api.service import Services
 from kleinserve.errors import InvalidInput, KleinError, NotFound, Overloaded
-from kleinserve.jobs import metering
 from kleinserve.jobs.store import Job, JobStatus
-from kleinserve.types import GenerateRequest, ImageFormat
+from kleinserve.jobs.webhooks import FORMAT_KEY, WebhookFormat
+from kleinserve.types import MAX_SEED, GenerateRequest, ImageFormat
 
-PREFIXES = ("/v1/flux-", "/v1/get_result")
 _STATUS = {
     JobStatus.QUEUED: "Pending",
     JobStatus.RUNNING: "Pending",
@@ -40,7 +44,13 @@ _STATUS = {
     JobStatus.FAILED: "Error",
     JobStatus.CANCELLED: "Error",
 }
-_FORMATS = {"jpeg": ImageFormat.JPEG, "png": ImageFormat.PNG, "webp": ImageFormat.WEBP}
+# BFL's klein-4b price (credits, 1 credit = 1 US cent): first output megapixel, then per further megapixel in
+# or out (wire-formats.md section 4.7).
+FIRST_MP_CREDITS = 1.4
+MP_CREDITS = 0.1
+WEBHOOK_FORMAT = "bfl"  # the name this module's WebhookFormat is registered and recorded under
+# Job.extra: the origin the job was submitted to, for its webhook's URLs when the server has no public_url.
+_ORIGIN_KEY = "base_url"
 
 
 class FluxKleinInputs(BaseModel):
@@ -49,12 +59,12 @@ class FluxKleinInputs(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    prompt: str = Field(min_length=1, max_length=32000)
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     input_image: str | None = None
     input_image_2: str | None = None
     input_image_3: str | None = None
     input_image_4: str | None = None
-    seed: int | None = Field(None, ge=0, le=2**63 - 8)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     width: int | None = Field(None, ge=0, le=2048, description="multiple of 16, min 64; 0 or absent = auto")
     height: int | None = Field(None, ge=0, le=2048, description="multiple of 16, min 64; 0 or absent = auto")
     steps: int | None = Field(None, ge=1, le=50, description="base variants only; distilled: ignored")
@@ -83,25 +93,28 @@ def _check_webhook_url(url: str | None) -> None:
         raise InvalidInput(f"webhook_url {url!r} is not an http(s) URL", param="webhook_url")
 
 
-def to_request(wire: FluxKleinInputs, references: list[Any], distilled: bool = True) -> GenerateRequest:
-    """The internal request; `steps`/`guidance` apply only when the loaded variant is not `distilled`."""
+def to_request(wire: FluxKleinInputs, references: list[Any]) -> GenerateRequest:
+    """The internal request; `steps`/`guidance` apply only where the loaded variant leaves them free, as on
+    BFL's klein endpoint (`fixed_by_variant`)."""
     _check_webhook_url(wire.webhook_url)
-    if not wire.prompt.strip():
-        raise InvalidInput("prompt is empty", param="prompt", allowed="1-32000 characters")
+    check_prompt(wire.prompt)
     return GenerateRequest(
         prompt=wire.prompt,
         width=_side(wire.width, "width"),
         height=_side(wire.height, "height"),
-        steps=None if distilled else wire.steps,
-        guidance=None if distilled else wire.guidance,
+        steps=wire.steps,
+        guidance=wire.guidance,
         seed=wire.seed,
         reference_images=tuple(references),
-        output_format=_FORMATS[wire.output_format or "jpeg"],
+        output_format=ImageFormat.parse(wire.output_format or "jpeg"),
+        fixed_by_variant=True,
     )
 
 
 def render_error(exc: KleinError) -> Response:
-    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Overloaded) else None
+    """BFL's bodies: 422 `{"detail": [{loc, msg, type}]}` for bad input, 429 `{"error": "rate_limit_exceeded",
+    ...}`, else `{"detail": message}` at the error's status."""
+    headers = error_headers(exc)
     if isinstance(exc, Overloaded) and exc.status == 429:
         body: dict[str, Any] = {
             "error": "rate_limit_exceeded",
@@ -114,6 +127,32 @@ def render_error(exc: KleinError) -> Response:
         body = {"detail": [{"loc": location, "msg": exc.message, "type": "value_error"}]}
         return service.JSONBody(body, status_code=422)
     return service.JSONBody({"detail": exc.message}, status_code=exc.status, headers=headers)
+
+
+class BFLRoute(DialectRoute):
+    def render_error(self, exc: KleinError) -> Response:
+        return render_error(exc)
+
+
+def planned_usage(params: dict[str, Any]) -> dict[str, float]:
+    """Megapixels in and out of a job's stored `params`, known at submit time (BFL answers them before the job
+    runs): `{"input_mp", "output_mp"}`, rounded to 0.01."""
+    inputs = params.get("reference_sizes", [])
+    return {
+        "input_mp": round(sum(w * h for w, h in inputs) / 1e6, 2),
+        "output_mp": round(params["num_images"] * params["width"] * params["height"] / 1e6, 2),
+    }
+
+
+def cost(input_mp: float, output_mp: float) -> float:
+    """BFL's klein-4b price in credits for the given megapixels, rounded to 0.001."""
+    return round(FIRST_MP_CREDITS + max(0.0, output_mp - 1) * MP_CREDITS + input_mp * MP_CREDITS, 3)
+
+
+def origin(services: Services, http_request: Request) -> str:
+    """Where this module's absolute URLs start: the server's public_url, else the origin `http_request` was
+    made to (no trailing slash)."""
+    return services.public_url or str(http_request.base_url).rstrip("/")
 
 
 def result_body(services: Services, job: Job, base_url: str) -> dict[str, Any] | None:
@@ -131,16 +170,27 @@ def result_body(services: Services, job: Job, base_url: str) -> dict[str, Any] |
 
 
 def webhook_body(services: Services, job: Job) -> dict[str, Any]:
-    """What BFL posts to a webhook_url: Ready with the result, or Error with a message."""
+    """What BFL posts to a webhook_url: Ready with the result, or Error with a message. Its URLs start with
+    the server's public_url, else with the origin the job was submitted to."""
     base = {"id": job.id, "status": _STATUS[job.status], "timestamp": int(time.time())}
-    result = result_body(services, job, job.extra.get("base_url", ""))
+    result = result_body(services, job, services.public_url or job.extra.get(_ORIGIN_KEY, ""))
     if result is not None:
         return {**base, "result": result}
     return {**base, "error": job.status.value, "message": job.error or job.status.value}
 
 
+def sign_webhook(body: bytes, secret: str) -> dict[str, str]:
+    """BFL's signature header: `X-BFL-Signature: sha256=<hex HMAC-SHA256 of the raw body with secret>`."""
+    return {"X-BFL-Signature": "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()}
+
+
+def webhook_format(services: Services) -> WebhookFormat:
+    """BFL's webhooks, to register under WEBHOOK_FORMAT with the webhook sender."""
+    return WebhookFormat(render=functools.partial(webhook_body, services), sign=sign_webhook)
+
+
 def build_router(services: Services) -> APIRouter:
-    router = APIRouter(tags=["Black Forest Labs"])
+    router = APIRouter(tags=["Black Forest Labs"], route_class=BFLRoute)
 
     @router.post(
         "/v1/{model}",
@@ -155,32 +205,27 @@ def build_router(services: Services) -> APIRouter:
     async def submit(model: str, http_request: Request) -> dict[str, Any]:
         owner = service.caller(services, http_request)
         services.check_model(model)
-        try:
-            wire = FluxKleinInputs.model_validate(await service.read_json_object(http_request))
-        except ValidationError as exc:
-            error = exc.errors()[0]
-            param = ".".join(str(part) for part in error["loc"]) or None
-            raise InvalidInput(f"{param}: {error['msg']}", param=param) from None
+        wire = parse_model(FluxKleinInputs, await service.read_json_object(http_request))
         fields = ("input_image", "input_image_2", "input_image_3", "input_image_4")
         references = [
             await services.fetcher.image(value, name) for name in fields if (value := getattr(wire, name))
         ]
-        base_url = str(http_request.base_url).rstrip("/")
         job = await asyncio.to_thread(
             functools.partial(
                 services.worker.submit,
-                to_request(wire, references, services.spec.distilled),
+                to_request(wire, references),
                 owner,
                 webhook_url=wire.webhook_url,
                 webhook_secret=wire.webhook_secret,
-                extra={"base_url": base_url},
+                # The request's own origin even with a public_url: a restart without it still has one.
+                extra={FORMAT_KEY: WEBHOOK_FORMAT, _ORIGIN_KEY: str(http_request.base_url).rstrip("/")},
             )
         )
-        planned = metering.planned_usage(job.params)
+        planned = planned_usage(job.params)
         answer = {
             "id": job.id,
-            "polling_url": f"{base_url}/v1/get_result?id={job.id}",
-            "cost": metering.bfl_cost(planned["input_mp"], planned["output_mp"]),
+            "polling_url": f"{origin(services, http_request)}/v1/get_result?id={job.id}",
+            "cost": cost(planned["input_mp"], planned["output_mp"]),
             **planned,
         }
         if wire.webhook_url:
@@ -198,7 +243,6 @@ def build_router(services: Services) -> APIRouter:
             job = await asyncio.to_thread(services.store.get, id, owner)
         except NotFound:  # not StoreUnavailable: a store that cannot answer says so (503)
             return {"id": id, "status": "Task not found", "result": None, "progress": None}
-        base_url = str(http_request.base_url).rstrip("/")
         if job.status is JobStatus.SUCCEEDED and services.media.expired(job.finished):
             expired = f"the result expired: images are kept {services.media.ttl_s} s after the job ends"
             return {
@@ -211,7 +255,7 @@ def build_router(services: Services) -> APIRouter:
         return {
             "id": job.id,
             "status": _STATUS[job.status],
-            "result": result_body(services, job, base_url),
+            "result": result_body(services, job, origin(services, http_request)),
             "progress": job.progress,
             "details": {"error": job.error} if job.error else None,
             "preview": None,

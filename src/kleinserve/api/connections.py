@@ -99,7 +99,8 @@ class LimitedConfig(uvicorn.Config):
             app,
             http=LimitedHttpProtocol,
             ws="none",  # the app has no WebSocket routes: every connection stays under these limits
-            timeout_keep_alive=limits.keep_alive_timeout_s,  # type: ignore[arg-type]  # call_later takes floats
+            # uvicorn declares an int; it only hands the value to loop.call_later, which takes floats.
+            timeout_keep_alive=limits.keep_alive_timeout_s,  # type: ignore[arg-type]
             **options,
         )
         self.limits = limits

@@ -1,6 +1,6 @@
 """Starting the HTTP server: settings, services, the loopback-only rule, uvicorn.
 
-kleinserve serve --model DIR --host 127.0.0.1 --port 8000 --data-dir ./data
+kleinserve serve --model DIR --host 127.0.0.1 --port 8000 --data-dir ./data [--public-url https://host]
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
+from urllib.parse import urlsplit
 
 import uvicorn
 from fastapi import FastAPI
@@ -25,7 +26,7 @@ from kleinserve.api.app import MAX_BODY_BYTES, build_app
 from kleinserve.api.auth import DATABASE_NAME, KeyStore, check_open_binding
 from kleinserve.api.connections import ConnectionLimits, LimitedConfig
 from kleinserve.api.service import Services
-from kleinserve.engine.pipeline import Pipeline
+from kleinserve.engine.protocol import Engine
 from kleinserve.errors import InvalidInput
 from kleinserve.jobs.events import EventHub
 from kleinserve.jobs.store import SqliteJobStore
@@ -52,10 +53,36 @@ class ServerSettings:
     insecure_no_auth: bool = False
     max_body_bytes: int = MAX_BODY_BYTES
     connections: ConnectionLimits = ConnectionLimits()
+    # The origin clients reach the server at ("https://images.example.com", a path prefix allowed) when it is
+    # not the one requests arrive at (behind a proxy), for the absolute URLs BFL's answers and webhooks carry.
+    # None: the origin each request was made to. Stored without a trailing slash.
+    public_url: str | None = None
     # How reference URLs and webhooks resolve names and which addresses count as public (outbound.py);
     # replaced only by tests (a resolver stub on loopback).
     resolver: Resolver = socket.getaddrinfo
     public_address: AddressPolicy = is_public_address
+
+    def __post_init__(self) -> None:
+        if self.public_url is not None:
+            object.__setattr__(self, "public_url", _checked_public_url(self.public_url))
+
+
+def _checked_public_url(url: str) -> str:
+    """`url` without a trailing slash; InvalidInput unless it is an http(s) URL with a host and no query or
+    fragment (a path is a prefix the proxy strips)."""
+    try:
+        parts = urlsplit(url)
+        bare = not (parts.query or parts.fragment)
+        usable = parts.scheme in ("http", "https") and bool(parts.hostname) and bare
+    except ValueError:  # an unclosed "[" of an IPv6 host
+        usable = False
+    if not usable:
+        raise InvalidInput(
+            f"public URL {url!r} is not an http(s) origin",
+            param="public_url",
+            allowed="http(s)://host[:port][/prefix]",
+        )
+    return url.rstrip("/")
 
 
 def check_binding(settings: ServerSettings, keys: KeyStore) -> None:
@@ -63,7 +90,7 @@ def check_binding(settings: ServerSettings, keys: KeyStore) -> None:
     check_open_binding(settings.host, keys, settings.insecure_no_auth)
 
 
-def build_services(settings: ServerSettings, pipeline: Pipeline) -> tuple[Services, WebhookSender]:
+def build_services(settings: ServerSettings, engine: Engine) -> tuple[Services, WebhookSender]:
     """The routes' services, and the webhook sender (started and stopped with the app)."""
     keys = KeyStore(settings.data_dir / DATABASE_NAME)
     try:
@@ -75,21 +102,30 @@ def build_services(settings: ServerSettings, pipeline: Pipeline) -> tuple[Servic
     media = MediaStore.in_data_dir(settings.data_dir, settings.media_ttl_s)
     hub = EventHub()
     worker_settings = WorkerSettings(settings.max_batch, settings.max_waiting, settings.max_in_flight_per_key)
-    worker = Worker(pipeline, store, media, settings.data_dir / "inputs", hub, worker_settings)
+    worker = Worker(engine, store, media, settings.data_dir / "inputs", hub, worker_settings)
     # One policy; the fetcher and the sender each make their own connection pool from it.
     outbound = OutboundPolicy(settings.allow_private_urls, settings.resolver, settings.public_address)
     services = Services(
-        worker=worker, store=store, hub=hub, keys=keys, media=media, fetcher=ImageFetcher(outbound)
+        engine=engine,
+        worker=worker,
+        store=store,
+        hub=hub,
+        keys=keys,
+        media=media,
+        fetcher=ImageFetcher(outbound),
+        public_url=settings.public_url,
     )
-    webhooks = WebhookSender(outbound, store, hub, lambda job: bfl.webhook_body(services, job))
+    # Only BFL's API takes webhooks; it is also the format of jobs stored before formats were recorded.
+    bfl_webhooks = bfl.webhook_format(services)
+    webhooks = WebhookSender(outbound, store, hub, {bfl.WEBHOOK_FORMAT: bfl_webhooks}, default=bfl_webhooks)
     worker.on_finished = webhooks.schedule
     return services, webhooks
 
 
-def create_app(settings: ServerSettings, pipeline: Pipeline, engine_thread: bool = True) -> FastAPI:
+def create_app(settings: ServerSettings, engine: Engine, engine_thread: bool = True) -> FastAPI:
     """The app with its background duties (engine, media clean-up) tied to its lifespan; with
     `engine_thread` False the engine runs wherever `app.state.worker.run_engine()` is called."""
-    services, webhooks = build_services(settings, pipeline)
+    services, webhooks = build_services(settings, engine)
     app = build_app(services, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(RequestId)  # outermost of the app's middleware: its id is in every log line
     inner_lifespan = app.router.lifespan_context
@@ -148,7 +184,7 @@ class DrainingServer(uvicorn.Server):
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)  # exits the process when the port cannot be bound
         # Only now, listening: a script that waits for this line may send its first request at once.
-        name = self.worker.pipeline.spec.name
+        name = self.worker.engine.spec.name
         print(f"kleinserve: serving {name} at http://{self.config.host}:{self.config.port}/", flush=True)
 
 
@@ -160,18 +196,16 @@ def http_config(app: FastAPI, settings: ServerSettings, **options: Any) -> uvico
     return config
 
 
-def serve(settings: ServerSettings, load: Callable[[], Pipeline]) -> None:
+def serve(settings: ServerSettings, load: Callable[[], Engine]) -> None:
     """Load the model and serve until SIGTERM/SIGINT. `load` runs on the engine thread, which then runs the
     engine; HTTP and signals stay on the main thread.
 
     Which thread runs the engine matters on CPU: torch's OpenMP keeps one thread team per thread that has run
     parallel work, and with the loading thread's team next to the engine thread's the engine ran much slower
     (likely cause, not proven: libgomp then sees more threads than cores and stops spinning between
-    parallel regions). Measured (tiny-random, 256 px, 2 cores, p50 of 60 requests): engine time 142-151 ms
-    with the engine on the thread that loaded the weights, 212-270 ms on a thread of its own;
-    `pipeline.generate` in a plain process 137-160 ms.
+    parallel regions): about 1.6x slower on a thread of its own (README, Performance).
     """
-    loaded: Future[Pipeline] = Future()
+    loaded: Future[Engine] = Future()
     worker: Future[Worker] = Future()
 
     def engine() -> None:
@@ -183,8 +217,7 @@ def serve(settings: ServerSettings, load: Callable[[], Pipeline]) -> None:
         worker.result().run_engine()
 
     threading.Thread(target=engine, name="kleinserve-engine", daemon=True).start()
-    pipeline = loaded.result()
-    app = create_app(settings, pipeline, engine_thread=False)
+    app = create_app(settings, loaded.result(), engine_thread=False)
     worker.set_result(app.state.worker)
     config = http_config(app, settings, log_level="info", log_config=LOG_CONFIG)
     DrainingServer(config, app.state.worker).run()

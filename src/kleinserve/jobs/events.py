@@ -45,8 +45,8 @@ class EventHub:
 
     def publish(self, job_id: str, event: Event) -> None:
         """Deliver from any thread; never blocks. An event nobody is subscribed to is dropped here: waking
-        the event loop for nothing cost the publishing thread ~0.12 ms (its GIL hand-off) per event, seven
-        events a job (measured in `kleinserve serve`). A subscriber that arrives later reads the job's state
+        the event loop for nothing costs the publishing thread a GIL hand-off per event (README, Performance).
+        A subscriber that arrives later reads the job's state
         from the store after subscribing, as api/jobs.py does (tests/api/test_jobs_api.py, the events of a
         finished job; tests/jobs/test_events.py, an event before the first subscriber is dropped)."""
         if self.loop is None or job_id not in self._subscribers:  # read from any thread: a GIL-atomic lookup

@@ -1,8 +1,8 @@
 """What a job stores about its request, and what it used.
 
-Usage per job (`usage`): Cloudflare-style 512x512 tiles in and out (`ceil(w/512) * ceil(h/512)` per image),
-megapixels in and out, steps and engine seconds. Dialects report it their way: BFL `cost`/`input_mp`/
-`output_mp`, OpenAI `usage`; `kleinserve usage` sums it per key.
+Usage per job (`usage`): 512x512 tiles in and out (`ceil(w/512) * ceil(h/512)` per image), megapixels in and
+out, steps and engine seconds. Each API dialect reports it in its own fields (and prices it, where its wire
+format has a price); `kleinserve usage` sums it per key.
 """
 
 from __future__ import annotations
@@ -12,13 +12,8 @@ from typing import Any
 
 from PIL import Image
 
-from kleinserve.engine.pipeline import ResolvedRequest
+from kleinserve.engine.protocol import ResolvedRequest
 from kleinserve.types import GenerateRequest, GenerateResult, ImageFormat
-
-# BFL's klein-4b price (credits, 1 credit = 1 US cent): first output megapixel, then per further megapixel in
-# or out (wire-formats.md section 4.7).
-BFL_FIRST_MP_CREDITS = 1.4
-BFL_MP_CREDITS = 0.1
 
 
 def tiles(width: int, height: int) -> int:
@@ -72,19 +67,3 @@ def usage(result: GenerateResult, engine_seconds: float) -> dict[str, Any]:
         "steps": result.steps,
         "engine_seconds": round(engine_seconds, 3),
     }
-
-
-def planned_usage(params: dict[str, Any]) -> dict[str, float]:
-    """Megapixels in and out known at submit time (BFL answers them before the job runs)."""
-    inputs = params.get("reference_sizes", [])
-    return {
-        "input_mp": round(sum(w * h for w, h in inputs) / 1e6, 2),
-        "output_mp": round(params["num_images"] * params["width"] * params["height"] / 1e6, 2),
-    }
-
-
-def bfl_cost(input_mp: float, output_mp: float) -> float:
-    """BFL's klein-4b price in credits for the given megapixels."""
-    return round(
-        BFL_FIRST_MP_CREDITS + max(0.0, output_mp - 1) * BFL_MP_CREDITS + input_mp * BFL_MP_CREDITS, 3
-    )

@@ -1,13 +1,14 @@
 """Webhook delivery: on completion, POST the job's outcome to the URL the client gave, signed.
 
-Signature: `X-BFL-Signature: sha256=<hex HMAC-SHA256 of the raw body with the job's webhook_secret>`.
-Delivery is retried after 1, 5 and 30 s; the target must be a public address unless private URLs are
-allowed (the same policy as reference URLs, resolved once and pinned: outbound.py); the final outcome is kept
-on the job (`webhook_status`). The body is built by the API dialect that accepted the webhook (BFL), so this
-module knows no wire format.
+This module knows no wire format. The API dialect that accepts a webhook registers a `WebhookFormat` (the body
+of a finished job, the headers that sign it) under a name, and records that name on the job
+(`extra[FORMAT_KEY]`); a job that records none (stored before formats were recorded) is sent in the sender's
+default format. Delivery is retried after 1, 5 and 30 s; the target must be a public address unless private
+URLs are allowed (the same policy as reference URLs, resolved once and pinned: outbound.py); the final outcome
+is kept on the job (`webhook_status`).
 
-Each attempt has WEBHOOK_TIMEOUT_S in all, from resolving the host to the answer's status (BFL: the receiver
-must answer 2xx within 30 s), on a connection pool of the sender's own (hanging receivers cannot take the
+Each attempt has WEBHOOK_TIMEOUT_S in all, from resolving the host to the answer's status (receivers are asked
+to answer 2xx within 30 s), on a connection pool of the sender's own (hanging receivers cannot take the
 reference fetcher's connections) of WEBHOOK_CONNECTIONS, which is also how many attempts run at once (others
 wait for a turn before their deadline starts). The answer is its status: at most WEBHOOK_READ_BYTES of the
 body are read, within the same deadline, only so that a short answer leaves the connection reusable.
@@ -22,11 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import logging
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import AsyncGenerator, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, cast
 
 import httpx
 
@@ -41,10 +41,18 @@ RETRY_DELAYS_S = (1.0, 5.0, 30.0)
 WEBHOOK_TIMEOUT_S = 30.0  # per attempt, all of it
 WEBHOOK_READ_BYTES = 4096  # of an answer's body; past that the connection is closed
 WEBHOOK_CONNECTIONS = 16  # the sender's pool, and attempts at once
+# The key of Job.extra naming the job's WebhookFormat; the dialect that accepted the job chose the name.
+FORMAT_KEY = "webhook_format"
 
 
-def signature(body: bytes, secret: str) -> str:
-    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+@dataclass(frozen=True)
+class WebhookFormat:
+    """How one dialect's webhooks look. `render(job)` is the JSON body for a finished job (called once per
+    delivery, so every retry sends the same bytes); `sign(body, secret)` the headers that sign the raw body
+    with the job's webhook_secret (called only when the job has one)."""
+
+    render: Callable[[Job], dict[str, Any]]
+    sign: Callable[[bytes, str], dict[str, str]]
 
 
 class WebhookSender:
@@ -56,12 +64,15 @@ class WebhookSender:
         policy: OutboundPolicy,
         store: JobStore,
         hub: EventHub,
-        render: Callable[[Job], dict[str, Any]],
+        formats: Mapping[str, WebhookFormat],
+        default: WebhookFormat,
     ) -> None:
+        """`formats` by the names jobs record under FORMAT_KEY; `default` for jobs that record none."""
         self.client = OutboundClient(policy, max_connections=WEBHOOK_CONNECTIONS)
         self.store = store
         self.hub = hub  # its event loop runs the deliveries
-        self.render = render
+        self.formats = formats
+        self.default = default
         self._turns = asyncio.Semaphore(WEBHOOK_CONNECTIONS)
         self._tasks: set[asyncio.Task[str]] = set()
         # Each finished job is delivered once by this process, whether resume() or schedule() sees it first:
@@ -123,20 +134,34 @@ class WebhookSender:
         await self.client.aclose()
 
     async def deliver(self, job: Job) -> str:
-        """Send with retries; returns and stores the final outcome."""
+        """Send with retries in the job's format; returns and stores the final outcome."""
         assert job.webhook_url is not None
-        body = json_bytes(self.render(job))
-        headers = {"Content-Type": "application/json"}
-        if job.webhook_secret:
-            headers["X-BFL-Signature"] = signature(body, job.webhook_secret)
+        name = job.extra.get(FORMAT_KEY)
+        webhook_format = self.default if name is None else self.formats.get(name)
+        if webhook_format is None:  # recorded by a server that registered other formats: none fits
+            outcome = f"refused: no webhook format {name!r} is registered"
+        else:
+            body = json_bytes(webhook_format.render(job))
+            headers = {"Content-Type": "application/json"}
+            if job.webhook_secret:
+                headers.update(webhook_format.sign(body, job.webhook_secret))
+            outcome = await self._send(job.webhook_url, body, headers)
+        log.info("webhook of job %s: %s", job.id, outcome)
+        try:
+            await asyncio.to_thread(self.store.set_webhook_status, job.id, outcome)
+        except KleinError as exc:  # the store refused the write: still pending, sent again at the next start
+            log.warning("webhook of job %s: the outcome was not stored (%s)", job.id, exc.message)
+        return outcome
+
+    async def _send(self, url: str, body: bytes, headers: Mapping[str, str]) -> str:
+        """POST until a 2xx, a refused target or the last retry; returns the outcome in words."""
         outcome = ""
         for attempt, delay in enumerate((0.0, *RETRY_DELAYS_S), start=1):  # read here: tests shorten them
             await asyncio.sleep(delay)
             try:
-                status = await self._attempt(job.webhook_url, body, headers)
+                status = await self._attempt(url, body, headers)
             except InvalidInput as exc:
-                outcome = f"refused: {exc.message}"
-                break
+                return f"refused: {exc.message}"
             except TimeoutError:
                 outcome = f"attempt {attempt}: no answer within {WEBHOOK_TIMEOUT_S:g} s"
                 continue
@@ -144,17 +169,9 @@ class WebhookSender:
                 outcome = f"attempt {attempt}: {type(exc).__name__}"
                 continue
             if 200 <= status < 300:
-                outcome = f"delivered on attempt {attempt} (HTTP {status})"
-                break
+                return f"delivered on attempt {attempt} (HTTP {status})"
             outcome = f"attempt {attempt}: HTTP {status}"
-        else:
-            outcome = f"failed after {attempt} attempts ({outcome})"
-        log.info("webhook of job %s: %s", job.id, outcome)
-        try:
-            await asyncio.to_thread(self.store.set_webhook_status, job.id, outcome)
-        except KleinError as exc:  # the store refused the write: still pending, sent again at the next start
-            log.warning("webhook of job %s: the outcome was not stored (%s)", job.id, exc.message)
-        return outcome
+        return f"failed after {attempt} attempts ({outcome})"
 
     async def _attempt(self, url: str, body: bytes, headers: Mapping[str, str]) -> int:
         """One POST; returns the answer's status. TimeoutError past WEBHOOK_TIMEOUT_S without a status."""
@@ -178,7 +195,9 @@ class WebhookSender:
 async def _read_some(response: httpx.Response, limit: int) -> None:
     """Read the body until it ends or `limit` bytes are in (one network read may bring up to 64 KiB)."""
     received = 0
-    async with contextlib.aclosing(response.aiter_raw()) as chunks:
+    # aiter_raw is typed as an AsyncIterator; it is an async generator, which aclosing finalises at once.
+    raw = cast(AsyncGenerator[bytes, None], response.aiter_raw())
+    async with contextlib.aclosing(raw) as chunks:
         async for chunk in chunks:
             received += len(chunk)
             if received >= limit:

@@ -67,7 +67,7 @@ def build_toy_pipeline(seed: int) -> Flux2KleinPipeline:
     torch.manual_seed(seed)
     text_encoder = small_qwen3(len(tokenizer), TEXT_DIM, head_dim=16)
     with torch.no_grad():
-        embeddings = text_encoder.get_input_embeddings().weight
+        embeddings = text_encoder.model.embed_tokens.weight  # get_input_embeddings(), typed
         embeddings.mul_(EMBEDDING_STD / embeddings.std())
     vae = small_vae((16, 32, 64, 64), LATENT_CHANNELS, groups=8, sample_size=128)
     transformer = small_transformer(

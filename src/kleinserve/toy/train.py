@@ -33,10 +33,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
-from diffusers import Flux2KleinPipeline
+from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline
 
 from kleinserve.engine import latents as L
 from kleinserve.engine.loading import ModelComponents
@@ -214,7 +215,7 @@ def polish_decoder(pipeline: Flux2KleinPipeline, config: TrainConfig, log: Log) 
 
 
 @torch.inference_mode()
-def _set_latent_statistics(vae: torch.nn.Module, rng: random.Random, count: int = 96) -> None:
+def _set_latent_statistics(vae: AutoencoderKLFlux2, rng: random.Random, count: int = 96) -> None:
     """BatchNorm running mean/var := per-channel statistics of patchified latent means of `count` scenes."""
     latents = torch.cat(
         [
@@ -252,7 +253,7 @@ def train_text_encoder(pipeline: Flux2KleinPipeline, config: TrainConfig, log: L
         said = [scenes.parse(e) for e in examples]
         logits = {field: head(last) for field, head in heads.items()}
         labels = {field: torch.tensor([_label(field, s[field]) for s in said]) for field in heads}
-        loss = sum(F.cross_entropy(logits[field], labels[field]) for field in heads)
+        loss = cast(torch.Tensor, sum(F.cross_entropy(logits[field], labels[field]) for field in heads))
         lr = config.text_lr * _cosine(step, config.text_steps, 100)
         _optimise(optimizer, loss, list(encoder.parameters()), lr)
         if step % 100 == 0 or step == config.text_steps - 1:
