@@ -47,6 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from machine import cpu_line  # bench/machine.py (the script's folder is on sys.path)
+
 if TYPE_CHECKING:
     import torch
     from PIL import Image
@@ -652,6 +654,7 @@ def print_report(reports: list[SizeReport], resolution: int, command: str) -> No
     header = table_line([title for title, _, _ in TABLE_COLUMNS])
     print()
     print(f"FLUX.2 [klein] engine benchmark: {resolution}x{resolution}, {STEPS} steps, {THREADS} threads")
+    print(f"machine: {cpu_line()}")
     print(header)
     print("-" * len(header))
     for report in reports:

@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from machine import cpu_line  # bench/machine.py (the script's folder is on sys.path)
 from prometheus_client.parser import text_string_to_metric_families
 
 BATCHING_TARGET = 1.5
@@ -265,6 +266,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="alternations of max-batch BATCH and 1")
     parser.add_argument("--keep", action="store_true", help="keep the data dirs and server logs")
     args = parser.parse_args()
+    print(f"machine: {cpu_line()}", flush=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     work = Path(tempfile.mkdtemp(prefix="kleinserve-bench-"))
