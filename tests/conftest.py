@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 # Before any library import (huggingface_hub reads it once): tests never touch the network.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -16,6 +17,7 @@ from PIL import Image  # noqa: E402
 
 from kleinserve.engine import Pipeline, load_pipeline  # noqa: E402
 from kleinserve.engine.tiny import create_tiny  # noqa: E402
+from kleinserve.jobs.record import JobParams  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -69,6 +71,12 @@ def random_png_files(folder: Path, count: int, side: int, seed: int) -> list[Pat
 
 def pixels(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def job_params(prompt: str = "a red circle", **fields: Any) -> JobParams:
+    """A job's params as a 64x64, 2-step request of `prompt` resolves them; `fields` replace any."""
+    resolved = {"width": 64, "height": 64, "steps": 2, "seed": 0, "max_sequence_length": 512}
+    return JobParams(**{"prompt": prompt, **resolved, **fields})
 
 
 def max_difference(a: Image.Image, b: Image.Image) -> int:

@@ -26,7 +26,7 @@ from kleinserve.api.server import ServerSettings
 from kleinserve.engine.resolve import resolve_request
 from kleinserve.errors import InvalidInput
 from tests.api.conftest import RunningServer, run_sdk
-from tests.conftest import random_image
+from tests.conftest import job_params, random_image
 
 MODEL_PATH = "/v1/flux-2-klein-4b"
 PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
@@ -194,9 +194,9 @@ def test_price_and_planned_megapixels() -> None:
     assert bfl.cost(0.0, 0.05) == 1.4
     assert bfl.cost(0.0, 2.0) == 1.5
     assert bfl.cost(1.0, 1.0) == 1.5
-    params = {"num_images": 2, "width": 1024, "height": 512, "reference_sizes": [[1000, 1000], [500, 200]]}
+    params = job_params(num_images=2, width=1024, height=512, reference_sizes=((1000, 1000), (500, 200)))
     assert bfl.planned_usage(params) == {"input_mp": 1.1, "output_mp": 1.05}
-    assert bfl.planned_usage({**params, "reference_sizes": []})["input_mp"] == 0.0
+    assert bfl.planned_usage(replace(params, reference_sizes=()))["input_mp"] == 0.0
 
 
 def test_webhook_signature() -> None:

@@ -28,9 +28,11 @@ from kleinserve.api.server import ServerSettings
 from kleinserve.engine import Pipeline
 from kleinserve.jobs import webhooks
 from kleinserve.jobs.events import EventHub
+from kleinserve.jobs.record import JobImage, JobResult
 from kleinserve.jobs.store import MAX_ATTEMPTS, Job, JobStatus, SqliteJobStore, new_job_id
 from kleinserve.outbound import OutboundPolicy
 from tests.api.conftest import RunningServer, serve_in_thread
+from tests.conftest import job_params
 
 SUBMIT = "/v1/flux-2-klein-4b"
 SECRET = "s3cret-for-tests"
@@ -194,7 +196,7 @@ def test_retries_wait_1_5_and_30_seconds(
             id=new_job_id(),
             owner="anon",
             status=JobStatus.SUCCEEDED,
-            params={},
+            params=job_params(),
             reference_count=0,
             batch_key="",
             created=time.time(),
@@ -284,7 +286,7 @@ def test_job_failed_by_crash_recovery_sends_its_webhook(
             id=new_job_id(),
             owner="anonymous",
             status=JobStatus.RUNNING,
-            params={"prompt": "a crash"},
+            params=job_params("a crash"),
             reference_count=0,
             batch_key="",
             created=time.time(),
@@ -341,14 +343,16 @@ def test_job_stored_before_formats_is_delivered_in_the_default_format(
             id=new_job_id(),
             owner="anonymous",
             status=JobStatus.SUCCEEDED,
-            params={"prompt": "an old hook"},
+            params=job_params("an old hook"),
             reference_count=0,
             batch_key="",
             created=time.time() - 5,
             started=time.time() - 4,
             finished=time.time() - 3,
             progress=1.0,
-            result={"images": [{"media": "old.jpeg", "seed": 5}], "width": 64, "height": 64, "steps": 2},
+            result=JobResult(
+                images=(JobImage(media="old.jpeg", seed=5),), width=64, height=64, steps=2, guidance=1.0
+            ),
             webhook_url=receiver.url,
             webhook_secret=SECRET,
             extra={"base_url": "http://old.example:8000"},
@@ -375,7 +379,7 @@ def _finished_job(store: SqliteJobStore, url: str, **extra: Any) -> Job:
             id=new_job_id(),
             owner="anon",
             status=JobStatus.SUCCEEDED,
-            params={},
+            params=job_params(),
             reference_count=0,
             batch_key="",
             created=time.time(),

@@ -84,7 +84,7 @@ def job_of(server: RunningServer, prompt: str) -> Job | None:
     """The queued job with this prompt, if any."""
     store = worker_of(server).store
     for job in store.queued():
-        if job.params["prompt"] == prompt:
+        if job.params.prompt == prompt:
             return store.get(job.id)
     return None
 

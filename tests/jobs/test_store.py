@@ -10,7 +10,9 @@ from typing import Any
 import pytest
 
 from kleinserve.errors import Conflict, NotFound
+from kleinserve.jobs.record import JobImage, JobResult, JobUsage
 from kleinserve.jobs.store import MAX_ATTEMPTS, Job, JobStatus, Load, SqliteJobStore, new_job_id
+from tests.conftest import job_params
 
 
 @pytest.fixture
@@ -25,7 +27,7 @@ def _job(owner: str = "alice", created: float | None = None, **fields: Any) -> J
         id=new_job_id(),
         owner=owner,
         status=JobStatus.QUEUED,
-        params={"prompt": "a red circle", "num_images": 1},
+        params=job_params("a red circle"),
         reference_count=0,
         batch_key="(64, 64)",
         created=time.time() if created is None else created,
@@ -95,8 +97,8 @@ def test_progress_and_finish(store: SqliteJobStore) -> None:
     store.mark_running([job.id])
     store.set_progress(job.id, 0.5)
     assert store.get(job.id).progress == 0.5
-    result = {"images": [{"media": "a.png", "seed": 1}], "width": 64, "height": 64}
-    usage = {"images": 1, "tiles_out": 1}
+    result = JobResult(images=(JobImage(media="a.png", seed=1),), width=64, height=64, steps=2, guidance=1.0)
+    usage = JobUsage(images=1, tiles_out=1)
     done = store.finish(job.id, JobStatus.SUCCEEDED, result=result, usage=usage)
     assert done.status is JobStatus.SUCCEEDED
     assert done.progress == 1.0
@@ -187,11 +189,11 @@ def test_usage_lists_succeeded_jobs_of_an_owner_since_a_time(store: SqliteJobSto
     for job in (old, new, bobs, failed):
         store.mark_running([job.id])
     for job in (old, new, bobs):
-        store.finish(job.id, JobStatus.SUCCEEDED, usage={"images": 1})
+        store.finish(job.id, JobStatus.SUCCEEDED, usage=JobUsage(images=1))
     store.finish(failed.id, JobStatus.FAILED, error="boom")
     assert [job.id for job in store.usage("alice")] == [old.id, new.id]
     assert [job.id for job in store.usage("alice", since=now - 50)] == [new.id]
     assert [job.id for job in store.usage(since=now - 50)] in ([new.id, bobs.id], [bobs.id, new.id])
     assert {job.id for job in store.usage()} == {old.id, new.id, bobs.id}
-    assert store.usage("alice")[0].usage == {"images": 1}
+    assert store.usage("alice")[0].usage == JobUsage(images=1)
     assert queued.id not in {job.id for job in store.usage()}

@@ -20,10 +20,10 @@ import pytest
 from PIL import Image
 
 from kleinserve.engine import Pipeline
-from kleinserve.engine.references import to_rgb
+from kleinserve.engine.references import prepare_reference
 from kleinserve.errors import Unavailable
-from kleinserve.jobs import metering
 from kleinserve.jobs.events import EventHub
+from kleinserve.jobs.record import JobParams
 from kleinserve.jobs.store import MAX_ATTEMPTS, Job, JobStatus, SqliteJobStore
 from kleinserve.jobs.worker import Worker, WorkerSettings
 from kleinserve.media import MediaStore, ReferenceStore
@@ -140,12 +140,12 @@ def test_submit_wait_succeeds_with_the_pipelines_pixels(setup: Setup, pipeline: 
         assert done.progress == 1.0
         assert done.attempts == 1
         assert done.result is not None and done.usage is not None
-        assert [image["seed"] for image in done.result["images"]] == [41, 42]
-        assert (done.result["width"], done.result["height"], done.result["steps"]) == (64, 64, 2)
-        assert done.usage["images"] == 2 and done.usage["tiles_out"] == 2
-        for image, want in zip(done.result["images"], expected, strict=True):
-            assert (setup.tmp_path / "media" / image["media"]).is_file()
-            assert max_difference(setup.image(image["media"]), want) <= 1
+        assert done.result.seeds == [41, 42]
+        assert (done.result.width, done.result.height, done.result.steps) == (64, 64, 2)
+        assert done.usage.images == 2 and done.usage.tiles_out == 2
+        for image, want in zip(done.result.images, expected, strict=True):
+            assert (setup.tmp_path / "media" / image.media).is_file()
+            assert max_difference(setup.image(image.media), want) <= 1
 
     run(setup, scenario)
 
@@ -160,9 +160,10 @@ def test_submit_and_wait_hands_over_the_stored_bytes(setup: Setup, pipeline: Pip
         )
         assert outcome.job.status is JobStatus.SUCCEEDED
         assert outcome.job == setup.store.get(outcome.job.id)  # the final row, already stored
-        (image,) = outcome.job.result["images"]
-        assert outcome.images == (setup.stored(image["media"]),)
-        assert max_difference(setup.image(image["media"]), expected) <= 1
+        assert outcome.job.result is not None
+        (image,) = outcome.job.result.images
+        assert outcome.images == (setup.stored(image.media),)
+        assert max_difference(setup.image(image.media), expected) <= 1
 
     run(setup, scenario)
 
@@ -224,29 +225,34 @@ def test_a_submit_whose_row_cannot_be_stored_leaves_nothing_behind(setup: Setup)
     assert not worker._listeners and not worker._waiters
 
 
-def test_reference_images_are_stored_as_png_and_reload_identically(setup: Setup, pipeline: Pipeline) -> None:
+def test_reference_images_are_stored_prepared_as_png_and_reload_identically(
+    setup: Setup, pipeline: Pipeline
+) -> None:
     reference = random_image(72, 80, seed=3, mode="RGBA")
     request = _request("edit it", seed=5, reference_images=(reference,))
     expected = pipeline.generate(request).images[0].image
+    prepared = prepare_reference(reference)  # RGB, cropped to 64x80
     worker = setup.worker()
 
     async def scenario() -> None:
         job = worker.submit(request, owner="alice")
         assert job.reference_count == 1
-        assert job.params["reference_sizes"]  # the processed size, known at submit time
+        assert job.params.reference_sizes == ((64, 80),)  # the processed size, known at submit time
         stored = worker.references.path(job.id, 0)
         with Image.open(stored) as image:
             assert image.format == "PNG"
             assert image.mode == "RGB"
-            assert (pixels(image) == pixels(to_rgb(reference))).all()
+            assert (pixels(image) == pixels(prepared.image)).all()
         reloaded = worker.load_request(job)
         assert len(reloaded.reference_images) == 1
-        assert (pixels(reloaded.reference_images[0]) == pixels(to_rgb(reference))).all()
+        assert (pixels(reloaded.reference_images[0]) == pixels(prepared.image)).all()
         assert (reloaded.prompt, reloaded.seed, reloaded.width, reloaded.steps) == ("edit it", 5, 64, 2)
+        [restored] = pipeline.restore(reloaded).references  # prepared once: the same pixels, not again
+        assert (restored.pixels == prepared.pixels).all()
         done = await finished(worker, job)
         assert done.status is JobStatus.SUCCEEDED, done.error
         assert done.result is not None
-        assert max_difference(setup.image(done.result["images"][0]["media"]), expected) <= 1
+        assert max_difference(setup.image(done.result.images[0].media), expected) <= 1
 
     run(setup, scenario)
 
@@ -271,7 +277,7 @@ def test_compatible_jobs_run_as_one_batch_without_starving_older_ones(setup: Set
         assert first.started is not None and other.started is not None and third.started is not None
         assert first.started < other.started < third.started  # the older job beats younger compatible ones
         assert first.result is not None and second.result is not None
-        assert first.result["images"][0]["seed"] == 10 and second.result["images"][0]["seed"] == 20
+        assert first.result.images[0].seed == 10 and second.result.images[0].seed == 20
         sample = worker.metrics.registry.get_sample_value
         assert sample("kleinserve_batch_images_count") == 4  # blocker, [first, second], other, third
         assert sample("kleinserve_batch_images_sum") == 5
@@ -300,7 +306,7 @@ def test_three_compatible_jobs_share_one_batch(setup: Setup, pipeline: Pipeline)
         assert first.started is not None and other.started is not None and first.started < other.started
         assert worker.metrics.registry.get_sample_value("kleinserve_batch_images_bucket", {"le": "3.0"}) == 3
         assert second.result is not None  # batching does not change an image
-        assert max_difference(setup.image(second.result["images"][0]["media"]), expected) <= 1
+        assert max_difference(setup.image(second.result.images[0].media), expected) <= 1
 
     run(setup, scenario)
 
@@ -432,7 +438,7 @@ def test_a_job_batched_with_a_cancelled_one_still_succeeds(setup: Setup, pipelin
         assert done.status is JobStatus.SUCCEEDED, done.error
         assert cancelled.started == done.started
         assert done.result is not None
-        assert max_difference(setup.image(done.result["images"][0]["media"]), expected) <= 1
+        assert max_difference(setup.image(done.result.images[0].media), expected) <= 1
 
     run(setup, scenario)
 
@@ -482,14 +488,15 @@ def test_stop_lets_the_running_batch_finish(setup: Setup) -> None:
     run(setup, scenario)
 
 
-def _crashed_job(setup: Setup, request: GenerateRequest, attempts: int) -> Job:
-    """A job row as a crash leaves it: running, with its input files beside it."""
+def _crashed_job(setup: Setup, request: GenerateRequest, attempts: int, prepared: bool = True) -> Job:
+    """A job row as a crash leaves it: running, with its input files beside it (as given, in RGB, where not
+    `prepared`: as versions before prepared references kept them)."""
     resolved = setup.pipeline.resolve(request)
     job = Job(
         id="crashed" + str(attempts),
         owner="alice",
         status=JobStatus.RUNNING,
-        params=metering.request_params(resolved.request, resolved),
+        params=JobParams.from_resolved(resolved),
         reference_count=len(request.reference_images),
         batch_key=repr(resolved.batch_key),
         created=time.time() - 60,
@@ -497,7 +504,8 @@ def _crashed_job(setup: Setup, request: GenerateRequest, attempts: int) -> Job:
         attempts=attempts,
         progress=0.5,
     )
-    ReferenceStore(setup.inputs).save(job.id, resolved.request.reference_images)
+    references = resolved.stored if prepared else resolved.request
+    ReferenceStore(setup.inputs).save(job.id, references.reference_images)
     return setup.store.add(job)
 
 
@@ -512,7 +520,22 @@ def test_a_job_interrupted_by_a_crash_is_run_again(setup: Setup, pipeline: Pipel
         assert done.status is JobStatus.SUCCEEDED, done.error
         assert done.attempts == 2
         assert done.result is not None
-        assert max_difference(setup.image(done.result["images"][0]["media"]), expected) <= 1
+        assert max_difference(setup.image(done.result.images[0].media), expected) <= 1
+
+    run(setup, scenario)
+
+
+def test_a_job_stored_with_unprepared_references_runs_the_same(setup: Setup, pipeline: Pipeline) -> None:
+    request = _request("kept as given", seed=3, reference_images=(random_image(72, 80, seed=6),))
+    expected = pipeline.generate(request).images[0].image
+    job = _crashed_job(setup, request, attempts=1, prepared=False)
+    worker = setup.worker()
+
+    async def scenario() -> None:
+        done = await finished(worker, job)
+        assert done.status is JobStatus.SUCCEEDED, done.error
+        assert done.result is not None
+        assert max_difference(setup.image(done.result.images[0].media), expected) <= 1
 
     run(setup, scenario)
 
@@ -569,7 +592,7 @@ def test_run_engine_runs_the_jobs_on_the_calling_thread_until_stopped(
     assert done.status is JobStatus.SUCCEEDED, done.error
     assert engine_threads == {threading.current_thread()}
     assert done.result is not None
-    assert max_difference(setup.image(done.result["images"][0]["media"]), expected) <= 1
+    assert max_difference(setup.image(done.result.images[0].media), expected) <= 1
 
 
 def test_run_engine_returns_when_stopped_before_start(setup: Setup) -> None:

@@ -33,6 +33,7 @@ from kleinserve.api import openapi, service
 from kleinserve.api._dialect import MAX_PROMPT_CHARS, DialectRoute, check_prompt, error_headers, parse_model
 from kleinserve.api.service import Services
 from kleinserve.errors import InvalidInput, KleinError, NotFound, Overloaded
+from kleinserve.jobs.record import JobParams
 from kleinserve.jobs.store import Job, JobStatus
 from kleinserve.jobs.webhooks import FORMAT_KEY, WebhookFormat
 from kleinserve.types import MAX_SEED, GenerateRequest, ImageFormat
@@ -134,13 +135,12 @@ class BFLRoute(DialectRoute):
         return render_error(exc)
 
 
-def planned_usage(params: dict[str, Any]) -> dict[str, float]:
-    """Megapixels in and out of a job's stored `params`, known at submit time (BFL answers them before the job
+def planned_usage(params: JobParams) -> dict[str, float]:
+    """Megapixels in and out of a job's `params`, known at submit time (BFL answers them before the job
     runs): `{"input_mp", "output_mp"}`, rounded to 0.01."""
-    inputs = params.get("reference_sizes", [])
     return {
-        "input_mp": round(sum(w * h for w, h in inputs) / 1e6, 2),
-        "output_mp": round(params["num_images"] * params["width"] * params["height"] / 1e6, 2),
+        "input_mp": round(sum(w * h for w, h in params.reference_sizes) / 1e6, 2),
+        "output_mp": round(params.num_images * params.width * params.height / 1e6, 2),
     }
 
 
@@ -156,13 +156,14 @@ def origin(services: Services, http_request: Request) -> str:
 
 
 def result_body(services: Services, job: Job, base_url: str) -> dict[str, Any] | None:
+    """BFL's `result` of a succeeded job (its first image: BFL makes one), else None."""
     if job.status is not JobStatus.SUCCEEDED or job.result is None:
         return None
-    first = job.result["images"][0]
+    first = job.result.images[0]
     return {
-        "sample": base_url + services.media.signed_path(first["media"]),
-        "seed": first["seed"],
-        "prompt": job.params["prompt"],
+        "sample": base_url + services.media.signed_path(first.media),
+        "seed": first.seed,
+        "prompt": job.params.prompt,
         "start_time": job.started,
         "end_time": job.finished,
         "duration": round((job.finished or 0) - (job.started or 0), 3),

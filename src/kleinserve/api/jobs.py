@@ -5,15 +5,17 @@
     POST /v1/jobs/{id}/cancel     queued: cancelled at once; running: at the next step boundary, unless it
                                   ends first (the answer says so); ended: 409
     GET  /v1/jobs?status=&limit=  the key's jobs, newest first
-Errors use OpenAI's body `{"error": {...}}` (the routes are OpenAIRoutes). Store calls run on threads: one
-may wait seconds for another process's write lock (jobs/store.py), and the event loop must go on serving
-meanwhile.
+A job is answered as `JobBody`, this API's wire model built from the typed row: what the store keeps may
+change without changing what clients (and the playground, web/gallery.js) read. Errors use OpenAI's body
+`{"error": {...}}` (the routes are OpenAIRoutes). Store calls run on threads: one may wait seconds for
+another process's write lock (jobs/store.py), and the event loop must go on serving meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
@@ -24,41 +26,121 @@ from kleinserve.api.openai import OpenAIRoute
 from kleinserve.api.service import Services
 from kleinserve.errors import InvalidInput
 from kleinserve.jobs.events import TERMINAL_EVENTS
+from kleinserve.jobs.record import JobParams, JobResult
 from kleinserve.jobs.store import Job, JobStatus
+from kleinserve.media import MediaStore
 from kleinserve.types import json_bytes
 
 HEARTBEAT_S = 15.0
 
 
+@dataclass(frozen=True)
+class ParamsBody:
+    """What the job asked for, as resolved: sizes in pixels, `guidance` null where the variant's default
+    applies, `reference_sizes` [width, height] of each reference as prepared."""
+
+    prompt: str
+    width: int
+    height: int
+    steps: int
+    guidance: float | None
+    seed: int
+    num_images: int
+    negative_prompt: str
+    max_sequence_length: int
+    output_format: str
+    output_quality: int | None
+    reference_sizes: list[list[int]]
+
+    @classmethod
+    def of(cls, params: JobParams) -> ParamsBody:
+        return cls(
+            prompt=params.prompt,
+            width=params.width,
+            height=params.height,
+            steps=params.steps,
+            guidance=params.guidance,
+            seed=params.seed,
+            num_images=params.num_images,
+            negative_prompt=params.negative_prompt,
+            max_sequence_length=params.max_sequence_length,
+            output_format=params.output_format.value,
+            output_quality=params.output_quality,
+            reference_sizes=[list(size) for size in params.reference_sizes],
+        )
+
+
+@dataclass(frozen=True)
+class ImageBody:
+    url: str | None  # a signed link; null once the images are past the media lifetime
+    seed: int
+
+
+@dataclass(frozen=True)
+class ResultBody:
+    """A succeeded job's images and the parameters used. Past the media lifetime its images are deleted:
+    their `url` is null and `expired` true, rather than a link to a file that is gone."""
+
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    prompt_tokens: int
+    images: list[ImageBody]
+    expired: bool
+
+    @classmethod
+    def of(cls, result: JobResult, links: list[str | None], expired: bool) -> ResultBody:
+        images = [ImageBody(url, image.seed) for url, image in zip(links, result.images, strict=True)]
+        return cls(
+            result.width, result.height, result.steps, result.guidance, result.prompt_tokens, images, expired
+        )
+
+
+@dataclass(frozen=True)
+class JobBody:
+    """A job as GET /v1/jobs/{id} (and the list, and cancel) answers it; times are Unix seconds."""
+
+    id: str
+    status: str
+    progress: float
+    created: float
+    started: float | None
+    finished: float | None
+    error: str | None
+    params: ParamsBody
+    result: ResultBody | None
+    usage: dict[str, float] | None
+    webhook_status: str | None
+    cancel_requested: bool
+
+    @classmethod
+    def of(cls, job: Job, media: MediaStore, base_url: str) -> JobBody:
+        """`job`'s answer; its images' links are `base_url` + a signed media path."""
+        result = None
+        if job.result is not None:
+            expired = media.expired(job.finished)
+            links = [None if expired else base_url + media.signed_path(i.media) for i in job.result.images]
+            result = ResultBody.of(job.result, links, expired)
+        return cls(
+            id=job.id,
+            status=job.status.value,
+            progress=job.progress,
+            created=job.created,
+            started=job.started,
+            finished=job.finished,
+            error=job.error,
+            params=ParamsBody.of(job.params),
+            result=result,
+            usage=service.usage_fields(job.usage) or None,
+            webhook_status=job.webhook_status,
+            cancel_requested=job.cancel_requested,
+        )
+
+
 def job_body(services: Services, job: Job, base_url: str) -> dict[str, Any]:
-    """The job as GET /v1/jobs/{id} answers it. Past the media lifetime its images are deleted: their `url`
-    is null and `result.expired` true, rather than a link to a file that is gone."""
-    result = None
-    if job.result is not None:
-        expired = services.media.expired(job.finished)
-        images = [
-            {
-                "url": None if expired else base_url + services.media.signed_path(image["media"]),
-                "seed": image["seed"],
-            }
-            for image in job.result["images"]
-        ]
-        result = {**{k: v for k, v in job.result.items() if k != "images"}, "images": images}
-        result["expired"] = expired
-    return {
-        "id": job.id,
-        "status": job.status.value,
-        "progress": job.progress,
-        "created": job.created,
-        "started": job.started,
-        "finished": job.finished,
-        "error": job.error,
-        "params": job.params,
-        "result": result,
-        "usage": job.usage,
-        "webhook_status": job.webhook_status,
-        "cancel_requested": job.cancel_requested,
-    }
+    """`JobBody` of `job` as JSON values."""
+    return asdict(JobBody.of(job, services.media, base_url))
 
 
 def _sse(event: dict[str, Any]) -> str:

@@ -37,6 +37,7 @@ from kleinserve.api.openai_protocol import (
     parse_fields,
 )
 from kleinserve.api.service import Completed, Services
+from kleinserve.engine.protocol import SIZE_MULTIPLE
 from kleinserve.errors import InvalidInput, KleinError
 from kleinserve.jobs.worker import Pending
 from kleinserve.media import decode_image
@@ -84,17 +85,23 @@ def usage(completed: Completed, request: GenerateRequest) -> dict[str, Any]:
     """OpenAI-shaped usage in the model's own tokens (the prompt's tokens as the text encoder reads them,
     chat template included and padding not; reference and output latent tokens), plus kleinserve's metering
     (tiles, megapixels, steps, engine seconds)."""
-    text = completed.result["prompt_tokens"]
-    image = completed.reference_tokens
-    output = completed.output_tokens
+    result = completed.result
+    text = result.prompt_tokens
+    image = sum(_latent_tokens(w, h) for w, h in completed.job.params.reference_sizes)
+    output = _latent_tokens(result.width, result.height) * len(result.images)
     return {
         "input_tokens": text + image,
         "input_tokens_details": {"text_tokens": text, "image_tokens": image},
         "output_tokens": output,
         "output_tokens_details": {"image_tokens": output, "text_tokens": 0},
         "total_tokens": text + image + output,
-        **(completed.job.usage or {}),
+        **service.usage_fields(completed.job.usage),
     }
+
+
+def _latent_tokens(width: int, height: int) -> int:
+    """The model's tokens for an image of `width` x `height` pixels: one per SIZE_MULTIPLE square."""
+    return (width // SIZE_MULTIPLE) * (height // SIZE_MULTIPLE)
 
 
 def warnings(wire: ImageRequest) -> list[dict[str, str]]:
@@ -228,12 +235,13 @@ def _body(
     model: str,
 ) -> dict[str, Any]:
     data = []
-    for name, payload, seed in zip(completed.media_names, completed.images, completed.seeds, strict=True):
+    result = completed.result
+    for image, payload in zip(result.images, completed.images, strict=True):
         if wire.wants_url:
-            item: dict[str, Any] = {"url": base_url + services.media.signed_path(name)}
+            item: dict[str, Any] = {"url": base_url + services.media.signed_path(image.media)}
         else:
             item = {"b64_json": base64_text(payload)}
-        data.append({**item, "revised_prompt": None, "seed": seed})
+        data.append({**item, "revised_prompt": None, "seed": image.seed})
     return {
         "created": int(time.time()),
         "model": model,
@@ -241,7 +249,7 @@ def _body(
         "data": data,
         "background": "opaque",
         "output_format": request.output_format.value,
-        "size": f"{completed.width}x{completed.height}",
+        "size": f"{result.width}x{result.height}",
         "usage": usage(completed, request),
         **({"warnings": notes} if (notes := warnings(wire)) else {}),
     }
@@ -303,14 +311,15 @@ async def _stream(
     finally:
         if not task.done():
             task.cancel()
-    for payload, seed in zip(completed.images, completed.seeds, strict=True):
+    result = completed.result
+    for payload, seed in zip(completed.images, result.seeds, strict=True):
         yield _event(
             f"{kind}.completed",
             {
                 "b64_json": base64_text(payload),
                 "created_at": int(time.time()),
                 "output_format": fmt.value,
-                "size": f"{completed.width}x{completed.height}",
+                "size": f"{result.width}x{result.height}",
                 "background": "opaque",
                 "quality": "auto",
                 "seed": seed,

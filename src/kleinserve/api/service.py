@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
 import orjson
@@ -20,6 +20,7 @@ from kleinserve.api.auth import KeyStore, authenticate
 from kleinserve.engine.protocol import Engine, ModelSpec
 from kleinserve.errors import Cancelled, EngineError, InvalidInput, UnknownModel
 from kleinserve.jobs.events import EventHub
+from kleinserve.jobs.record import JobResult, JobUsage
 from kleinserve.jobs.store import Job, JobStatus, JobStore
 from kleinserve.jobs.worker import Pending, Worker
 from kleinserve.media import ImageFetcher, MediaStore
@@ -150,41 +151,18 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
 
 @dataclass(frozen=True)
 class Completed:
-    """A succeeded job as a synchronous dialect answers it: its images' encoded bytes (in the requested
-    format, as stored) and the job row (sizes, seeds, media names, usage)."""
+    """A succeeded job as a synchronous dialect answers it: the job row, its result (sizes, seeds, media
+    names) and its images' encoded bytes (in the requested format, as stored), in the result's order."""
 
     job: Job
+    result: JobResult
     images: list[bytes]
 
-    @property
-    def width(self) -> int:
-        return int(self.result["width"])
 
-    @property
-    def height(self) -> int:
-        return int(self.result["height"])
-
-    @property
-    def result(self) -> dict[str, Any]:
-        assert self.job.result is not None
-        return self.job.result
-
-    @property
-    def seeds(self) -> list[int]:
-        return [image["seed"] for image in self.result["images"]]
-
-    @property
-    def media_names(self) -> list[str]:
-        return [image["media"] for image in self.result["images"]]
-
-    @property
-    def output_tokens(self) -> int:
-        """Latent tokens generated: (W/16)*(H/16) per image."""
-        return (self.width // 16) * (self.height // 16) * len(self.images)
-
-    @property
-    def reference_tokens(self) -> int:
-        return sum((w // 16) * (h // 16) for w, h in self.job.params.get("reference_sizes", []))
+def usage_fields(usage: JobUsage | None) -> dict[str, float]:
+    """kleinserve's metering as the dialects report it beside their own fields: the JobUsage field names
+    (jobs/metering.py says what each counts); empty for a job without usage."""
+    return asdict(usage) if usage is not None else {}
 
 
 async def submit(
@@ -202,9 +180,9 @@ async def finish(services: Services, http_request: Request, pending: Pending) ->
     job = outcome.job
     if job.status is JobStatus.CANCELLED:
         raise Cancelled(job.error or "cancelled")
-    if job.status is not JobStatus.SUCCEEDED:
+    if job.status is not JobStatus.SUCCEEDED or job.result is None:
         raise EngineError(f"generation failed: {job.error}")
-    return Completed(job, list(outcome.images))
+    return Completed(job, job.result, list(outcome.images))
 
 
 async def generate(

@@ -231,7 +231,7 @@ def build_router(services: Services) -> APIRouter:
             "providerMetadata": {
                 "kleinserve": {
                     "job": completed.job.id,
-                    "images": [{"seed": seed} for seed in completed.seeds],
+                    "images": [{"seed": seed} for seed in completed.result.seeds],
                 }
             },
         }

@@ -25,7 +25,7 @@ from kleinserve.engine import spec as limits
 from kleinserve.engine.loading import ModelComponents
 from kleinserve.engine.protocol import EngineStats
 from kleinserve.engine.references import encode_references, vae_latents
-from kleinserve.engine.resolve import ResolvedRequest, resolve_request
+from kleinserve.engine.resolve import ResolvedRequest, resolve_request, restore_request
 from kleinserve.engine.sampling import ClassifierFreeGuidance, denoise, make_scheduler
 from kleinserve.engine.spec import ModelSpec
 from kleinserve.engine.text import PromptEmbeddingCache, PromptEncoder
@@ -62,6 +62,10 @@ class Pipeline:
     def resolve(self, request: GenerateRequest) -> ResolvedRequest:
         """Apply defaults and policy and check every value; raises InvalidInput naming the parameter."""
         return resolve_request(request, self.spec)
+
+    def restore(self, stored: GenerateRequest) -> ResolvedRequest:
+        """The resolution of a stored request (`ResolvedRequest.stored`); nothing checked or prepared."""
+        return restore_request(stored, self.spec)
 
     def stats(self) -> EngineStats:
         """The prompt cache's counters now."""

@@ -3,6 +3,7 @@
     engine: Engine = load_pipeline("tiny-random")
     resolved = engine.resolve(GenerateRequest(prompt="a fox", seed=1))   # InvalidInput before queueing
     [result] = engine.generate_batch([resolved], on_step=print)
+    engine.restore(resolved.stored)                                     # the same resolution, unchecked
     engine.stats().prompt_cache_hits
 
 `api/` and `jobs/` import the engine only from here: `Engine`, the types it names (`ModelSpec`,
@@ -47,6 +48,12 @@ class Engine(Protocol):
     def resolve(self, request: GenerateRequest) -> ResolvedRequest:
         """Apply the variant's defaults and policy and check every value; raises InvalidInput naming the
         parameter. Needs no weights: cheap enough to run at submit."""
+        ...
+
+    def restore(self, stored: GenerateRequest) -> ResolvedRequest:
+        """The resolution `resolve` gave before, from its `ResolvedRequest.stored` form (a queued job's
+        request read back): nothing is checked or prepared again, so it is cheap and, after a restart,
+        identical."""
         ...
 
     def generate(

@@ -32,11 +32,13 @@ _processor = Flux2ImageProcessor(vae_scale_factor=SIZE_MULTIPLE)
 @dataclass(frozen=True)
 class PreparedReference:
     """A reference after resizing and cropping: `pixels` (1, 3, H, W) in [-1, 1], H and W multiples of 16.
-    `source` is the image it was prepared from, as 8-bit RGB at its given size: preparing it again gives the
-    same pixels, so it is what a job stores to run again after a restart."""
+    `source` is the image it was prepared from, as 8-bit RGB at its given size; `image` the prepared 8-bit RGB
+    image `pixels` are made from (W x H): what a job stores, so that `restore_reference` gives the same pixels
+    after a restart without preparing it again."""
 
     pixels: torch.Tensor
     source: Image.Image
+    image: Image.Image
 
     @property
     def size(self) -> tuple[int, int]:
@@ -63,14 +65,32 @@ def prepare_reference(image: Image.Image, index: int = 0) -> PreparedReference:
         )
     # Conversion before resizing: diffusers converts after, which is the same for RGB input and makes
     # palette/CMYK/16-bit images resize as colours rather than as indices or raw channels.
-    source = image = to_rgb(image)
+    source = to_rgb(image)
+    return _prepared(source, source)
+
+
+def restore_reference(image: Image.Image) -> PreparedReference:
+    """A reference as `prepare_reference` left it (its `image`, read back from a lossless file), with nothing
+    checked: resizing and cropping leave a prepared image as it is, so its pixels are the ones it had. An
+    image stored unprepared (a job queued by an older version kept its source) is prepared here."""
+    rgb = to_rgb(image)
+    return _prepared(rgb, rgb)
+
+
+def _prepared(rgb: Image.Image, source: Image.Image) -> PreparedReference:
+    """Resize `rgb` to MAX_REFERENCE_AREA if larger, centre-crop it to multiples of 16, make its pixels."""
+    width, height = rgb.size
+    image = rgb
     if width * height > MAX_REFERENCE_AREA:
         image = _processor._resize_to_target_area(image, MAX_REFERENCE_AREA)
         width, height = image.size
     width -= width % SIZE_MULTIPLE
     height -= height % SIZE_MULTIPLE
+    # The crop diffusers' preprocess(resize_mode="crop") makes, done here so that the image stored is the
+    # one the pixels come from; preprocess then crops nothing more.
+    image = _processor._resize_and_crop(image, width, height)
     pixels = _processor.preprocess(image, height=height, width=width, resize_mode="crop")
-    return PreparedReference(pixels=pixels, source=source)
+    return PreparedReference(pixels=pixels, source=source, image=image)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -13,9 +13,9 @@ import secrets
 from dataclasses import dataclass, replace
 
 from kleinserve.engine import spec as limits
-from kleinserve.engine.references import PreparedReference, prepare_reference
+from kleinserve.engine.references import PreparedReference, prepare_reference, restore_reference
 from kleinserve.engine.spec import ModelSpec
-from kleinserve.errors import InvalidInput
+from kleinserve.errors import EngineError, InvalidInput
 from kleinserve.types import MAX_SEED, GenerateRequest
 
 
@@ -24,8 +24,9 @@ class ResolvedRequest:
     """A request with every default applied and every value checked; sizes are pixels.
 
     `request` is the request as the engine honours it: its references as 8-bit RGB at their given size, and
-    `steps`/`guidance` that the variant overrode cleared to None. Store it (with `seeds[0]` as its seed) and
-    resolving it again gives this same resolution; the dialects' job answers show its `guidance`.
+    `steps`/`guidance` that the variant overrode cleared to None; the dialects' job answers show its
+    `guidance`. `stored` is what to keep to run it later: `restore_request(stored, spec)` rebuilds this
+    resolution without checking or preparing anything again.
     """
 
     request: GenerateRequest
@@ -44,6 +45,20 @@ class ResolvedRequest:
         guidance = self.guidance if self.use_cfg else None
         grids = tuple(r.grid for r in self.references)
         return (self.width, self.height, self.steps, guidance, self.max_sequence_length, grids)
+
+    @property
+    def stored(self) -> GenerateRequest:
+        """`request` with the resolved width, height, steps, seed (`seeds[0]`) and max_sequence_length, and
+        its references as prepared (`PreparedReference.image`): the form `restore_request` takes."""
+        return replace(
+            self.request,
+            width=self.width,
+            height=self.height,
+            steps=self.steps,
+            seed=self.seeds[0],
+            max_sequence_length=self.max_sequence_length,
+            reference_images=tuple(reference.image for reference in self.references),
+        )
 
 
 def _check_range(value: float, low: float, high: float, param: str, what: str) -> None:
@@ -107,6 +122,36 @@ def resolve_request(request: GenerateRequest, spec: ModelSpec) -> ResolvedReques
         seeds=tuple(seed + i for i in range(request.num_images)),
         max_sequence_length=length,
         references=references,
-        # As in diffusers: CFG only for the base variants and only with a scale above 1.
-        use_cfg=spec.uses_cfg and guidance > 1.0,
+        use_cfg=_uses_cfg(spec, guidance),
     )
+
+
+def restore_request(stored: GenerateRequest, spec: ModelSpec) -> ResolvedRequest:
+    """The resolution whose `ResolvedRequest.stored` form `stored` is (a job's request, read back on the
+    engine thread or after a restart), rebuilt without checking or preparing anything again: its values were
+    checked when it was resolved, its references prepared (`restore_reference`). EngineError if a resolved
+    value is missing: `stored` did not come from `ResolvedRequest.stored`."""
+    guidance = spec.default_guidance if stored.guidance is None else float(stored.guidance)
+    seed = _resolved(stored.seed, "seed")
+    return ResolvedRequest(
+        request=stored,
+        width=_resolved(stored.width, "width"),
+        height=_resolved(stored.height, "height"),
+        steps=_resolved(stored.steps, "steps"),
+        guidance=guidance,
+        seeds=tuple(seed + i for i in range(stored.num_images)),
+        max_sequence_length=_resolved(stored.max_sequence_length, "max_sequence_length"),
+        references=tuple(restore_reference(image) for image in stored.reference_images),
+        use_cfg=_uses_cfg(spec, guidance),
+    )
+
+
+def _resolved(value: int | None, name: str) -> int:
+    if value is None:
+        raise EngineError(f"a stored request has no resolved {name}")
+    return value
+
+
+def _uses_cfg(spec: ModelSpec, guidance: float) -> bool:
+    # As in diffusers: CFG only for the base variants and only with a scale above 1.
+    return spec.uses_cfg and guidance > 1.0

@@ -18,6 +18,7 @@ from typing import Protocol
 from kleinserve.jobs import metering
 from kleinserve.jobs.events import EventHub
 from kleinserve.jobs.metrics import Metrics
+from kleinserve.jobs.record import JobResult
 from kleinserve.jobs.store import Job, JobStatus
 from kleinserve.jobs.writes import EngineWrites
 from kleinserve.types import GenerateResult, ImageFormat, Progress, StepCallback, encode_image
@@ -49,7 +50,7 @@ class BatchSteps:
     ) -> None:
         self.by_id = {job.id: job for job in batch}
         self.live = set(self.by_id)  # jobs not cancelled: their images are still wanted
-        self.counts = [(job.id, int(job.params["num_images"])) for job in batch]
+        self.counts = [(job.id, job.params.num_images) for job in batch]
         self.images = sum(count for _, count in self.counts)
         self.hub = hub
         self.writes = writes
@@ -98,26 +99,19 @@ def store_result(
     """Encode a succeeded job's images in its format, save them and store its end; returns the final row and
     the encoded bytes. A failure to encode or save (a full disk) fails the job with the reason instead."""
     try:
-        fmt = ImageFormat(job.params["output_format"])
-        images, encoded = [], []
+        fmt = job.params.output_format
+        media_names, encoded = [], []
         for image in result.images:
             start = time.perf_counter()
-            data = encode_image(image.image, fmt, job.params.get("output_quality"))
+            data = encode_image(image.image, fmt, job.params.output_quality)
             metrics.image_encoding.observe(time.perf_counter() - start)
-            images.append({"media": outputs.save(data, fmt), "seed": image.seed})
+            media_names.append(outputs.save(data, fmt))
             encoded.append(data)
     except Exception as exc:  # a full disk (OSError) is not a bug, anything else is
         if not isinstance(exc, OSError):
             log.exception("storing the result of job %s failed", job.id)
         error = "storing the result failed" + (f" ({exc.strerror})" if isinstance(exc, OSError) else "")
         return writes.finish(job, JobStatus.FAILED, error=error), ()
-    summary = {
-        "images": images,
-        "width": result.width,
-        "height": result.height,
-        "steps": result.steps,
-        "guidance": result.guidance,
-        "prompt_tokens": result.prompt_tokens,
-    }
+    summary = JobResult.from_result(result, media_names)
     usage = metering.usage(result, engine_seconds=sum(result.timings.values()))
     return writes.finish(job, JobStatus.SUCCEEDED, result=summary, usage=usage), tuple(encoded)

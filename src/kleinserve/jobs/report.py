@@ -1,4 +1,4 @@
-"""`kleinserve usage`: the succeeded jobs' metering (jobs/metering.py) summed per key, as a table.
+"""`kleinserve usage`: the succeeded jobs' metering (`JobUsage`, jobs/record.py) summed per key, as a table.
 
 Imports nothing heavy (no torch), so the command answers at once.
 """
@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from kleinserve.jobs.store import Job
 
-USAGE_COLUMNS = (  # (usage field, column title) of `kleinserve usage`
+USAGE_COLUMNS = (  # (JobUsage field, column title) of `kleinserve usage`; "jobs" counts them
     ("jobs", "jobs"),
     ("images", "images"),
     ("tiles_in", "tiles in"),
@@ -27,8 +27,9 @@ def usage_totals(jobs: Sequence[Job]) -> dict[str, dict[str, float]]:
     for job in jobs:
         row = totals.setdefault(job.owner, dict.fromkeys((name for name, _ in USAGE_COLUMNS), 0.0))
         row["jobs"] += 1
-        for name, _ in USAGE_COLUMNS[1:]:
-            row[name] += float((job.usage or {}).get(name, 0))
+        if job.usage is not None:
+            for name, _ in USAGE_COLUMNS[1:]:
+                row[name] += float(getattr(job.usage, name))
     return dict(sorted(totals.items()))
 
 

@@ -2,8 +2,8 @@
 
 `JobStore` is the interface the worker and the API use; `SqliteJobStore` keeps it in
 `<data dir>/kleinserve.db` (WAL mode). A shared database can replace it when several machines serve one queue:
-nothing outside this module writes SQL. Reference images are not in the row: the submitter keeps them as PNG
-files beside it (`inputs/<job id>-<i>.png`), so a job re-runs identically after a restart.
+nothing outside this module writes SQL. Reference images are not in the row: the submitter keeps them, as
+prepared, as PNG files beside it (`inputs/<job id>-<i>.png`), so a job re-runs identically after a restart.
 
 Job lifecycle: queued -> running -> succeeded | failed | cancelled. A job found `running` at start-up was
 interrupted by a crash: it is queued again once, then failed with a reason.
@@ -26,6 +26,7 @@ import orjson
 
 from kleinserve.errors import Conflict, NotFound, StoreUnavailable
 from kleinserve.files import private_database
+from kleinserve.jobs.record import JobParams, JobResult, JobUsage, from_json, to_json
 from kleinserve.types import json_bytes
 
 MAX_ATTEMPTS = 2  # the first run and one retry after a crash
@@ -48,13 +49,13 @@ class JobStatus(StrEnum):
 
 @dataclass(frozen=True)
 class Job:
-    """One row. `params` is the request without its images (JSON-able); `result` lists
-    {"media": file name, "seed": int} per image plus width/height/steps/guidance; times are Unix seconds."""
+    """One row. `params` is the request without its images, `result` a succeeded job's images and the
+    parameters used, `usage` its metering (jobs/record.py); times are Unix seconds."""
 
     id: str
     owner: str
     status: JobStatus
-    params: dict[str, Any]
+    params: JobParams
     reference_count: int
     batch_key: str
     created: float
@@ -63,8 +64,8 @@ class Job:
     progress: float = 0.0
     attempts: int = 0
     error: str | None = None
-    result: dict[str, Any] | None = None
-    usage: dict[str, Any] | None = None
+    result: JobResult | None = None
+    usage: JobUsage | None = None
     webhook_url: str | None = None
     webhook_secret: str | None = None
     webhook_status: str | None = None
@@ -124,7 +125,12 @@ CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, created);
 CREATE INDEX IF NOT EXISTS jobs_with_pending_webhook ON jobs (finished)
     WHERE webhook_url IS NOT NULL AND webhook_status IS NULL;
 """
-_JSON_COLUMNS = ("params", "result", "usage", "extra")
+_RECORD_COLUMNS: dict[str, type[JobParams | JobResult | JobUsage]] = {
+    "params": JobParams,
+    "result": JobResult,
+    "usage": JobUsage,
+}
+_JSON_COLUMNS = (*_RECORD_COLUMNS, "extra")
 _COLUMNS = (
     "id, owner, status, params, reference_count, batch_key, created, started, finished, progress, attempts, "
     "error, result, usage, webhook_url, webhook_secret, webhook_status, cancel_requested, extra"
@@ -224,7 +230,8 @@ class SqliteJobStore:
             self._db.execute("UPDATE jobs SET progress = ? WHERE id = ?", (progress, job_id))
 
     def finish(self, job_id: str, status: JobStatus, **fields: Any) -> Job:
-        """Move a job to a terminal status, setting `error`, `result`, `usage` as given."""
+        """Move a job to a terminal status, setting `error`, `result` (JobResult), `usage` (JobUsage) and
+        `progress` as given."""
         sets = {"status": status.value, "finished": time.time(), **fields}
         if status is JobStatus.SUCCEEDED:
             sets["progress"] = 1.0
@@ -319,8 +326,10 @@ class SqliteJobStore:
 
 
 def _stored(column: str, value: Any) -> Any:
-    """A value as its column stores it: JSON text for the JSON columns."""
-    return json_bytes(value).decode() if column in _JSON_COLUMNS and value is not None else value
+    """A value as its column stores it: JSON text for the JSON columns (records through their codec)."""
+    if column not in _JSON_COLUMNS or value is None:
+        return value
+    return json_bytes(to_json(value) if column in _RECORD_COLUMNS else value).decode()
 
 
 def _to_row(job: Job) -> dict[str, Any]:
@@ -334,6 +343,9 @@ def _from_row(row: tuple[Any, ...]) -> Job:
     values = dict(zip(_COLUMN_NAMES, row, strict=True))
     for name in _JSON_COLUMNS:
         values[name] = orjson.loads(values[name]) if values[name] is not None else None
+    for name, record in _RECORD_COLUMNS.items():
+        if values[name] is not None:
+            values[name] = from_json(record, values[name])
     values["status"] = JobStatus(values["status"])
     values["cancel_requested"] = bool(values["cancel_requested"])
     values["extra"] = values["extra"] or {}

@@ -35,10 +35,10 @@ from typing import Any
 
 from kleinserve.engine.protocol import Engine
 from kleinserve.errors import Cancelled, KleinError, Overloaded, StoreUnavailable, Unavailable
-from kleinserve.jobs import metering
 from kleinserve.jobs.batch import BatchSteps, OutputStore, store_result
 from kleinserve.jobs.events import EventHub
 from kleinserve.jobs.metrics import Metrics
+from kleinserve.jobs.record import JobParams
 from kleinserve.jobs.store import Job, JobStatus, JobStore, new_job_id
 from kleinserve.jobs.writes import EngineWrites
 from kleinserve.media import ReferenceStore
@@ -189,7 +189,7 @@ class Worker:
             raise Unavailable("the server is shutting down; try again shortly", retry_after=30)
         if self.writes.refusal is not None:  # at once, rather than after the store's busy timeout
             raise StoreUnavailable(f"the job store is not taking writes ({self.writes.refusal})")
-        resolved = self.engine.resolve(request)
+        resolved = self.engine.resolve(request)  # the job's one resolution: the engine thread restores it
         with self._submit_lock:  # the limits are checked and the job added as one step
             limits = self.settings
             waiting, in_flight = self.store.load(owner)
@@ -201,8 +201,8 @@ class Worker:
                     retry_after=5,
                 )
             job_id = new_job_id()
-            try:  # as the engine reads them (RGB): any input mode can then be stored losslessly as PNG
-                self.references.save(job_id, resolved.request.reference_images)
+            try:  # prepared (RGB, resized, cropped): stored losslessly as PNG, and never prepared again
+                self.references.save(job_id, resolved.stored.reference_images)
             except OSError as exc:
                 self.references.remove(job_id, len(request.reference_images))
                 raise StoreUnavailable(f"the reference images cannot be stored ({exc.strerror})") from exc
@@ -210,7 +210,7 @@ class Worker:
                 id=job_id,
                 owner=owner,
                 status=JobStatus.QUEUED,
-                params=metering.request_params(resolved.request, resolved),
+                params=JobParams.from_resolved(resolved),
                 reference_count=len(request.reference_images),
                 batch_key=repr(resolved.batch_key),
                 created=time.time(),
@@ -282,7 +282,8 @@ class Worker:
             log.info("cancelling job %s for a departed caller: %s", job_id, exc.message)
 
     def load_request(self, job: Job) -> GenerateRequest:
-        return metering.params_request(job.params, self.references.load(job.id, job.reference_count))
+        """A job's stored request (`ResolvedRequest.stored`) with its prepared references read back."""
+        return job.params.to_request(self.references.load(job.id, job.reference_count))
 
     # engine thread
     def _run(self) -> None:
@@ -329,7 +330,7 @@ class Worker:
         batch: list[Job] = []
         images = 0
         for job in queued:
-            count = job.params["num_images"]
+            count = job.params.num_images
             if job.batch_key != key or (batch and images + count > self.settings.max_batch):
                 continue
             batch.append(job)
@@ -358,7 +359,7 @@ class Worker:
         )
         self.metrics.batch_size.observe(steps.images)
         try:
-            resolved = [self.engine.resolve(self.load_request(job)) for job in batch]
+            resolved = [self.engine.restore(self.load_request(job)) for job in batch]
             results = self.engine.generate_batch(resolved, steps, cancelled=steps.cancelled)
         except Cancelled:
             return

@@ -46,8 +46,9 @@ export function showFailure(card, message) {
   card.querySelector("figcaption").textContent = message;
 }
 
-// `job` is GET /v1/jobs/{id}; `blob` its image, shown from an object URL that lives as long as the page
-// (the signed media URL expires). `onReuse(file)` adds the image to the references.
+// `job` is GET /v1/jobs/{id}'s answer (its wire model: JobBody in api/jobs.py); `blob` its image, shown from
+// an object URL that lives as long as the page (the signed media URL expires). `onReuse(file)` adds the image
+// to the references.
 export async function showResult(card, blob, job, prompt, onReuse) {
   const { width, height, steps, guidance } = job.result;
   const seed = job.result.images[0].seed;

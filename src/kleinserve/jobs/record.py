@@ -1,0 +1,182 @@
+"""The job record: what a job stores about its request (`JobParams`), its result (`JobResult`) and its usage
+(`JobUsage`), as typed values, and the one JSON codec between them and the store's columns.
+
+    params = JobParams.from_resolved(resolved)             # at submit, from the one resolution
+    stored = params.to_request(references)                 # on the engine thread: engine.restore(stored)
+    result = JobResult.from_result(generated, media_names)  # once the images are saved
+    from_json(JobParams, to_json(params)) == params
+
+The codec is derived from the dataclasses' fields: a field added to a record is written, read and (for
+JobParams) carried from and to GenerateRequest with no other line. A row written before a field existed loads
+with that field's default; a key no field knows (a row of a newer version) is ignored. The dialects read these
+types, never the stored JSON; what clients see is each dialect's own wire model.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields, is_dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from kleinserve.types import GenerateRequest, GenerateResult, ImageFormat
+
+if TYPE_CHECKING:  # not at run time: the store, and `kleinserve usage` with it, load no engine (torch)
+    from _typeshed import DataclassInstance
+    from PIL import Image
+
+    from kleinserve.engine.protocol import ResolvedRequest
+
+Record = TypeVar("Record", bound="DataclassInstance")
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobParams:
+    """What a job asked for, as resolved at submit (`ResolvedRequest.stored`): `width`/`height` (pixels),
+    `steps`, `seed` (image i uses seed + i) and `max_sequence_length` (tokens) are the values used, so that a
+    re-run after a restart is identical; `guidance` is as honoured (None: the variant's default, which a
+    distilled variant always uses). `reference_sizes` are the (width, height) of each reference as prepared;
+    the images are files beside the row (media.ReferenceStore). Every other field is the GenerateRequest
+    field of the same name, copied by name both ways."""
+
+    prompt: str
+    width: int
+    height: int
+    steps: int
+    seed: int
+    max_sequence_length: int
+    guidance: float | None = None
+    num_images: int = 1
+    negative_prompt: str = ""
+    output_format: ImageFormat = ImageFormat.PNG
+    output_quality: int | None = None
+    reference_sizes: tuple[tuple[int, int], ...] = ()
+
+    @classmethod
+    def from_resolved(cls, resolved: ResolvedRequest) -> JobParams:
+        """The record of a resolved request; its references (`resolved.stored.reference_images`) are kept
+        apart, as files."""
+        stored = resolved.stored
+        sizes = tuple(reference.size for reference in resolved.references)
+        return cls(**{name: getattr(stored, name) for name in _request_fields()}, reference_sizes=sizes)
+
+    def to_request(self, references: Sequence[Image.Image]) -> GenerateRequest:
+        """The stored request (`ResolvedRequest.stored` as it was) with its prepared `references` read back,
+        for `Engine.restore`."""
+        copied = {name: getattr(self, name) for name in _request_fields()}
+        return GenerateRequest(**copied, reference_images=tuple(references))
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobImage:
+    """One result image: its file in the media store and the seed that reproduces it alone."""
+
+    media: str
+    seed: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobResult:
+    """A succeeded job's images and the parameters used: sizes in pixels, `prompt_tokens` as the text
+    encoder read the prompt (0 in rows written before it was recorded)."""
+
+    images: tuple[JobImage, ...]
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    prompt_tokens: int = 0
+
+    @classmethod
+    def from_result(cls, result: GenerateResult, media_names: Sequence[str]) -> JobResult:
+        """The record of `result`, whose images were saved under `media_names` (in order)."""
+        images = tuple(
+            JobImage(media=name, seed=image.seed)
+            for name, image in zip(media_names, result.images, strict=True)
+        )
+        return cls(
+            images=images,
+            width=result.width,
+            height=result.height,
+            steps=result.steps,
+            guidance=result.guidance,
+            prompt_tokens=result.prompt_tokens,
+        )
+
+    @property
+    def seeds(self) -> list[int]:
+        return [image.seed for image in self.images]
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobUsage:
+    """A succeeded job's metering (jobs/metering.py): images made, 512x512 tiles and megapixels in
+    (references as prepared) and out, denoising steps and engine seconds. Zero where a row lacks a figure."""
+
+    images: int = 0
+    tiles_in: int = 0
+    tiles_out: int = 0
+    megapixels_in: float = 0.0
+    megapixels_out: float = 0.0
+    steps: int = 0
+    engine_seconds: float = 0.0
+
+
+def to_json(record: DataclassInstance) -> dict[str, Any]:
+    """`record` as JSON values, one key per field: records as objects, tuples as arrays, enums as values."""
+    return {field.name: _encode(getattr(record, field.name)) for field in fields(record)}
+
+
+def from_json(kind: type[Record], data: Mapping[str, Any]) -> Record:
+    """The `kind` record that `to_json` wrote as `data`, nested values built from the field annotations.
+    A field missing from `data` takes its default (TypeError if it has none); unknown keys are ignored."""
+    hints = _hints(kind)
+    return kind(**{f.name: _decode(hints[f.name], data[f.name]) for f in fields(kind) if f.name in data})
+
+
+def _encode(value: Any) -> Any:
+    if is_dataclass(value) and not isinstance(value, type):
+        return to_json(value)
+    if isinstance(value, tuple | list):
+        return [_encode(item) for item in value]
+    if isinstance(value, enum.Enum):
+        return value.value
+    return value
+
+
+def _decode(annotation: Any, value: Any) -> Any:
+    """`value` (from JSON) as `annotation` says: X | None, tuple[X, ...], tuple[X, Y], a record, an enum,
+    float (JSON writes 4.0 and 4 alike), or as it is."""
+    if value is None:
+        return None
+    origin, arguments = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        (inner,) = (argument for argument in arguments if argument is not type(None))
+        return _decode(inner, value)
+    if origin is tuple:
+        if len(arguments) == 2 and arguments[1] is Ellipsis:
+            return tuple(_decode(arguments[0], item) for item in value)
+        return tuple(_decode(argument, item) for argument, item in zip(arguments, value, strict=True))
+    if isinstance(annotation, type) and is_dataclass(annotation):
+        return from_json(annotation, value)
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return annotation(value)
+    if annotation is float:
+        return float(value)
+    return value
+
+
+@functools.cache
+def _hints(kind: type) -> dict[str, Any]:
+    """The resolved field annotations of a record class (the module postpones them as strings)."""
+    return typing.get_type_hints(kind)
+
+
+@functools.cache
+def _request_fields() -> tuple[str, ...]:
+    """JobParams fields that are GenerateRequest fields: copied by name between the two."""
+    request = {field.name for field in fields(GenerateRequest)}
+    return tuple(field.name for field in fields(JobParams) if field.name in request)
