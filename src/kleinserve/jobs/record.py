@@ -19,40 +19,40 @@ import functools
 import types
 import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from kleinserve.types import GenerateRequest, GenerateResult, ImageFormat
+from PIL import Image
+
+from kleinserve.types import GenerateRequest, GenerateResult
 
 if TYPE_CHECKING:  # not at run time: the store, and `kleinserve usage` with it, load no engine (torch)
     from _typeshed import DataclassInstance
-    from PIL import Image
 
     from kleinserve.engine.protocol import ResolvedRequest
 
 Record = TypeVar("Record", bound="DataclassInstance")
+STORED = "stored"  # field metadata: False keeps a field out of the JSON (it takes its default when read)
 
 
 @dataclass(frozen=True, kw_only=True)
-class JobParams:
-    """What a job asked for, as resolved at submit (`ResolvedRequest.stored`): `width`/`height` (pixels),
-    `steps`, `seed` (image i uses seed + i) and `max_sequence_length` (tokens) are the values used, so that a
-    re-run after a restart is identical; `guidance` is as honoured (None: the variant's default, which a
-    distilled variant always uses). `reference_sizes` are the (width, height) of each reference as prepared;
-    the images are files beside the row (media.ReferenceStore). Every other field is the GenerateRequest
-    field of the same name, copied by name both ways."""
+class JobParams(GenerateRequest):
+    """What a job asked for, as resolved at submit (`ResolvedRequest.stored`): a GenerateRequest whose
+    `width`/`height` (pixels), `steps`, `seed` (image i uses seed + i) and `max_sequence_length` (tokens) are
+    the values used, so that a re-run after a restart is identical; `guidance` is as honoured (None: the
+    variant's default, which a distilled variant always uses). `reference_sizes` are the (width, height) of
+    each reference as prepared; the images themselves are files beside the row (media.ReferenceStore), never
+    in it (`reference_images` is always empty here).
 
-    prompt: str
+    A subclass, so that a field added to GenerateRequest is stored, read back and handed to the engine with no
+    line here (tests/jobs/test_record.py::test_every_request_field_reaches_the_record)."""
+
     width: int
     height: int
     steps: int
     seed: int
     max_sequence_length: int
-    guidance: float | None = None
-    num_images: int = 1
-    negative_prompt: str = ""
-    output_format: ImageFormat = ImageFormat.PNG
-    output_quality: int | None = None
+    reference_images: tuple[Image.Image, ...] = field(default=(), metadata={STORED: False})
     reference_sizes: tuple[tuple[int, int], ...] = ()
 
     @classmethod
@@ -60,14 +60,15 @@ class JobParams:
         """The record of a resolved request; its references (`resolved.stored.reference_images`) are kept
         apart, as files."""
         stored = resolved.stored
+        values = {name: getattr(stored, name) for name in _request_fields()}
         sizes = tuple(reference.size for reference in resolved.references)
-        return cls(**{name: getattr(stored, name) for name in _request_fields()}, reference_sizes=sizes)
+        return cls(**values, reference_sizes=sizes)
 
     def to_request(self, references: Sequence[Image.Image]) -> GenerateRequest:
         """The stored request (`ResolvedRequest.stored` as it was) with its prepared `references` read back,
         for `Engine.restore`."""
-        copied = {name: getattr(self, name) for name in _request_fields()}
-        return GenerateRequest(**copied, reference_images=tuple(references))
+        values = {name: getattr(self, name) for name in _request_fields()}
+        return GenerateRequest(**values, reference_images=tuple(references))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -127,7 +128,7 @@ class JobUsage:
 
 def to_json(record: DataclassInstance) -> dict[str, Any]:
     """`record` as JSON values, one key per field: records as objects, tuples as arrays, enums as values."""
-    return {field.name: _encode(getattr(record, field.name)) for field in fields(record)}
+    return {f.name: _encode(getattr(record, f.name)) for f in fields(record) if f.metadata.get(STORED, True)}
 
 
 def from_json(kind: type[Record], data: Mapping[str, Any]) -> Record:
@@ -177,6 +178,5 @@ def _hints(kind: type) -> dict[str, Any]:
 
 @functools.cache
 def _request_fields() -> tuple[str, ...]:
-    """JobParams fields that are GenerateRequest fields: copied by name between the two."""
-    request = {field.name for field in fields(GenerateRequest)}
-    return tuple(field.name for field in fields(JobParams) if field.name in request)
+    """GenerateRequest's fields but its images: what JobParams carries from and to a request by name."""
+    return tuple(field.name for field in fields(GenerateRequest) if field.name != "reference_images")
