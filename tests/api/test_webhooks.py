@@ -118,6 +118,22 @@ def expected_signature(body: bytes, secret: str = SECRET) -> str:
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
+def stored_job(store: SqliteJobStore, url: str, **fields: Any) -> Job:
+    """A job row with a webhook to `url` (signed with SECRET), finished unless `fields` say otherwise."""
+    row: dict[str, Any] = {
+        "id": new_job_id(),
+        "owner": "anon",
+        "status": JobStatus.SUCCEEDED,
+        "params": job_params(),
+        "reference_count": 0,
+        "batch_key": "",
+        "created": time.time(),
+        "webhook_url": url,
+        "webhook_secret": SECRET,
+    }
+    return store.add(Job(**{**row, **fields}))
+
+
 def test_signed_delivery(start_server: Callable[..., RunningServer], receiver: Receiver) -> None:
     running = start_server(allow_private_urls=True)
     with httpx.Client(base_url=running.base_url, timeout=30) as http:
@@ -191,18 +207,7 @@ def test_retries_wait_1_5_and_30_seconds(
 
     monkeypatch.setattr(asyncio, "sleep", recorded_sleep)
     store = SqliteJobStore(tmp_path / "jobs.db")
-    job = store.add(
-        Job(
-            id=new_job_id(),
-            owner="anon",
-            status=JobStatus.SUCCEEDED,
-            params=job_params(),
-            reference_count=0,
-            batch_key="",
-            created=time.time(),
-            webhook_url=receiver.url,
-        )
-    )
+    job = stored_job(store, receiver.url, webhook_secret=None)
     receiver.statuses = [503] * 10
 
     async def deliver() -> str:
@@ -281,20 +286,8 @@ def test_job_failed_by_crash_recovery_sends_its_webhook(
     """A job left running by a crash on its last attempt is failed at start-up, and its webhook says so."""
     data_dir = tmp_path / "data"
     store = SqliteJobStore(data_dir / DATABASE_NAME)
-    job = store.add(
-        Job(
-            id=new_job_id(),
-            owner="anonymous",
-            status=JobStatus.RUNNING,
-            params=job_params("a crash"),
-            reference_count=0,
-            batch_key="",
-            created=time.time(),
-            started=time.time(),
-            attempts=MAX_ATTEMPTS,
-            webhook_url=receiver.url,
-            webhook_secret=SECRET,
-        )
+    job = stored_job(
+        store, receiver.url, status=JobStatus.RUNNING, started=time.time(), attempts=MAX_ATTEMPTS
     )
     store.close()
     running = serve_in_thread(ServerSettings(data_dir=data_dir, allow_private_urls=True), server_pipeline)
@@ -338,25 +331,17 @@ def test_job_stored_before_formats_is_delivered_in_the_default_format(
     finished with its delivery pending, is sent at the next start as BFL sends it."""
     data_dir = tmp_path / "data"
     store = SqliteJobStore(data_dir / DATABASE_NAME)
-    job = store.add(
-        Job(
-            id=new_job_id(),
-            owner="anonymous",
-            status=JobStatus.SUCCEEDED,
-            params=job_params("an old hook"),
-            reference_count=0,
-            batch_key="",
-            created=time.time() - 5,
-            started=time.time() - 4,
-            finished=time.time() - 3,
-            progress=1.0,
-            result=JobResult(
-                images=(JobImage(media="old.jpeg", seed=5),), width=64, height=64, steps=2, guidance=1.0
-            ),
-            webhook_url=receiver.url,
-            webhook_secret=SECRET,
-            extra={"base_url": "http://old.example:8000"},
-        )
+    job = stored_job(
+        store,
+        receiver.url,
+        created=time.time() - 5,
+        started=time.time() - 4,
+        finished=time.time() - 3,
+        progress=1.0,
+        result=JobResult(
+            images=(JobImage(media="old.jpeg", seed=5),), width=64, height=64, steps=2, guidance=1.0
+        ),
+        extra={"base_url": "http://old.example:8000"},
     )
     store.close()
     running = serve_in_thread(ServerSettings(data_dir=data_dir, allow_private_urls=True), server_pipeline)
@@ -371,23 +356,6 @@ def test_job_stored_before_formats_is_delivered_in_the_default_format(
 
 
 # --- the sender and its formats, without a server ----------------------------------------------------------
-
-
-def _finished_job(store: SqliteJobStore, url: str, **extra: Any) -> Job:
-    return store.add(
-        Job(
-            id=new_job_id(),
-            owner="anon",
-            status=JobStatus.SUCCEEDED,
-            params=job_params(),
-            reference_count=0,
-            batch_key="",
-            created=time.time(),
-            webhook_url=url,
-            webhook_secret=SECRET,
-            extra=extra,
-        )
-    )
 
 
 def _tagged(tag: str) -> webhooks.WebhookFormat:
@@ -414,8 +382,8 @@ def _deliver_all(store: SqliteJobStore, jobs: list[Job]) -> list[str]:
 def test_each_job_is_sent_in_the_format_it_records(tmp_path: Path, receiver: Receiver) -> None:
     store = SqliteJobStore(tmp_path / "jobs.db")
     jobs = [
-        _finished_job(store, receiver.url, **{webhooks.FORMAT_KEY: "second"}),
-        _finished_job(store, receiver.url),  # records none: the default
+        stored_job(store, receiver.url, extra={webhooks.FORMAT_KEY: "second"}),
+        stored_job(store, receiver.url),  # records none: the default
     ]
     outcomes = _deliver_all(store, jobs)
     assert all(outcome.startswith("delivered on attempt 1") for outcome in outcomes), outcomes
@@ -426,7 +394,7 @@ def test_each_job_is_sent_in_the_format_it_records(tmp_path: Path, receiver: Rec
 def test_unregistered_format_is_refused_not_sent(tmp_path: Path, receiver: Receiver) -> None:
     """A job recorded by a server that registered other formats: its outcome says so, and it stays unsent."""
     store = SqliteJobStore(tmp_path / "jobs.db")
-    job = _finished_job(store, receiver.url, **{webhooks.FORMAT_KEY: "gone"})
+    job = stored_job(store, receiver.url, extra={webhooks.FORMAT_KEY: "gone"})
     (outcome,) = _deliver_all(store, [job])
     assert outcome == "refused: no webhook format 'gone' is registered"
     assert store.get(job.id).webhook_status == outcome
