@@ -309,7 +309,8 @@ def test_job_failed_by_crash_recovery_sends_its_webhook(
 def test_public_url_in_polling_url_and_webhook(
     start_server: Callable[..., RunningServer], receiver: Receiver
 ) -> None:
-    """Behind a proxy: the absolute URLs of BFL's answers and webhooks start with --public-url."""
+    """Behind a proxy: every absolute URL in answers and webhooks (BFL, OpenAI `url`, the job API) starts with
+    --public-url."""
     public = "https://images.example.com/klein"
     running = start_server(allow_private_urls=True, public_url=public + "/")
     with httpx.Client(base_url=running.base_url, timeout=30) as http:
@@ -321,6 +322,12 @@ def test_public_url_in_polling_url_and_webhook(
         assert http.get(sample.removeprefix(public)).status_code == 200  # the proxy strips the prefix
         polled = http.get(answer["polling_url"].removeprefix(public)).json()
         assert polled["result"]["sample"] == sample
+        # The other answers with absolute URLs: OpenAI's `url` results and the job API.
+        (job_image,) = http.get(f"/v1/jobs/{answer['id']}").json()["result"]["images"]
+        assert job_image["url"].startswith(public + "/media/")
+        body = {"prompt": "behind a proxy", "size": "256x256", "response_format": "url"}
+        (image,) = http.post("/v1/images/generations", json=body).json()["data"]
+        assert image["url"].startswith(public + "/media/")
     assert delivery.headers["X-BFL-Signature"] == expected_signature(delivery.body)
 
 

@@ -149,12 +149,6 @@ def cost(input_mp: float, output_mp: float) -> float:
     return round(FIRST_MP_CREDITS + max(0.0, output_mp - 1) * MP_CREDITS + input_mp * MP_CREDITS, 3)
 
 
-def origin(services: Services, http_request: Request) -> str:
-    """Where this module's absolute URLs start: the server's public_url, else the origin `http_request` was
-    made to (no trailing slash)."""
-    return services.public_url or str(http_request.base_url).rstrip("/")
-
-
 def result_body(services: Services, job: Job, base_url: str) -> dict[str, Any] | None:
     """BFL's `result` of a succeeded job (its first image: BFL makes one), else None."""
     if job.status is not JobStatus.SUCCEEDED or job.result is None:
@@ -225,7 +219,7 @@ def build_router(services: Services) -> APIRouter:
         planned = planned_usage(job.params)
         answer = {
             "id": job.id,
-            "polling_url": f"{origin(services, http_request)}/v1/get_result?id={job.id}",
+            "polling_url": f"{services.origin(http_request)}/v1/get_result?id={job.id}",
             "cost": cost(planned["input_mp"], planned["output_mp"]),
             **planned,
         }
@@ -256,7 +250,7 @@ def build_router(services: Services) -> APIRouter:
         return {
             "id": job.id,
             "status": _STATUS[job.status],
-            "result": result_body(services, job, origin(services, http_request)),
+            "result": result_body(services, job, services.origin(http_request)),
             "progress": job.progress,
             "details": {"error": job.error} if job.error else None,
             "preview": None,

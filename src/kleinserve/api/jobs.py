@@ -164,7 +164,7 @@ def build_router(services: Services) -> APIRouter:
         except ValueError:
             allowed = ", ".join(s.value for s in JobStatus)
             raise InvalidInput(f"unknown status {status!r}", param="status", allowed=allowed) from None
-        base_url = str(http_request.base_url).rstrip("/")
+        base_url = services.origin(http_request)
         jobs = await asyncio.to_thread(services.store.owned, owner, wanted, limit)
         return {"object": "list", "data": [job_body(services, job, base_url) for job in jobs]}
 
@@ -172,13 +172,13 @@ def build_router(services: Services) -> APIRouter:
     async def get_job(job_id: str, http_request: Request) -> dict[str, Any]:
         owner = service.caller(services, http_request)
         job = await asyncio.to_thread(services.store.get, job_id, owner)
-        return job_body(services, job, str(http_request.base_url).rstrip("/"))
+        return job_body(services, job, services.origin(http_request))
 
     @router.post("/v1/jobs/{job_id}/cancel", summary="Cancel a job", responses=_errors(401, 404, 409, 503))
     async def cancel_job(job_id: str, http_request: Request) -> dict[str, Any]:
         owner = service.caller(services, http_request)
         job = await asyncio.to_thread(services.worker.cancel, job_id, owner)
-        body = job_body(services, job, str(http_request.base_url).rstrip("/"))
+        body = job_body(services, job, services.origin(http_request))
         if job.status is JobStatus.RUNNING:  # what will happen, since a job may end before its next step
             body["message"] = (
                 "cancel requested: the job stops at its next denoising step, unless it finishes first; "

@@ -185,7 +185,7 @@ def build_router(services: Services) -> APIRouter:
             events = _stream(services, http_request, pending, request, previews, kind)
             return StreamingResponse(events, media_type="text/event-stream")
         completed = await service.generate(services, http_request, owner, request)
-        base_url = str(http_request.base_url).rstrip("/")
+        base_url = services.origin(http_request)
         return service.JSONBody(_body(services, base_url, wire, request, completed, model))
 
     @router.post(

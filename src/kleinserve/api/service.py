@@ -61,6 +61,11 @@ class Services:
     # asynchronous dialect (its polling URL, its webhooks' results); None: the origin a request was made to.
     public_url: str | None = None
 
+    def origin(self, http_request: Request) -> str:
+        """Where absolute URLs in answers start (result links, BFL's polling URL): `public_url` (a proxy's
+        address, --public-url), else the origin `http_request` was made to; no trailing slash."""
+        return self.public_url or str(http_request.base_url).rstrip("/")
+
     @property
     def spec(self) -> ModelSpec:
         return self.engine.spec
