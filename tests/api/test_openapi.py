@@ -12,7 +12,6 @@ import httpx
 import pytest
 from fastapi.openapi.models import OpenAPI
 
-from kleinserve.api import _dialect, cloudflare, openapi
 from tests.api.conftest import RunningServer
 
 CLOUDFLARE_FIELDS = {"prompt", "width", "height", "seed", "input_image_0", "input_image_3"}
@@ -121,15 +120,6 @@ def test_the_document_is_valid_and_every_reference_resolves(document: dict[str, 
     schemas = document["components"]["schemas"]
     for ref in refs(document):
         assert ref.removeprefix("#/components/schemas/") in schemas, ref
-
-
-def test_the_cloudflare_form_has_the_route_limits(document: dict[str, Any]) -> None:
-    """WorkersAIForm describes what cloudflare.py checks: the same bounds."""
-    fields = openapi.WorkersAIForm.model_json_schema()["properties"]
-    assert fields["prompt"]["maxLength"] == _dialect.MAX_PROMPT_CHARS
-    for side in ("width", "height"):
-        [bounds] = [option for option in fields[side]["anyOf"] if option.get("type") == "integer"]
-        assert (bounds["minimum"], bounds["maximum"]) == (cloudflare.MIN_SIDE, cloudflare.MAX_SIDE)
 
 
 @pytest.mark.parametrize(

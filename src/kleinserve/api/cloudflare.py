@@ -13,10 +13,11 @@ import asyncio
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
 
 from kleinserve.api import openapi, service
-from kleinserve.api._dialect import DialectRoute, check_prompt, claim_prefix, error_headers
+from kleinserve.api._dialect import MAX_PROMPT_CHARS, DialectRoute, check_prompt, claim_prefix, error_headers
 from kleinserve.api.service import Services
 from kleinserve.engine.protocol import SIZE_MULTIPLE, ModelSpec
 from kleinserve.errors import (
@@ -35,6 +36,7 @@ from kleinserve.types import MAX_SEED, GenerateRequest, ImageFormat, base64_text
 
 DEFAULT_WIDTH, DEFAULT_HEIGHT = 1024, 768
 MIN_SIDE, MAX_SIDE = 256, 1920
+MAX_STEPS = 50
 REFERENCE_FIELDS = tuple(f"input_image_{i}" for i in range(4))
 
 
@@ -63,6 +65,25 @@ def default_size(spec: ModelSpec) -> tuple[int, int]:
     return width, height - height % SIZE_MULTIPLE
 
 
+class WorkersAIForm(BaseModel):
+    """The multipart fields as `to_request` reads them, for /openapi.json (the route reads the form)."""
+
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    width: int | None = Field(
+        None, ge=MIN_SIDE, le=MAX_SIDE, description="default 1024 (4:3 at a small model's side)"
+    )
+    height: int | None = Field(None, ge=MIN_SIDE, le=MAX_SIDE, description="default 768")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    steps: int | None = Field(
+        None, ge=1, le=MAX_STEPS, description="variants with CFG only; distilled: fixed"
+    )
+    guidance: float | None = Field(None, description="variants with CFG only")
+    input_image_0: bytes | None = Field(None, description="reference image: a file, or base64 text")
+    input_image_1: bytes | None = None
+    input_image_2: bytes | None = None
+    input_image_3: bytes | None = None
+
+
 def to_request(form: dict[str, str], references: list, spec: ModelSpec) -> GenerateRequest:
     prompt = check_prompt(form.get("prompt"))
     guidance = form.get("guidance")
@@ -76,7 +97,7 @@ def to_request(form: dict[str, str], references: list, spec: ModelSpec) -> Gener
         width=_int(form, "width", width, MIN_SIDE, MAX_SIDE),
         height=_int(form, "height", height, MIN_SIDE, MAX_SIDE),
         seed=_int(form, "seed", None, 0, MAX_SEED),
-        steps=_int(form, "steps", None, 1, 50),
+        steps=_int(form, "steps", None, 1, MAX_STEPS),
         guidance=guidance_value,
         reference_images=tuple(references),
         output_format=ImageFormat.PNG,
@@ -152,7 +173,7 @@ def build_router(services: Services) -> APIRouter:
     @router.post(
         "/client/v4/accounts/{account_id}/ai/run/{model:path}",
         summary="Run a model (Workers AI)",
-        openapi_extra=openapi.multipart_body(openapi.WorkersAIForm),
+        openapi_extra=openapi.multipart_body(WorkersAIForm),
         responses=openapi.errors(openapi.WorkersAIError, (400, 401, 413, 429, 503)),
     )
     async def run_with_account(account_id: str, model: str, http_request: Request) -> dict:
@@ -161,7 +182,7 @@ def build_router(services: Services) -> APIRouter:
     @router.post(
         "/ai/run/{model:path}",
         summary="Run a model (Workers AI, no account path)",
-        openapi_extra=openapi.multipart_body(openapi.WorkersAIForm),
+        openapi_extra=openapi.multipart_body(WorkersAIForm),
         responses=openapi.errors(openapi.WorkersAIError, (400, 401, 413, 429, 503)),
     )
     async def run_short(model: str, http_request: Request) -> dict:

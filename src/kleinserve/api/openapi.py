@@ -16,9 +16,6 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, Field
 
-from kleinserve.api._dialect import MAX_PROMPT_CHARS
-from kleinserve.types import MAX_SEED
-
 REF = "#/components/schemas/{model}"
 _STATUS_WORDS = {
     400: "Invalid input: the message names the parameter and what is allowed",
@@ -83,21 +80,6 @@ class BFLError(BaseModel):
 
 
 # --- Cloudflare's form (cloudflare.py reads it field by field) ---------------------------------------------
-
-
-class WorkersAIForm(BaseModel):
-    """The multipart fields of Cloudflare's FLUX.2 [klein] model, as api/cloudflare.py reads them."""
-
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
-    width: int | None = Field(None, ge=256, le=1920, description="default 1024 (4:3 at a small model's side)")
-    height: int | None = Field(None, ge=256, le=1920, description="default 768")
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    steps: int | None = Field(None, ge=1, le=50, description="variants with CFG only; distilled: fixed")
-    guidance: float | None = Field(None, description="variants with CFG only")
-    input_image_0: bytes | None = Field(None, description="reference image: a file, or base64 text")
-    input_image_1: bytes | None = None
-    input_image_2: bytes | None = None
-    input_image_3: bytes | None = None
 
 
 # --- what routes declare -----------------------------------------------------------------------------------
