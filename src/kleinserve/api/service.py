@@ -119,9 +119,10 @@ async def read_form(request: Request, **limits: int) -> AsyncIterator[FormData]:
     tokenizer and every JSON writer refuse."""
     async with request.form(**limits) as form:
         for name, value in form.multi_items():
+            if isinstance(value, UploadFile) or value.isascii():  # ASCII (base64 above all): no copy made
+                continue
             try:
-                if not isinstance(value, UploadFile):
-                    value.encode("utf-8")
+                value.encode("utf-8")
             except UnicodeEncodeError as exc:
                 raise InvalidInput(
                     f"{name} is not valid Unicode text ({exc.reason} at character {exc.start})",
