@@ -57,33 +57,30 @@ def _add_source_options(parser: argparse._ActionsContainer) -> None:
     )
 
 
+# `serve`'s flags for ConnectionLimits (api/limits.py): flag -> (field, type, help); defaults are the fields'.
+CONNECTION_FLAGS = {
+    "--max-connections": (
+        "max_connections",
+        int,
+        "connections served at once (default: from the open-file limit)",
+    ),
+    "--max-head-bytes": ("max_head_bytes", int, "request line + header fields"),
+    "--max-headers": ("max_headers", int, "header fields in a request"),
+    "--head-timeout": ("head_timeout_s", float, "seconds to send a request head"),
+    "--body-idle-timeout": ("body_idle_timeout_s", float, "seconds a body may stall"),
+    "--body-timeout": ("body_timeout_s", float, "seconds to send a whole body"),
+    "--keep-alive-timeout": ("keep_alive_timeout_s", float, "seconds an idle connection stays"),
+}
+
+
 def _add_connection_options(parser: argparse.ArgumentParser) -> None:
-    """`serve`'s ConnectionLimits (kleinserve/api/connections.py), with its defaults."""
+    from kleinserve.api.limits import ConnectionLimits
+
     group = parser.add_argument_group("connection limits")
-    group.add_argument(
-        "--max-connections", type=int, help="connections served at once (default: from the open-file limit)"
-    )
-    group.add_argument(
-        "--max-head-bytes", type=int, default=16384, help="request line + header fields (default %(default)s)"
-    )
-    group.add_argument(
-        "--max-headers", type=int, default=100, help="header fields in a request (default %(default)s)"
-    )
-    group.add_argument(
-        "--head-timeout", type=float, default=10, help="seconds to send a request head (default %(default)s)"
-    )
-    group.add_argument(
-        "--body-idle-timeout", type=float, default=30, help="seconds a body may stall (default %(default)s)"
-    )
-    group.add_argument(
-        "--body-timeout", type=float, default=300, help="seconds to send a whole body (default %(default)s)"
-    )
-    group.add_argument(
-        "--keep-alive-timeout",
-        type=float,
-        default=5,
-        help="seconds an idle connection stays (default %(default)s)",
-    )
+    for flag, (field, kind, text) in CONNECTION_FLAGS.items():
+        default = getattr(ConnectionLimits, field)
+        shown = "" if default is None else " (default %(default)s)"
+        group.add_argument(flag, dest=field, type=kind, default=default, help=text + shown)
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -322,7 +319,7 @@ def _serve(args: argparse.Namespace) -> int:
     from kleinserve.logs import configure
 
     configure()  # JSON lines on stderr, model loading included
-    from kleinserve.api.connections import ConnectionLimits, check_port_free
+    from kleinserve.api.limits import ConnectionLimits, check_port_free
 
     # Before importing the server (torch, diffusers: seconds) and before minutes of model loading.
     check_port_free(args.host, args.port)
@@ -346,13 +343,7 @@ def _serve(args: argparse.Namespace) -> int:
         insecure_no_auth=args.insecure_no_auth,
         public_url=args.public_url,
         connections=ConnectionLimits(
-            max_head_bytes=args.max_head_bytes,
-            max_headers=args.max_headers,
-            head_timeout_s=args.head_timeout,
-            body_idle_timeout_s=args.body_idle_timeout,
-            body_timeout_s=args.body_timeout,
-            keep_alive_timeout_s=args.keep_alive_timeout,
-            max_connections=args.max_connections,
+            **{field: getattr(args, field) for field, _, _ in CONNECTION_FLAGS.values()}
         ),
     )
     serve(settings, lambda: _load(args))

@@ -15,7 +15,8 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from kleinserve.api.connections import OVERFLOW_CONNECTIONS, RETRY_AFTER_S, ConnectionLimits
+from kleinserve.api.connections import RETRY_AFTER_S
+from kleinserve.api.limits import OVERFLOW_CONNECTIONS, ConnectionLimits
 from tests.api.conftest import RunningServer
 
 StartServer = Callable[..., RunningServer]

@@ -24,7 +24,8 @@ from fastapi import FastAPI
 from kleinserve.api import bfl
 from kleinserve.api.app import MAX_BODY_BYTES, build_app
 from kleinserve.api.auth import DATABASE_NAME, KeyStore, check_open_binding
-from kleinserve.api.connections import ConnectionLimits, LimitedConfig
+from kleinserve.api.connections import LimitedConfig
+from kleinserve.api.limits import ConnectionLimits
 from kleinserve.api.service import Services
 from kleinserve.engine.protocol import Engine
 from kleinserve.errors import InvalidInput
