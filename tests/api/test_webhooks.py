@@ -118,6 +118,16 @@ def expected_signature(body: bytes, secret: str = SECRET) -> str:
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
+def delivered_at_start(data_dir: Path, pipeline: Pipeline, receiver: Receiver) -> Delivery:
+    """Start a server on `data_dir` and return the one delivery its start-up sends (the server is stopped)."""
+    running = serve_in_thread(ServerSettings(data_dir=data_dir, allow_private_urls=True), pipeline)
+    try:
+        (delivery,) = receiver.wait(1)
+    finally:
+        running.stop()
+    return delivery
+
+
 def stored_job(store: SqliteJobStore, url: str, **fields: Any) -> Job:
     """A job row with a webhook to `url` (signed with SECRET), finished unless `fields` say otherwise."""
     row: dict[str, Any] = {
@@ -290,11 +300,7 @@ def test_job_failed_by_crash_recovery_sends_its_webhook(
         store, receiver.url, status=JobStatus.RUNNING, started=time.time(), attempts=MAX_ATTEMPTS
     )
     store.close()
-    running = serve_in_thread(ServerSettings(data_dir=data_dir, allow_private_urls=True), server_pipeline)
-    try:
-        (delivery,) = receiver.wait(1)
-    finally:
-        running.stop()
+    delivery = delivered_at_start(data_dir, server_pipeline, receiver)
     assert delivery.json["id"] == job.id
     assert delivery.json["status"] == "Error"
     assert "crash" in delivery.json["message"]
@@ -351,11 +357,7 @@ def test_job_stored_before_formats_is_delivered_in_the_default_format(
         extra={"base_url": "http://old.example:8000"},
     )
     store.close()
-    running = serve_in_thread(ServerSettings(data_dir=data_dir, allow_private_urls=True), server_pipeline)
-    try:
-        (delivery,) = receiver.wait(1)
-    finally:
-        running.stop()
+    delivery = delivered_at_start(data_dir, server_pipeline, receiver)
     assert delivery.headers["X-BFL-Signature"] == expected_signature(delivery.body)
     body = delivery.json
     assert (body["id"], body["status"], body["result"]["seed"]) == (job.id, "Ready", 5)
