@@ -30,6 +30,7 @@ from kleinserve.jobs import webhooks
 from kleinserve.jobs.events import EventHub
 from kleinserve.jobs.record import JobImage, JobResult
 from kleinserve.jobs.store import MAX_ATTEMPTS, Job, JobStatus, SqliteJobStore, new_job_id
+from kleinserve.media import MEDIA_TTL_S
 from kleinserve.outbound import OutboundPolicy
 from tests.api.conftest import RunningServer, serve_in_thread
 from tests.conftest import job_params
@@ -408,3 +409,25 @@ def test_unregistered_format_is_refused_not_sent(tmp_path: Path, receiver: Recei
     assert outcome == "refused: no webhook format 'gone' is registered"
     assert store.get(job.id).webhook_status == outcome
     assert receiver.deliveries == []
+
+
+def test_a_delivery_resumed_past_the_media_lifetime_says_the_result_expired(
+    tmp_path: Path, server_pipeline: Pipeline, receiver: Receiver
+) -> None:
+    """Its image is deleted by then: Error, "the result expired", not Ready with a link to a missing file."""
+    data_dir = tmp_path / "data"
+    store = SqliteJobStore(data_dir / DATABASE_NAME)
+    finished = time.time() - 2 * MEDIA_TTL_S
+    job = stored_job(
+        store,
+        receiver.url,
+        started=finished - 1,
+        finished=finished,
+        result=JobResult(
+            images=(JobImage(media="gone.jpeg", seed=5),), width=64, height=64, steps=2, guidance=1.0
+        ),
+    )
+    store.close()
+    body = delivered_at_start(data_dir, server_pipeline, receiver).json
+    assert (body["id"], body["status"], body["error"]) == (job.id, "Error", "expired")
+    assert "the result expired" in body["message"] and "result" not in body

@@ -22,6 +22,7 @@ import functools
 import hashlib
 import hmac
 import time
+from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -149,12 +150,29 @@ def cost(input_mp: float, output_mp: float) -> float:
     return round(FIRST_MP_CREDITS + max(0.0, output_mp - 1) * MP_CREDITS + input_mp * MP_CREDITS, 3)
 
 
-def result_body(services: Services, job: Job, base_url: str) -> dict[str, Any] | None:
-    """BFL's `result` of a succeeded job (its first image: BFL makes one), else None."""
+@dataclass(frozen=True)
+class Outcome:
+    """A job as BFL reports it, by polling and by webhook alike: its status word, its `result` (a succeeded
+    job's first image: BFL makes one) and, when it did not succeed, `kind` (the job's status, or "expired")
+    and why."""
+
+    status: str
+    result: dict[str, Any] | None = None
+    kind: str | None = None
+    error: str | None = None
+
+
+def outcome(services: Services, job: Job, base_url: str) -> Outcome:
+    """`job`'s Outcome, its URLs starting with `base_url`. Past the media lifetime a succeeded job's images
+    are deleted: Error, "the result expired", rather than a link to a file that is gone."""
     if job.status is not JobStatus.SUCCEEDED or job.result is None:
-        return None
+        return Outcome(_STATUS[job.status], kind=job.status.value, error=job.error)
+    if services.media.expired(job.finished):
+        ttl = services.media.ttl_s
+        error = f"the result expired: images are kept {ttl} s after the job ends"
+        return Outcome("Error", kind="expired", error=error)
     first = job.result.images[0]
-    return {
+    result = {
         "sample": base_url + services.media.signed_path(first.media),
         "seed": first.seed,
         "prompt": job.params.prompt,
@@ -162,16 +180,17 @@ def result_body(services: Services, job: Job, base_url: str) -> dict[str, Any] |
         "end_time": job.finished,
         "duration": round((job.finished or 0) - (job.started or 0), 3),
     }
+    return Outcome(_STATUS[job.status], result)
 
 
 def webhook_body(services: Services, job: Job) -> dict[str, Any]:
     """What BFL posts to a webhook_url: Ready with the result, or Error with a message. Its URLs start with
     the server's public_url, else with the origin the job was submitted to."""
-    base = {"id": job.id, "status": _STATUS[job.status], "timestamp": int(time.time())}
-    result = result_body(services, job, services.public_url or job.extra.get(_ORIGIN_KEY, ""))
-    if result is not None:
-        return {**base, "result": result}
-    return {**base, "error": job.status.value, "message": job.error or job.status.value}
+    told = outcome(services, job, services.public_url or job.extra.get(_ORIGIN_KEY, ""))
+    base = {"id": job.id, "status": told.status, "timestamp": int(time.time())}
+    if told.result is not None:
+        return {**base, "result": told.result}
+    return {**base, "error": told.kind, "message": told.error or told.kind}
 
 
 def sign_webhook(body: bytes, secret: str) -> dict[str, str]:
@@ -238,21 +257,13 @@ def build_router(services: Services) -> APIRouter:
             job = await asyncio.to_thread(services.store.get, id, owner)
         except NotFound:  # not StoreUnavailable: a store that cannot answer says so (503)
             return {"id": id, "status": "Task not found", "result": None, "progress": None}
-        if job.status is JobStatus.SUCCEEDED and services.media.expired(job.finished):
-            expired = f"the result expired: images are kept {services.media.ttl_s} s after the job ends"
-            return {
-                "id": job.id,
-                "status": "Error",
-                "result": None,
-                "progress": 1.0,
-                "details": {"error": expired},
-            }
+        told = outcome(services, job, services.origin(http_request))
         return {
             "id": job.id,
-            "status": _STATUS[job.status],
-            "result": result_body(services, job, services.origin(http_request)),
+            "status": told.status,
+            "result": told.result,
             "progress": job.progress,
-            "details": {"error": job.error} if job.error else None,
+            "details": {"error": told.error} if told.error else None,
             "preview": None,
         }
 
