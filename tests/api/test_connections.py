@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
+from kleinserve.api import limits
 from kleinserve.api.connections import RETRY_AFTER_S
 from kleinserve.api.limits import OVERFLOW_CONNECTIONS, ConnectionLimits
 from tests.api.conftest import RunningServer
@@ -173,3 +174,16 @@ def test_connections_over_the_cap_get_503_while_health_checks_are_answered(limit
         for connection in idle + waiting[1:]:
             assert _answer(connection, within_s=5).status == 408
     _assert_serving(running)
+
+
+@pytest.mark.parametrize("files", [128, 256, 1024, 65536])
+def test_the_default_cap_leaves_the_server_its_files(monkeypatch: pytest.MonkeyPatch, files: int) -> None:
+    """Connections served plus those waiting over the cap never reach the open-file limit less the files the
+    server needs itself (the issue's attack: 1,100 idle sockets against a limit of 1,024)."""
+    monkeypatch.setattr(limits, "open_file_limit", lambda: files)
+    cap = ConnectionLimits().connection_cap()
+    assert cap >= 1
+    assert cap + OVERFLOW_CONNECTIONS + limits.fd_reserve(files) <= files
+    assert limits.fd_reserve(files) >= min(limits.FD_RESERVE, files // 4)
+    if files == 1024:
+        assert cap == 704

@@ -32,7 +32,7 @@ class ConnectionLimits:
     408 and closed; so is a request body that sends nothing for `body_idle_timeout_s` or is not complete after
     `body_timeout_s`. An idle keep-alive connection is closed after `keep_alive_timeout_s`.
 
-    At most `max_connections` connections are served (None: the open-file limit less FD_RESERVE and
+    At most `max_connections` connections are served (None: the open-file limit less `fd_reserve` and
     OVERFLOW_CONNECTIONS, see `connection_cap`); a request on a connection over that answers 503 with
     Retry-After, except `GET /healthz`, which is answered as usual (then the connection closes), so that a
     health check tells "alive but saturated" apart from "dead" even while idle sockets fill the cap. Of the
@@ -50,12 +50,18 @@ class ConnectionLimits:
     max_connections: int | None = None
 
     def connection_cap(self) -> int:
-        """`max_connections`, or when None what the soft RLIMIT_NOFILE leaves: the limit less FD_RESERVE and
-        OVERFLOW_CONNECTIONS, but at least a quarter of the limit."""
+        """`max_connections`, or when None what the soft RLIMIT_NOFILE leaves: the limit less `fd_reserve`
+        and OVERFLOW_CONNECTIONS, so that connections never take the files the server needs (1,024: 704)."""
         if self.max_connections is not None:
             return self.max_connections
         files = open_file_limit()
-        return max(files - FD_RESERVE - OVERFLOW_CONNECTIONS, files // 4)
+        return max(files - fd_reserve(files) - OVERFLOW_CONNECTIONS, 1)
+
+
+def fd_reserve(files: int) -> int:
+    """Open files kept for other than HTTP connections under a limit of `files`: FD_RESERVE, or a quarter of
+    a limit so small that FD_RESERVE would leave no connections."""
+    return min(FD_RESERVE, files // 4)
 
 
 def open_file_limit() -> int:
