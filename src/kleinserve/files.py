@@ -2,7 +2,7 @@
 none of it is for the machine's other users. Directories are made 0700 and files 0600, whatever the umask;
 a data dir made by an older version is closed (0700) when the server opens it. SQLite gives a database's
 -wal and -shm files the database file's own mode, so creating that file 0600 covers them.
-Guarded by tests/api/test_files.py.
+Guarded by tests/api/test_job_edges.py::test_data_dir_files_are_private.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from kleinserve.files import private_database
 DATABASE_NAME = "kleinserve.db"  # in the data dir
 KEY_PREFIX = "ks-"
 # Key names are words (KEY_NAME); the owner of the jobs made while the server is open is not one, so that no
-# key created later can take it and see those jobs (tests/api/test_auth_media.py::test_open_owner_is_no_key).
+# key created later can take it and see those jobs (tests/api/test_job_edges.py::test_open_owner_is_no_key).
 KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 ANONYMOUS = "(no key)"
 _SCHEMA = """

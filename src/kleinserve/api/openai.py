@@ -349,8 +349,8 @@ def parameter_schema(services: Services) -> dict[str, Any]:
     properties["num_inference_steps"]["default"] = services.spec.default_steps
     properties["guidance_scale"]["default"] = services.spec.default_guidance
     if services.spec.guidance_fixed:
-        # JSON Schema's word for "the server decides, a value sent is ignored" (to_request drops it); the
-        # playground shows steps and guidance only for variants without it.
+        # JSON Schema's word for "the server decides, a value sent is ignored" (resolve_request ignores it);
+        # the playground shows steps and guidance only for variants without it.
         properties["guidance_scale"]["readOnly"] = True
     properties["n"]["default"] = 1
     properties["size"]["default"] = f"{services.spec.default_side}x{services.spec.default_side}"

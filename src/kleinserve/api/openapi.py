@@ -79,9 +79,6 @@ class BFLError(BaseModel):
     detail: str
 
 
-# --- Cloudflare's form (cloudflare.py reads it field by field) ---------------------------------------------
-
-
 # --- what routes declare -----------------------------------------------------------------------------------
 
 

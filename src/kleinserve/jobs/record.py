@@ -45,7 +45,7 @@ class JobParams(GenerateRequest):
     in it (`reference_images` is always empty here).
 
     A subclass, so that a field added to GenerateRequest is stored, read back and handed to the engine with no
-    line here (tests/jobs/test_record.py::test_every_request_field_reaches_the_record)."""
+    line here (tests/jobs/test_record.py::test_every_request_field_but_the_images_is_recorded)."""
 
     width: int
     height: int
