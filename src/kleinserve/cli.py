@@ -225,7 +225,7 @@ def _generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from kleinserve.engine.loading import inspect_source
-    from kleinserve.engine.pipeline import resolve_request
+    from kleinserve.engine.resolve import resolve_request
     from kleinserve.types import GenerateRequest, ImageFormat
 
     references = []
@@ -234,15 +234,12 @@ def _generate(args: argparse.Namespace) -> int:
             references.append(Image.open(path))
         except (OSError, UnidentifiedImageError) as exc:
             raise InvalidInput(f"{path}: not a readable image ({exc})", param="ref") from None
-    suffix = args.output.suffix.lower().lstrip(".")
-    formats = {
-        "png": ImageFormat.PNG,
-        "jpg": ImageFormat.JPEG,
-        "jpeg": ImageFormat.JPEG,
-        "webp": ImageFormat.WEBP,
-    }
-    if suffix not in formats:
-        raise InvalidInput(f"{args.output}: unknown image type", param="output", allowed=".png, .jpg, .webp")
+    try:
+        output_format = ImageFormat.parse(args.output.suffix.lstrip("."), param="output")
+    except InvalidInput:
+        raise InvalidInput(
+            f"{args.output}: unknown image type", param="output", allowed=".png, .jpg, .webp"
+        ) from None
     width, height = args.size or (None, None)
     request = GenerateRequest(
         prompt=args.prompt,
@@ -254,12 +251,11 @@ def _generate(args: argparse.Namespace) -> int:
         num_images=args.n,
         reference_images=tuple(references),
         negative_prompt=args.negative_prompt,
-        output_format=formats[suffix],
+        output_format=output_format,
     )
-    # Check the request against the model's configs before spending minutes loading the weights.
-    resolve_request(request, inspect_source(_source(args)).spec)
+    # Resolved (checked) against the model's configs before spending minutes loading the weights.
+    resolved = resolve_request(request, inspect_source(_source(args)).spec)
     pipeline = _load(args)
-    resolved = pipeline.resolve(request)
     with tqdm(total=resolved.steps, desc="denoising", unit="step", file=sys.stderr) as bar:
         result = pipeline.generate_batch([resolved], on_step=lambda _: bar.update())[0]
     for path, image in zip(_output_paths(args.output, len(result.images)), result.images, strict=True):

@@ -153,11 +153,12 @@ class _PinnedTransport(httpx.AsyncHTTPTransport):
     """httpx's transport over a connection pool whose network backend is `_PinnedBackend`."""
 
     def __init__(self, limits: httpx.Limits) -> None:
-        super().__init__(limits=limits, trust_env=False)
+        ssl_context = httpx.create_ssl_context(trust_env=False)  # ~25 ms to build: once
+        super().__init__(verify=ssl_context, limits=limits, trust_env=False)
         # httpx has no parameter for the network backend; httpcore's pool has. `_pool` is the one private
         # attribute used: httpx's transport keeps its pool there (since 0.18) and only forwards to it.
         self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=httpx.create_ssl_context(trust_env=False),
+            ssl_context=ssl_context,
             max_connections=limits.max_connections,
             max_keepalive_connections=limits.max_keepalive_connections,
             keepalive_expiry=limits.keepalive_expiry,

@@ -30,6 +30,7 @@ KEY_PREFIX = "ks-"
 # key created later can take it and see those jobs (tests/api/test_job_edges.py::test_open_owner_is_no_key).
 KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 ANONYMOUS = "(no key)"
+LEGACY_OPEN_OWNER = "anonymous"  # the open server's owner before "(no key)": rows may still carry it
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS api_keys (
     name TEXT PRIMARY KEY,
@@ -62,11 +63,11 @@ class KeyStore:
     def create(self, name: str) -> str:
         """A new key for `name` (KEY_NAME: letters, digits, `._@-`, up to 64); the only time the key itself is
         visible. InvalidInput for a malformed name, Conflict for a taken one (revoked keys keep theirs)."""
-        if not KEY_NAME.fullmatch(name):
+        if not KEY_NAME.fullmatch(name) or name == LEGACY_OPEN_OWNER:
             raise InvalidInput(
                 f"key name {name!r} is not allowed",
                 param="name",
-                allowed="1-64 letters, digits, '.', '_', '@' or '-', starting with a letter or digit",
+                allowed="1-64 letters, digits, '.', '_', '@' or '-', from a letter or digit; not 'anonymous'",
             )
         key = KEY_PREFIX + secrets.token_urlsafe(32)
         try:

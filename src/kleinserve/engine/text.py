@@ -114,14 +114,15 @@ class PromptEncoder:
 
     def encode(self, prompts: list[str], max_sequence_length: int, device: torch.device) -> torch.Tensor:
         """(len(prompts), max_sequence_length, 3 * hidden) in the compute dtype, on `device`."""
-        found = {p: self.cache.get((p, max_sequence_length)) for p in dict.fromkeys(prompts)}
-        missing = [p for p, value in found.items() if value is None]
+        cached = {p: self.cache.get((p, max_sequence_length)) for p in dict.fromkeys(prompts)}
+        found = {p: embedding for p, embedding in cached.items() if embedding is not None}
+        missing = [p for p in cached if p not in found]
         if missing:
             encoded = self._run(missing, max_sequence_length)
             for prompt, embedding in zip(missing, encoded, strict=True):
                 found[prompt] = embedding
                 self.cache.put((prompt, max_sequence_length), embedding)
-        return torch.stack([embedding for p in prompts if (embedding := found[p]) is not None]).to(device)
+        return torch.stack([found[p] for p in prompts]).to(device)  # KeyError, never a shorter stack
 
     @torch.inference_mode()
     def _run(self, prompts: list[str], max_sequence_length: int) -> torch.Tensor:
