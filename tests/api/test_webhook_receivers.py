@@ -6,12 +6,13 @@ and the moment the sender hangs up, is seen.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -210,3 +211,26 @@ def test_hanging_webhooks_leave_reference_fetches_alone(
             assert response.status_code == 200, response.text
         assert time.monotonic() - started < 10
     assert receiver.most_open == 4  # bounded: the other two deliveries wait for a turn
+
+
+def test_at_most_the_read_limit_of_an_answer_is_pulled() -> None:
+    """WEBHOOK_READ_BYTES (a few KB), counted at the stream the sender reads from: loopback socket buffers
+    hold megabytes, so the receiver's side cannot tell 4 KB from 10 MB."""
+    pulled: list[int] = []
+    closed = asyncio.Event()
+
+    class Endless(httpx.AsyncByteStream):
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            try:
+                while True:
+                    pulled.append(1024)
+                    yield b"x" * 1024
+            finally:
+                closed.set()
+
+    async def read() -> None:
+        await webhooks._read_some(httpx.Response(200, stream=Endless()), webhooks.WEBHOOK_READ_BYTES)
+
+    asyncio.run(read())
+    assert sum(pulled) == webhooks.WEBHOOK_READ_BYTES
+    assert closed.is_set()
