@@ -7,7 +7,7 @@ NODE_DIR := tests/node
 NODE_STAMP := $(NODE_DIR)/node_modules/.installed
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: setup node-setup browser-setup test lint serve bench clean
+.PHONY: setup node-setup browser-setup postgres-setup test lint serve bench clean
 
 setup: $(STAMP)
 
@@ -35,12 +35,20 @@ browser-setup: setup
 		apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium; \
 	}
 
+# Debian's PostgreSQL server for the job store tests (tests/postgres.py runs a private cluster of its own, as a
+# non-root user); installed only when no initdb is there. Needs root, as apt does.
+postgres-setup:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+		echo "make: installing Debian's postgresql for the job store tests"; \
+		apt-get update -qq && apt-get install -y -qq --no-install-recommends postgresql; \
+	}
+
 lint: setup
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
 
-test: setup node-setup browser-setup lint
+test: setup node-setup browser-setup postgres-setup lint
 	$(BIN)/python -m pytest -q
 
 serve: setup

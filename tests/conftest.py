@@ -106,3 +106,51 @@ def reference_image(
         guidance_scale=guidance,
         generator=generator,
     ).images[0]
+
+
+# --- S3-compatible storage: moto's server mode (tests/s3.py, imported only by the tests that use it) ---
+from collections.abc import Iterator  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
+
+if TYPE_CHECKING:
+    from tests.s3 import S3Media
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """The URL of an S3 endpoint (moto on 127.0.0.1, a free port) for the whole session."""
+    from tests.s3 import moto_server
+
+    with moto_server() as url:
+        yield url
+
+
+@pytest.fixture
+def s3_media_url(s3_endpoint: str) -> S3Media:
+    """A fresh bucket: `.url` is `s3://<bucket>/<prefix>` (for --media-url), `.env` the variables a
+    subprocess needs to reach it (endpoint, fake keys, region); unpacks as `url, env`."""
+    from tests.s3 import new_bucket
+
+    return new_bucket(s3_endpoint)
+
+
+# --- PostgreSQL: a private server per session (tests/postgres.py, imported only by the tests that use it) ---
+if TYPE_CHECKING:
+    from tests.postgres import PostgresServer
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A private PostgreSQL for the session (`make postgres-setup` installs it); `.kill()` and
+    `.start_again()` crash and restart it on the same port."""
+    from tests.postgres import PostgresServer
+
+    server = PostgresServer.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> str:
+    """The URL of a database of this test's own, migrated (a copy of the session's template)."""
+    return postgres_server.new_database()

@@ -4,6 +4,7 @@
     jobs/     knows no dialect: never imports kleinserve.api, never names one (not even in a comment);
               reaches the engine only through engine.protocol
     api/      reaches the engine only through engine.protocol (the Engine interface and the types it names)
+    deploy.py is the only module that imports ray (an optional extra: `kleinserve[ray]`)
 
 Data flows one way: dialect -> internal request -> job -> engine -> result -> dialect.
 """
@@ -27,9 +28,9 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def imports_in(source: str, package: str) -> set[str]:
-    """Every kleinserve name imported by `source` (a module of `package`), as absolute dotted names: the
-    modules, and `module.name` for each name imported from one (relative imports resolved)."""
+def imports_in(source: str, package: str, root: str = "kleinserve") -> set[str]:
+    """Every name of package `root` imported by `source` (a module of `package`), as absolute dotted names:
+    the modules, and `module.name` for each name imported from one (relative imports resolved)."""
     found: set[str] = set()
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
@@ -42,13 +43,13 @@ def imports_in(source: str, package: str) -> set[str]:
                 base = ".".join([*anchor, base] if base else anchor)
             found.add(base)
             found.update(f"{base}.{alias.name}" for alias in node.names)
-    return {name for name in found if name == "kleinserve" or name.startswith("kleinserve.")}
+    return {name for name in found if name == root or name.startswith(root + ".")}
 
 
-def imports_of(path: Path) -> set[str]:
+def imports_of(path: Path, root: str = "kleinserve") -> set[str]:
     module = _module_name(path)
     package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
-    return imports_in(path.read_text(), package)
+    return imports_in(path.read_text(), package, root)
 
 
 def _modules(folder: str) -> list[Path]:
@@ -95,6 +96,12 @@ def test_jobs_name_no_dialect() -> None:
 
 def test_api_reaches_the_engine_only_through_its_interface() -> None:
     assert _violations("api", {ENGINE_INTERFACE}, ("kleinserve.engine",)) == {}
+
+
+def test_only_deploy_imports_ray() -> None:
+    # Ray is an optional extra: an import anywhere else would break every install without it.
+    importers = {str(path.relative_to(PACKAGE)) for path in PACKAGE.rglob("*.py") if imports_of(path, "ray")}
+    assert importers == {"deploy.py"}
 
 
 @pytest.mark.parametrize(

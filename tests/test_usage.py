@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from kleinserve.api.auth import DATABASE_NAME, KeyStore
+from kleinserve.api.auth import DATABASE_NAME, SqliteKeyStore
 from kleinserve.cli import main
 from kleinserve.jobs.report import USAGE_COLUMNS
 from tests.test_crash import ServerProcess, wait_for
@@ -35,7 +35,7 @@ def _table(text: str) -> dict[str, dict[str, float]]:
 def filled_data_dir(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> Iterator[Path]:
     """alice: one OpenAI job of 2 images and one BFL job; bob: one BFL job; carol: a cancelled job."""
     data_dir = tmp_path_factory.mktemp("usage") / "data"
-    keys = KeyStore(data_dir / DATABASE_NAME)
+    keys = SqliteKeyStore(data_dir / DATABASE_NAME)
     secrets = {name: keys.create(name) for name in ("alice", "bob", "carol")}
     keys.close()
     server = ServerProcess(tiny_dir, data_dir)

@@ -7,6 +7,8 @@
     kleinserve toy train --out DIR
     kleinserve toy eval
     kleinserve serve --model DIR --port 8000
+    kleinserve api --database-url postgresql://... --media-url s3://bucket/prefix --port 8000
+    kleinserve worker --database-url postgresql://... --media-url s3://bucket/prefix --model DIR
     kleinserve keys create --name alice
     kleinserve usage --key alice --since 2026-01-01
 
@@ -21,11 +23,12 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kleinserve.errors import InvalidInput, KleinError
 
 if TYPE_CHECKING:
+    from kleinserve.api.server import ServerSettings
     from kleinserve.engine.loading import ModelSource
     from kleinserve.engine.pipeline import Pipeline
 
@@ -146,33 +149,28 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--edits", type=int, default=24, help="recolouring edits to render")
 
     serve = commands.add_parser("serve", help="the HTTP server (OpenAI, Cloudflare, Vercel dialects)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    _add_data_dir(serve)
-    serve.add_argument("--queue-size", type=int, default=64, help="requests that may wait for the engine")
+    _add_server_options(serve)
     serve.add_argument("--max-batch", type=int, default=4, help="images per engine call")
-    serve.add_argument(
-        "--max-in-flight-per-key", type=int, default=24, help="queued + running jobs one key may have"
-    )
-    serve.add_argument("--media-ttl", type=int, default=600, help="seconds a result URL stays valid")
-    serve.add_argument(
-        "--allow-private-urls", action="store_true", help="fetch references from private hosts"
-    )
-    serve.add_argument(
-        "--insecure-no-auth", action="store_true", help="allow a non-loopback host without keys"
-    )
-    serve.add_argument(
-        "--public-url",
-        metavar="URL",
-        help="the server's public origin, for BFL's polling and webhook URLs (default: each request's)",
-    )
-    _add_connection_options(serve)
     _add_model_options(serve)
+
+    api = commands.add_parser("api", help="scaled out: a stateless API process (no model loaded)")
+    _add_server_options(api)
+    _add_scale_options(api)
+    api.add_argument("--model", default=DEFAULT_MODEL, help="the model the workers serve (its configs only)")
+    _add_source_options(api)
+
+    worker = commands.add_parser("worker", help="scaled out: one engine that claims jobs from the database")
+    _add_data_dir(worker)
+    _add_scale_options(worker)
+    worker.add_argument("--max-batch", type=int, default=4, help="images per engine call")
+    worker.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    _add_model_options(worker)
 
     usage = commands.add_parser("usage", help="usage per key: succeeded jobs, images, tiles, megapixels")
     usage.add_argument("--key", help="only this key (default: every key)")
     usage.add_argument("--since", type=_date, help="only jobs created on or after YYYY-MM-DD (local time)")
     _add_data_dir(usage)
+    _add_database_url(usage)
 
     keys = commands.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
     create = keys.add_parser("create", help="create a key and print it (shown once)")
@@ -182,7 +180,55 @@ def build_parser() -> argparse.ArgumentParser:
     listing = keys.add_parser("list", help="list keys")
     for sub in (create, revoke, listing):
         _add_data_dir(sub)
+        _add_database_url(sub)
     return parser
+
+
+def _add_database_url(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get("KLEINSERVE_DATABASE_URL"),
+        help="scaled out: the PostgreSQL database of `kleinserve api` (default $KLEINSERVE_DATABASE_URL)",
+    )
+
+
+def _add_server_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    _add_data_dir(parser)
+    parser.add_argument("--queue-size", type=int, default=64, help="requests that may wait for the engine")
+    parser.add_argument(
+        "--max-in-flight-per-key", type=int, default=24, help="queued + running jobs one key may have"
+    )
+    parser.add_argument("--media-ttl", type=int, default=600, help="seconds a result URL stays valid")
+    parser.add_argument(
+        "--allow-private-urls", action="store_true", help="fetch references from private hosts"
+    )
+    parser.add_argument(
+        "--insecure-no-auth", action="store_true", help="allow a non-loopback host without keys"
+    )
+    parser.add_argument(
+        "--public-url",
+        metavar="URL",
+        help="the server's public origin, for BFL's polling and webhook URLs (default: each request's)",
+    )
+    _add_connection_options(parser)
+
+
+def _add_scale_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("scale out")
+    group.add_argument(
+        "--database-url",
+        default=os.environ.get("KLEINSERVE_DATABASE_URL"),
+        required="KLEINSERVE_DATABASE_URL" not in os.environ,
+        help="postgresql://... : jobs, keys, usage (default $KLEINSERVE_DATABASE_URL)",
+    )
+    group.add_argument(
+        "--media-url",
+        default=os.environ.get("KLEINSERVE_MEDIA_URL"),
+        help="s3://bucket/prefix (credentials: AWS_* variables); default: the data dir (one machine only)",
+    )
+    group.add_argument("--lease-seconds", type=float, default=20.0, help="a claimed job's lease")
 
 
 def _add_data_dir(parser: argparse.ArgumentParser) -> None:
@@ -197,6 +243,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _generate(args)
         if args.command == "serve":
             return _serve(args)
+        if args.command in ("api", "worker"):
+            from kleinserve import cli_scale
+
+            return cli_scale.run(args)
         if args.command == "keys":
             return _keys(args)
         if args.command == "usage":
@@ -311,28 +361,36 @@ def _load(args: argparse.Namespace) -> Pipeline:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from kleinserve.api.auth import DATABASE_NAME, KeyStore, check_open_binding
+    from kleinserve.api.auth import DATABASE_NAME, SqliteKeyStore, check_open_binding
     from kleinserve.logs import configure
 
     configure()  # JSON lines on stderr, model loading included
-    from kleinserve.api.limits import ConnectionLimits, check_port_free
+    from kleinserve.api.limits import check_port_free
 
     # Before importing the server (torch, diffusers: seconds) and before minutes of model loading.
     check_port_free(args.host, args.port)
-    keys = KeyStore(args.data_dir / DATABASE_NAME)
+    keys = SqliteKeyStore(args.data_dir / DATABASE_NAME)
     try:
         check_open_binding(args.host, keys, args.insecure_no_auth)
     finally:
         keys.close()
 
-    from kleinserve.api.server import ServerSettings, serve
+    from kleinserve.api.server import serve
 
-    settings = ServerSettings(
+    serve(server_settings(args, max_batch=args.max_batch), lambda: _load(args))
+    return 0
+
+
+def server_settings(args: argparse.Namespace, **more: Any) -> ServerSettings:
+    """The HTTP server's settings from `serve`'s and `api`'s flags; `more`: other ServerSettings fields."""
+    from kleinserve.api.limits import ConnectionLimits
+    from kleinserve.api.server import ServerSettings
+
+    return ServerSettings(
         data_dir=args.data_dir,
         host=args.host,
         port=args.port,
         max_waiting=args.queue_size,
-        max_batch=args.max_batch,
         max_in_flight_per_key=args.max_in_flight_per_key,
         media_ttl_s=args.media_ttl,
         allow_private_urls=args.allow_private_urls,
@@ -341,15 +399,20 @@ def _serve(args: argparse.Namespace) -> int:
         connections=ConnectionLimits(
             **{field: getattr(args, field) for field, _, _ in CONNECTION_FLAGS.values()}
         ),
+        **more,
     )
-    serve(settings, lambda: _load(args))
-    return 0
 
 
 def _keys(args: argparse.Namespace) -> int:
-    from kleinserve.api.auth import DATABASE_NAME, KeyStore
+    from kleinserve.api.auth import DATABASE_NAME, KeyStore, SqliteKeyStore
 
-    store = KeyStore(args.data_dir / DATABASE_NAME)
+    store: KeyStore
+    if args.database_url:
+        from kleinserve.jobs.postgres import PostgresKeyStore
+
+        store = PostgresKeyStore(args.database_url)
+    else:
+        store = SqliteKeyStore(args.data_dir / DATABASE_NAME)
     if args.keys_command == "create":
         print(store.create(args.name))
         print(f"kleinserve: key {args.name!r} created; it is shown only once", file=sys.stderr)
@@ -368,12 +431,18 @@ def _keys(args: argparse.Namespace) -> int:
 def _usage(args: argparse.Namespace) -> int:
     from kleinserve.api.auth import DATABASE_NAME
     from kleinserve.jobs.report import usage_report
-    from kleinserve.jobs.store import SqliteJobStore
+    from kleinserve.jobs.store import JobStore, SqliteJobStore
 
-    database = args.data_dir / DATABASE_NAME
-    if not database.exists():
-        raise InvalidInput(f"{database}: no job database (is --data-dir right?)", param="data-dir")
-    store = SqliteJobStore(database)
+    store: JobStore
+    if args.database_url:
+        from kleinserve.jobs.postgres import PostgresJobStore
+
+        store = PostgresJobStore(args.database_url)
+    else:
+        database = args.data_dir / DATABASE_NAME
+        if not database.exists():
+            raise InvalidInput(f"{database}: no job database (is --data-dir right?)", param="data-dir")
+        store = SqliteJobStore(database)
     try:
         lines = usage_report(store.usage(args.key, args.since))
     finally:

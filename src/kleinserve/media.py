@@ -5,12 +5,14 @@ first and refuses anything over MAX_INPUT_PIXELS before a pixel is decoded (deco
 then decodes fully so that truncated files fail here with a clear message. Only PNG, JPEG, WebP and GIF are
 opened: Pillow's other formats are attack surface no client needs (EPS, for one, runs Ghostscript).
 Animated images give their first frame; palette, CMYK, 16-bit and alpha images are converted by the engine
-(`references.to_rgb`). A job's decoded references wait in `<data dir>/inputs/` (`ReferenceStore`) until the
-job ends.
+(`references.to_rgb`). A job's prepared references wait as objects `inputs/<job id>-<index>.png`
+(`ReferenceStore`) until the job ends.
 
-Outputs returned as URLs are written under `<data dir>/media/` and served at
+Outputs returned as URLs are stored as objects `media/<name>` (objects.py: `<data dir>/media/` by default, or
+an S3 bucket) and served at
 `/media/<name>?expires=<unix seconds>&signature=<hex HMAC-SHA256(secret, "<name>:<expires>")>`; the secret is
-created on first start and kept in the data dir, so links survive a restart and nobody can forge one.
+created on first start and kept in the data dir (or shared by every API process: `media_secret_from_env`),
+so links survive a restart and nobody can forge one.
 """
 
 from __future__ import annotations
@@ -22,10 +24,13 @@ import contextlib
 import hashlib
 import hmac
 import io
+import mimetypes
 import os
+import re
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -33,7 +38,7 @@ import pybase64
 from PIL import Image, UnidentifiedImageError
 
 from kleinserve.errors import Forbidden, InvalidInput, KleinError, NotFound
-from kleinserve.files import open_private, private_dir
+from kleinserve.objects import LocalObjects, ObjectStore
 from kleinserve.outbound import OutboundClient, OutboundPolicy
 from kleinserve.types import ImageFormat
 
@@ -44,6 +49,10 @@ URL_MAX_CHARS = 8192  # what common HTTP servers accept in a request line
 URL_MAX_CONNECTIONS = 100  # reference downloads at once (others wait for a connection, within their timeout)
 MEDIA_TTL_S = 600
 SECRET_BYTES = 32
+MEDIA_SECRET_ENV = "KLEINSERVE_MEDIA_SECRET"
+MEDIA_PREFIX = "media/"  # object keys of result images
+INPUTS_PREFIX = "inputs/"  # object keys of a job's prepared reference images
+_MEDIA_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")  # one object key segment (objects.py)
 INPUT_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")  # Pillow format ids (JPEG includes multi-picture JPEG)
 
 
@@ -169,40 +178,75 @@ def _unfetchable(param: str, reason: str) -> InvalidInput:
     return InvalidInput(f"{param}: the URL could not be fetched: {reason}", param=param)
 
 
-class MediaStore:
-    """Result images on disk, served through expiring HMAC-signed URLs."""
+@dataclass(frozen=True)
+class MediaFile:
+    """Where a valid signed link leads (MediaStore.open): exactly one of `path` (a local file, sent as is),
+    `url` (a presigned URL to redirect to) and `data` (the object's bytes, sent by the API process)."""
 
-    def __init__(self, directory: Path, secret: bytes, ttl_s: int = MEDIA_TTL_S) -> None:
-        self.directory = directory
+    name: str
+    path: Path | None = None
+    url: str | None = None
+    data: bytes | None = None
+
+    @property
+    def media_type(self) -> str:
+        return mimetypes.guess_type(self.name)[0] or "application/octet-stream"
+
+
+class MediaStore:
+    """Result images (`media/<name>` in an ObjectStore), served through expiring HMAC-signed links.
+
+    Any API process holding the same `secret` can serve the links of any other (scale-out: the secret is
+    shared through the database or KLEINSERVE_MEDIA_SECRET). With `redirect`, a link to an object in a
+    remote store answers 302 to a presigned URL valid for the link's remaining life (for a bucket endpoint
+    clients can reach; a gone object is then the bucket's 404), instead of the API process sending the bytes.
+    """
+
+    def __init__(
+        self, objects: ObjectStore, secret: bytes, ttl_s: int = MEDIA_TTL_S, *, redirect: bool = False
+    ) -> None:
+        self.objects = objects
         self.secret = secret
         self.ttl_s = ttl_s
-        private_dir(directory)
+        self.redirect = redirect
 
     @classmethod
     def in_data_dir(cls, data_dir: Path, ttl_s: int = MEDIA_TTL_S) -> MediaStore:
-        return cls(data_dir / "media", load_or_create_secret(data_dir / "secret.key"), ttl_s)
+        """The one-box store: files in `<data dir>/media/`, signed with the data dir's secret.key."""
+        return cls(LocalObjects(data_dir), load_or_create_secret(data_dir / "secret.key"), ttl_s)
 
     def save(self, data: bytes, fmt: ImageFormat) -> str:
-        """Store bytes; returns the file name (random, unguessable)."""
+        """Store bytes; returns the name (random, unguessable). Blocking: call it off the event loop."""
         name = f"{secrets.token_urlsafe(18)}.{fmt.value}"
-        with open_private(self.directory / name) as handle:
-            handle.write(data)
+        self.objects.put(MEDIA_PREFIX + name, data)
         return name
+
+    def read(self, name: str) -> bytes:
+        """The stored bytes of `name`; NotFound when gone. Blocking."""
+        return self.objects.get(self._key(name))
+
+    def remove(self, name: str) -> None:
+        """Delete a stored image (gone already is fine), as of a job that could not be committed. Blocking."""
+        self.objects.delete(self._key(name))
 
     def signed_path(self, name: str, now: float | None = None) -> str:
         expires = int((now if now is not None else time.time()) + self.ttl_s)
         return f"/media/{name}?expires={expires}&signature={self._sign(name, expires)}"
 
-    def open(self, name: str, expires: int, signature: str, now: float | None = None) -> Path:
-        """The file for a signed link; Forbidden when expired or tampered with, NotFound when gone."""
+    def open(self, name: str, expires: int, signature: str, now: float | None = None) -> MediaFile:
+        """What a signed link leads to; Forbidden when expired or tampered with, NotFound when gone.
+        Blocking (a remote store is read or asked): call it off the event loop."""
         if not hmac.compare_digest(self._sign(name, expires), signature):
             raise Forbidden("the media link's signature is not valid")
-        if expires < (now if now is not None else time.time()):
+        now = now if now is not None else time.time()
+        if expires < now:
             raise Forbidden("the media link has expired")
-        path = self.directory / name
-        if "/" in name or not path.is_file():
-            raise NotFound("no such media file")
-        return path
+        key = self._key(name)
+        if self.redirect and (url := self.objects.presigned_url(key, max(1, int(expires - now)))):
+            return MediaFile(name, url=url)
+        if (path := self.objects.local_path(key)) is not None:
+            return MediaFile(name, path=path)
+        return MediaFile(name, data=self.objects.get(key))
 
     def expired(self, finished: float | None, now: float | None = None) -> bool:
         """Whether the images of a job that ended at `finished` (Unix s) are past their lifetime (deleted by
@@ -210,46 +254,72 @@ class MediaStore:
         return finished is not None and (now if now is not None else time.time()) - finished > self.ttl_s
 
     def remove_expired(self, now: float | None = None) -> int:
-        """Delete files older than the link lifetime (no link to them is still valid); returns the count."""
+        """Delete images older than the link lifetime (no link to them is still valid); returns the count."""
         cutoff = (now if now is not None else time.time()) - self.ttl_s
-        removed = 0
-        for path in self.directory.iterdir():
-            if path.is_file() and path.stat().st_mtime < cutoff:
-                path.unlink(missing_ok=True)
-                removed += 1
-        return removed
+        return self.objects.delete_older_than(MEDIA_PREFIX, cutoff)
+
+    def _key(self, name: str) -> str:
+        # One segment only: a link can never reach outside media/ (the secret key, the database).
+        if not _MEDIA_NAME.fullmatch(name):
+            raise NotFound("no such media file")
+        return MEDIA_PREFIX + name
 
     def _sign(self, name: str, expires: int) -> str:
         return hmac.new(self.secret, f"{name}:{expires}".encode(), hashlib.sha256).hexdigest()
 
 
 class ReferenceStore:
-    """A job's reference images as PNG files (`{job id}-{index}.png`) from submit until the job ends, so that
-    a queued job, or one a crash interrupted, can run after a restart. Stored as given: pass RGB images and
-    PNG keeps them exactly."""
+    """A job's reference images as PNG objects (`inputs/{job id}-{index}.png`) from submit until the job ends,
+    so that a queued job, or one a crash interrupted, can run after a restart (or on another worker). Stored
+    as given: pass RGB images and PNG keeps them exactly.
 
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        private_dir(directory)
+    `objects` is an ObjectStore, or a directory of the store's own holding `{job id}-{index}.png` (the
+    in-process worker's `inputs_dir`: the same files as `LocalObjects(data_dir)` under inputs/).
+    """
 
-    def path(self, job_id: str, index: int) -> Path:
-        return self.directory / f"{job_id}-{index}.png"
+    def __init__(self, objects: ObjectStore | Path) -> None:
+        self.objects, self.prefix = (
+            (LocalObjects(objects), "") if isinstance(objects, Path) else (objects, INPUTS_PREFIX)
+        )
+
+    def key(self, job_id: str, index: int) -> str:
+        return f"{self.prefix}{job_id}-{index}.png"
 
     def save(self, job_id: str, images: Sequence[Image.Image]) -> None:
         for index, image in enumerate(images):
-            with open_private(self.path(job_id, index)) as handle:
-                image.save(handle, format="PNG")
+            encoded = io.BytesIO()
+            image.save(encoded, format="PNG")
+            self.objects.put(self.key(job_id, index), encoded.getvalue())
 
     def load(self, job_id: str, count: int) -> list[Image.Image]:
         loaded = []
         for index in range(count):
-            with Image.open(self.path(job_id, index)) as image:
+            with Image.open(io.BytesIO(self.objects.get(self.key(job_id, index)))) as image:
                 loaded.append(image.copy())
         return loaded
 
     def remove(self, job_id: str, count: int) -> None:
         for index in range(count):
-            self.path(job_id, index).unlink(missing_ok=True)
+            self.objects.delete(self.key(job_id, index))
+
+
+def media_secret_from_env(environ: Mapping[str, str] | None = None) -> bytes | None:
+    """The link signing secret of KLEINSERVE_MEDIA_SECRET (hex, at least SECRET_BYTES bytes), for API
+    processes that share no data dir; None when unset. InvalidInput naming the variable when unusable."""
+    text = (os.environ if environ is None else environ).get(MEDIA_SECRET_ENV, "").strip()
+    if not text:
+        return None
+    try:
+        secret = bytes.fromhex(text)
+    except ValueError:
+        secret = b""
+    if len(secret) < SECRET_BYTES:
+        raise InvalidInput(
+            f"{MEDIA_SECRET_ENV} is not a usable secret",
+            param=MEDIA_SECRET_ENV,
+            allowed=f"at least {2 * SECRET_BYTES} hex digits ({SECRET_BYTES} bytes): `openssl rand -hex 32`",
+        )
+    return secret
 
 
 def load_or_create_secret(path: Path) -> bytes:

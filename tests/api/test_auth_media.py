@@ -21,11 +21,12 @@ import httpx
 import pytest
 from PIL import Image
 
-from kleinserve.api.auth import DATABASE_NAME, KeyStore
+from kleinserve.api.auth import DATABASE_NAME, SqliteKeyStore
 from kleinserve.api.server import ServerSettings, check_binding, create_app
 from kleinserve.engine import Pipeline
 from kleinserve.errors import InvalidInput, KleinError
-from kleinserve.media import MediaStore
+from kleinserve.media import MEDIA_SECRET_ENV, MediaStore, media_secret_from_env
+from kleinserve.objects import LocalObjects
 from kleinserve.types import ImageFormat
 from tests.api.conftest import RunningServer, serve_in_thread
 
@@ -93,7 +94,7 @@ def keyed_server(
     tmp_path: Path, start_server: Callable[..., RunningServer]
 ) -> Iterator[tuple[RunningServer, str]]:
     """A server whose data dir (start_server's first, data-0) holds the key "alice"; yields it and the key."""
-    store = KeyStore(tmp_path / "data-0" / DATABASE_NAME)
+    store = SqliteKeyStore(tmp_path / "data-0" / DATABASE_NAME)
     key = store.create("alice")
     store.close()
     running = start_server()
@@ -197,7 +198,7 @@ def test_serve_on_all_interfaces_without_a_key_exits_at_once(tmp_path: Path) -> 
 
 
 def test_check_binding(tmp_path: Path, server_pipeline: Pipeline) -> None:
-    keys = KeyStore(tmp_path / DATABASE_NAME)
+    keys = SqliteKeyStore(tmp_path / DATABASE_NAME)
     try:
         public = ServerSettings(data_dir=tmp_path, host="0.0.0.0")
         with pytest.raises(InvalidInput, match="refusing to listen on 0.0.0.0") as refused:
@@ -278,16 +279,17 @@ def test_media_links(start_server: Callable[..., RunningServer]) -> None:
 
 
 def test_remove_expired(tmp_path: Path) -> None:
-    store = MediaStore(tmp_path / "media", secret=b"s" * 32, ttl_s=600)
+    store = MediaStore(LocalObjects(tmp_path), secret=b"s" * 32, ttl_s=600)
+    directory = tmp_path / "media"
     old = store.save(b"old image", ImageFormat.PNG)
     new = store.save(b"new image", ImageFormat.WEBP)
     past = time.time() - 601
-    os.utime(store.directory / old, (past, past))
+    os.utime(directory / old, (past, past))
     assert store.remove_expired() == 1
-    assert sorted(path.name for path in store.directory.iterdir()) == [new]
+    assert sorted(path.name for path in directory.iterdir()) == [new]
     assert store.remove_expired() == 0
     assert store.remove_expired(now=time.time() + 601) == 1
-    assert list(store.directory.iterdir()) == []
+    assert list(directory.iterdir()) == []
 
 
 def test_secret_is_created_once_private_and_survives_restarts(
@@ -327,3 +329,15 @@ def test_damaged_secret_is_refused_rather_than_used(tmp_path: Path) -> None:
     (tmp_path / "secret.key").unlink()
     first = MediaStore.in_data_dir(tmp_path)
     assert MediaStore.in_data_dir(tmp_path).secret == first.secret
+
+
+def test_media_secret_from_the_environment() -> None:
+    """API processes without a shared data dir share the link secret through KLEINSERVE_MEDIA_SECRET."""
+    assert media_secret_from_env({}) is None
+    assert media_secret_from_env({MEDIA_SECRET_ENV: " "}) is None
+    assert media_secret_from_env({MEDIA_SECRET_ENV: "ab" * 32}) == b"\xab" * 32
+    assert media_secret_from_env({MEDIA_SECRET_ENV: "AB" * 40 + "\n"}) == b"\xab" * 40
+    for unusable in ("ab" * 31, "xy" * 32, "a" * 65):  # short, not hex, odd length
+        with pytest.raises(InvalidInput, match="openssl rand -hex 32") as raised:
+            media_secret_from_env({MEDIA_SECRET_ENV: unusable})
+        assert raised.value.param == MEDIA_SECRET_ENV

@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from kleinserve.api import bfl
-from kleinserve.api.auth import KeyStore
+from kleinserve.api.auth import SqliteKeyStore
 from kleinserve.api.server import ServerSettings
 from kleinserve.engine.resolve import resolve_request
 from kleinserve.errors import InvalidInput
@@ -230,7 +230,7 @@ def test_public_url_setting_refuses_what_is_no_origin(tmp_path: Path, given: str
 
 def test_ai_sdk_black_forest_labs_provider(node: str, start_server: Any, tmp_path: Path) -> None:
     """With a key: the provider's x-key authenticates the submit, the polls and the sample download."""
-    keys = KeyStore(tmp_path / "data-0" / "kleinserve.db")  # start_server's first data dir
+    keys = SqliteKeyStore(tmp_path / "data-0" / "kleinserve.db")  # start_server's first data dir
     key = keys.create("alice")
     keys.close()
     running = start_server()

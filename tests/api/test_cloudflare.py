@@ -22,7 +22,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from kleinserve.api.auth import KeyStore
+from kleinserve.api.auth import SqliteKeyStore
 from kleinserve.api.server import ServerSettings
 from kleinserve.engine import load_pipeline
 from tests.api.conftest import RunningServer, serve_in_thread
@@ -324,7 +324,7 @@ def test_unknown_route_under_the_cloudflare_prefix(server: RunningServer) -> Non
 def test_api_token(start_server: Callable[..., RunningServer]) -> None:
     """With a key created, the Bearer token is checked: a wrong one is Cloudflare's 10000 / 401."""
     running = start_server()
-    keys = KeyStore(running.settings.data_dir / "kleinserve.db")
+    keys = SqliteKeyStore(running.settings.data_dir / "kleinserve.db")
     try:
         token = keys.create("cloudflare-client")
     finally:

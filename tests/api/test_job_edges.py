@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from kleinserve.api.auth import DATABASE_NAME, KeyStore
+from kleinserve.api.auth import DATABASE_NAME, SqliteKeyStore
 from kleinserve.errors import InvalidInput
 from kleinserve.media import ReferenceStore
 from tests.api.conftest import RunningServer
@@ -58,7 +58,7 @@ def test_data_dir_files_are_private(start_server: Callable[..., RunningServer], 
 def test_open_owner_is_no_key(start_server: Callable[..., RunningServer]) -> None:
     # Jobs made while the server was open belonged to "anonymous": a key created later by that name saw them.
     server = start_server()
-    keys = KeyStore(server.settings.data_dir / DATABASE_NAME)
+    keys = SqliteKeyStore(server.settings.data_dir / DATABASE_NAME)
     try:
         with httpx.Client(base_url=server.base_url, timeout=30) as http:
             made_open = http.post(SUBMIT, json=SMALL).json()["id"]

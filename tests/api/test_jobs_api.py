@@ -19,7 +19,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from kleinserve.api.auth import DATABASE_NAME, KeyStore
+from kleinserve.api.auth import DATABASE_NAME, SqliteKeyStore
 from tests.api.conftest import RunningServer
 
 SUBMIT = "/v1/flux-2-klein-4b"
@@ -108,7 +108,7 @@ def test_unknown_job_is_404(client: httpx.Client) -> None:
 
 
 def test_list_and_keys(start_server: Callable[..., RunningServer], tmp_path: Path) -> None:
-    keys = KeyStore(tmp_path / "data-0" / "kleinserve.db")  # start_server's first data dir
+    keys = SqliteKeyStore(tmp_path / "data-0" / "kleinserve.db")  # start_server's first data dir
     alice, bob = keys.create("alice"), keys.create("bob")
     keys.close()
     running = start_server()

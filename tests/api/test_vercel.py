@@ -23,7 +23,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from kleinserve.api.auth import KeyStore
+from kleinserve.api.auth import SqliteKeyStore
 from kleinserve.api.vercel import size_for_aspect_ratio
 from tests.api.conftest import RunningServer, run_sdk
 from tests.conftest import random_png_files
@@ -288,7 +288,7 @@ def test_gateway_provider_options(server: RunningServer, node: str) -> None:
 def test_api_key(start_server: Callable[..., RunningServer], node: str, provider: str) -> None:
     """With a key created, the SDK's apiKey (sent as a Bearer token) is checked."""
     running = start_server()
-    keys = KeyStore(running.settings.data_dir / "kleinserve.db")
+    keys = SqliteKeyStore(running.settings.data_dir / "kleinserve.db")
     try:
         key = keys.create("vercel-client")
     finally:

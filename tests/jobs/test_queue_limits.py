@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from kleinserve.api.auth import KeyStore
+from kleinserve.api.auth import SqliteKeyStore
 from kleinserve.jobs.store import Job, JobStatus
 from kleinserve.jobs.worker import Worker
 from kleinserve.types import GenerateRequest
@@ -247,7 +247,7 @@ def test_a_client_leaving_while_running_is_cancelled_at_the_next_step(
 def test_the_per_key_limit_refuses_one_key_and_serves_another(
     tmp_path: Any, start_server: Callable[..., RunningServer], gates: Callable[[], Gate]
 ) -> None:
-    keys = KeyStore(tmp_path / "data-0" / "kleinserve.db")  # start_server's first data dir
+    keys = SqliteKeyStore(tmp_path / "data-0" / "kleinserve.db")  # start_server's first data dir
     alice, bob = keys.create("alice"), keys.create("bob")
     keys.close()
     server = start_server(max_in_flight_per_key=1)

@@ -23,6 +23,7 @@ from kleinserve.jobs.events import EventHub
 from kleinserve.jobs.store import JobStatus, SqliteJobStore
 from kleinserve.jobs.worker import Worker, WorkerSettings
 from kleinserve.media import MediaStore
+from kleinserve.objects import LocalObjects
 from kleinserve.types import GenerateRequest
 from tests.jobs.gate import WAIT_S, Gate
 from tests.jobs.test_worker import reach, until
@@ -36,7 +37,7 @@ def _request(prompt: str) -> GenerateRequest:
 
 def _worker(data_dir: Path, pipeline: Pipeline) -> Worker:
     store = SqliteJobStore(data_dir / "kleinserve.db", busy_timeout_s=BUSY_TIMEOUT_S)
-    media = MediaStore(data_dir / "media", b"x" * 32)
+    media = MediaStore(LocalObjects(data_dir), b"x" * 32)
     # Progress saved at every step: every step meets the refusing store too.
     worker = Worker(
         pipeline, store, media, data_dir / "inputs", EventHub(), WorkerSettings(progress_interval_s=0)
@@ -103,11 +104,10 @@ def tiny_tmpfs(tmp_path: Path) -> Iterator[Path]:
 def _fill(folder: Path) -> Path:
     """Write zeros into `folder/filler` until the file system is full."""
     filler = folder / "filler"
-    with filler.open("wb") as handle:
+    with filler.open("wb", buffering=0) as handle:  # unbuffered: closing it has nothing left to write
         try:
             while True:
                 handle.write(b"\0" * 65536)
-                handle.flush()
         except OSError as exc:
             assert exc.errno == errno.ENOSPC
     return filler

@@ -27,6 +27,7 @@ from kleinserve.jobs.record import JobParams
 from kleinserve.jobs.store import MAX_ATTEMPTS, Job, JobStatus, SqliteJobStore
 from kleinserve.jobs.worker import Worker, WorkerSettings
 from kleinserve.media import MediaStore, ReferenceStore
+from kleinserve.objects import LocalObjects
 from kleinserve.types import GenerateRequest, Progress
 from tests.conftest import max_difference, pixels, random_image
 from tests.jobs.gate import WAIT_S, Gate
@@ -53,7 +54,7 @@ class Setup:
         self.tmp_path = tmp_path
         self.pipeline = pipeline
         self.store = SqliteJobStore(tmp_path / "db")
-        self.media = MediaStore(tmp_path / "media", b"x" * 32)
+        self.media = MediaStore(LocalObjects(tmp_path), b"x" * 32)
         self.hub = EventHub()
         self.inputs = tmp_path / "inputs"
         self.workers: list[Worker] = []
@@ -75,7 +76,7 @@ class Setup:
         return gate
 
     def stored(self, name: str) -> bytes:
-        return (self.media.directory / name).read_bytes()
+        return self.media.read(name)
 
     def image(self, name: str) -> Image.Image:
         with Image.open(io.BytesIO(self.stored(name))) as image:
@@ -222,7 +223,7 @@ def test_a_submit_whose_row_cannot_be_stored_leaves_nothing_behind(setup: Setup)
 
     asyncio.run(scenario())
     assert list(setup.inputs.iterdir()) == []
-    assert not worker._listeners and not worker._waiters
+    assert not worker.coordination._listeners and not worker.coordination._waiters  # type: ignore[attr-defined]
 
 
 def test_reference_images_are_stored_prepared_as_png_and_reload_identically(
@@ -238,7 +239,7 @@ def test_reference_images_are_stored_prepared_as_png_and_reload_identically(
         job = worker.submit(request, owner="alice")
         assert job.reference_count == 1
         assert job.params.reference_sizes == ((64, 80),)  # the processed size, known at submit time
-        stored = worker.references.path(job.id, 0)
+        stored = io.BytesIO(worker.references.objects.get(worker.references.key(job.id, 0)))
         with Image.open(stored) as image:
             assert image.format == "PNG"
             assert image.mode == "RGB"

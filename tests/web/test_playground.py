@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 from playwright.sync_api import Browser, Page, Route, expect
 
-from kleinserve.api.auth import DATABASE_NAME, KeyStore
+from kleinserve.api.auth import DATABASE_NAME, SqliteKeyStore
 from kleinserve.api.server import ServerSettings
 from kleinserve.engine import Pipeline, load_pipeline
 from kleinserve.engine.tiny import create_tiny
@@ -293,7 +293,7 @@ def test_api_key_is_kept_and_sent(
 ) -> None:
     """With keys, the page itself loads without one, says plainly that a key is needed, and works once one
     is typed; the key is kept in localStorage across reloads."""
-    keys = KeyStore(tmp_path / "data-0" / DATABASE_NAME)
+    keys = SqliteKeyStore(tmp_path / "data-0" / DATABASE_NAME)
     key = keys.create("alice")
     keys.close()
     running = start_server()

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import httpx
 
-from kleinserve.api.auth import DATABASE_NAME, KeyStore
+from kleinserve.api.auth import DATABASE_NAME, SqliteKeyStore
 from kleinserve.web.routes import ASSETS, WEB_DIR
 from tests.api.conftest import RunningServer
 
 
 def test_page_and_assets_need_no_key(start_server: Callable[..., RunningServer], tmp_path: Path) -> None:
-    keys = KeyStore(tmp_path / "data-0" / DATABASE_NAME)
+    keys = SqliteKeyStore(tmp_path / "data-0" / DATABASE_NAME)
     keys.create("alice")
     keys.close()
     running = start_server()

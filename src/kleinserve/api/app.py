@@ -9,6 +9,7 @@ in the same body.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import logging
@@ -17,7 +18,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, RedirectResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
@@ -35,6 +36,7 @@ from kleinserve.errors import (
     NotFound,
     PayloadTooLarge,
 )
+from kleinserve.media import MediaStore
 from kleinserve.web import docs
 from kleinserve.web import routes as web
 
@@ -98,6 +100,18 @@ class BodyLimit:
         await self.app(scope, limited_receive, send)
 
 
+async def serve_media(media: MediaStore, name: str, expires: int, signature: str) -> Response:
+    """A signed result link (`/media/{name}`): the local file, the object's bytes (S3: the link works from
+    any API process, whether or not clients can reach the bucket) or, in redirect mode, a 302 to a presigned
+    URL. Raises Forbidden (expired, tampered with) or NotFound (gone)."""
+    found = await asyncio.to_thread(media.open, name, expires, signature)  # S3: a request
+    if found.url is not None:
+        return RedirectResponse(found.url, status_code=302)
+    if found.path is not None:
+        return FileResponse(found.path)
+    return Response(found.data, media_type=found.media_type)
+
+
 def build_app(services: Services, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -134,8 +148,8 @@ def build_app(services: Services, max_body_bytes: int = MAX_BODY_BYTES) -> FastA
     app.include_router(docs.build_router(app.title, app.openapi_url or "/openapi.json"))
 
     @app.get("/media/{name}", include_in_schema=False)
-    async def media(name: str, expires: int, signature: str) -> FileResponse:
-        return FileResponse(services.media.open(name, expires, signature))
+    async def media(name: str, expires: int, signature: str) -> Response:
+        return await serve_media(services.media, name, expires, signature)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:
@@ -145,13 +159,13 @@ def build_app(services: Services, max_body_bytes: int = MAX_BODY_BYTES) -> FastA
     @app.get("/readyz", include_in_schema=False)
     async def readyz() -> Response:
         """Ready: the model is loaded and warmed up, and the worker takes work."""
-        if (reason := services.worker.unready_reason) is not None:
+        if (reason := services.jobs.unready_reason) is not None:
             return JSONBody({"status": "not ready", "reason": reason}, status_code=503)
         return JSONBody({"status": "ready", "model": services.spec.name})
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:
-        return Response(services.worker.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        return Response(services.jobs.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     app.openapi = functools.partial(openapi.document, app)  # type: ignore[method-assign]
     app.add_middleware(BodyLimit, limit=max_body_bytes)

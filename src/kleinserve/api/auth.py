@@ -1,4 +1,5 @@
-"""API keys: created once, shown once, stored as SHA-256 digests in the data dir's SQLite file.
+"""API keys: created once, shown once, stored as SHA-256 digests (kleinserve/keys.py) in a `KeyStore`: the
+data dir's SQLite file (`SqliteKeyStore`), or the PostgreSQL database processes share (jobs/postgres.py).
 
 Accepted on the wire as `Authorization: Bearer <key>` (OpenAI, Cloudflare, Vercel), `Authorization: Key <key>`
 (fal) or `x-key: <key>` (BFL). Until the first key is created the server is open, and for that reason it
@@ -11,26 +12,19 @@ This module imports nothing heavy, so `kleinserve keys ...` and the binding chec
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
-import re
-import secrets
 import sqlite3
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from kleinserve.errors import Conflict, InvalidInput, NotFound, Unauthorized
 from kleinserve.files import private_database
+from kleinserve.keys import ApiKey, key_digest, new_key
 
 DATABASE_NAME = "kleinserve.db"  # in the data dir
-KEY_PREFIX = "ks-"
-# Key names are words (KEY_NAME); the owner of the jobs made while the server is open is not one, so that no
-# key created later can take it and see those jobs (tests/api/test_job_edges.py::test_open_owner_is_no_key).
-KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
-ANONYMOUS = "(no key)"
-LEGACY_OPEN_OWNER = "anonymous"  # the open server's owner before "(no key)": rows may still carry it
+ANONYMOUS = "(no key)"  # the owner while the server is open: no key name can be it (keys.KEY_NAME)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS api_keys (
     name TEXT PRIMARY KEY,
@@ -41,19 +35,37 @@ CREATE TABLE IF NOT EXISTS api_keys (
 """
 
 
-@dataclass(frozen=True)
-class ApiKey:
-    name: str
-    created: float
-    revoked: float | None
+class KeyStore(Protocol):
+    """Named API keys (kleinserve/keys.py). Every method may block on the database."""
+
+    def create(self, name: str) -> str:
+        """A new key for `name`, the only time the key itself is visible. InvalidInput for a malformed name,
+        Conflict for a taken one (revoked keys keep theirs)."""
+        ...
+
+    def revoke(self, name: str) -> None:
+        """NotFound unless `name` has an active key."""
+        ...
+
+    def list(self) -> list[ApiKey]:
+        """Every key, revoked ones too, oldest first."""
+        ...
+
+    def has_active_keys(self) -> bool: ...
+
+    def has_any_keys(self) -> bool:
+        """Whether a key was ever created (revoked ones included): if so, every request needs a key."""
+        ...
+
+    def name_of(self, key: str) -> str | None:
+        """The name of an active key, or None; looked up by digest."""
+        ...
+
+    def close(self) -> None: ...
 
 
-def _digest(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
-
-
-class KeyStore:
-    """Named API keys in `<data dir>/kleinserve.db` (table api_keys)."""
+class SqliteKeyStore:
+    """KeyStore in `<data dir>/kleinserve.db` (table api_keys)."""
 
     def __init__(self, database: Path) -> None:
         self._db = sqlite3.connect(private_database(database), check_same_thread=False, isolation_level=None)
@@ -61,19 +73,10 @@ class KeyStore:
         self._db.execute(_SCHEMA)
 
     def create(self, name: str) -> str:
-        """A new key for `name` (KEY_NAME: letters, digits, `._@-`, up to 64); the only time the key itself is
-        visible. InvalidInput for a malformed name, Conflict for a taken one (revoked keys keep theirs)."""
-        if not KEY_NAME.fullmatch(name) or name == LEGACY_OPEN_OWNER:
-            raise InvalidInput(
-                f"key name {name!r} is not allowed",
-                param="name",
-                allowed="1-64 letters, digits, '.', '_', '@' or '-', from a letter or digit; not 'anonymous'",
-            )
-        key = KEY_PREFIX + secrets.token_urlsafe(32)
+        key, digest = new_key(name)
         try:
             self._db.execute(
-                "INSERT INTO api_keys (name, digest, created) VALUES (?, ?, ?)",
-                (name, _digest(key), time.time()),
+                "INSERT INTO api_keys (name, digest, created) VALUES (?, ?, ?)", (name, digest, time.time())
             )
         except sqlite3.IntegrityError:
             raise Conflict(f"a key named {name!r} exists already") from None
@@ -94,13 +97,11 @@ class KeyStore:
         return self._db.execute("SELECT 1 FROM api_keys WHERE revoked IS NULL LIMIT 1").fetchone() is not None
 
     def has_any_keys(self) -> bool:
-        """Whether a key was ever created (revoked ones included): if so, every request needs a key."""
         return self._db.execute("SELECT 1 FROM api_keys LIMIT 1").fetchone() is not None
 
     def name_of(self, key: str) -> str | None:
-        """The name of an active key, or None. Looked up by digest, so no key is ever compared in clear."""
         row = self._db.execute(
-            "SELECT name FROM api_keys WHERE digest = ? AND revoked IS NULL", (_digest(key),)
+            "SELECT name FROM api_keys WHERE digest = ? AND revoked IS NULL", (key_digest(key),)
         ).fetchone()
         return row[0] if row else None
 

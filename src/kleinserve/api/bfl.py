@@ -226,7 +226,7 @@ def build_router(services: Services) -> APIRouter:
         ]
         job = await asyncio.to_thread(
             functools.partial(
-                services.worker.submit,
+                services.jobs.submit,
                 to_request(wire, references),
                 owner,
                 webhook_url=wire.webhook_url,

@@ -177,7 +177,7 @@ def build_router(services: Services) -> APIRouter:
     @router.post("/v1/jobs/{job_id}/cancel", summary="Cancel a job", responses=_errors(401, 404, 409, 503))
     async def cancel_job(job_id: str, http_request: Request) -> dict[str, Any]:
         owner = service.caller(services, http_request)
-        job = await asyncio.to_thread(services.worker.cancel, job_id, owner)
+        job = await asyncio.to_thread(services.jobs.cancel, job_id, owner)
         body = job_body(services, job, services.origin(http_request))
         if job.status is JobStatus.RUNNING:  # what will happen, since a job may end before its next step
             body["message"] = (

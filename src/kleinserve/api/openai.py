@@ -39,7 +39,7 @@ from kleinserve.api.openai_protocol import (
 from kleinserve.api.service import Completed, Services
 from kleinserve.engine.protocol import SIZE_MULTIPLE
 from kleinserve.errors import InvalidInput, KleinError
-from kleinserve.jobs.worker import Pending
+from kleinserve.jobs.intake import Pending
 from kleinserve.media import decode_image
 from kleinserve.types import GenerateRequest, Progress, StepCallback, base64_text, json_bytes
 

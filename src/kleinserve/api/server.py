@@ -15,7 +15,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import uvicorn
@@ -23,14 +23,15 @@ from fastapi import FastAPI
 
 from kleinserve.api import bfl
 from kleinserve.api.app import MAX_BODY_BYTES, build_app
-from kleinserve.api.auth import DATABASE_NAME, KeyStore, check_open_binding
+from kleinserve.api.auth import DATABASE_NAME, KeyStore, SqliteKeyStore, check_open_binding
 from kleinserve.api.connections import LimitedConfig
 from kleinserve.api.limits import ConnectionLimits
 from kleinserve.api.service import Services
 from kleinserve.engine.protocol import Engine
 from kleinserve.errors import InvalidInput
 from kleinserve.jobs.events import EventHub
-from kleinserve.jobs.store import SqliteJobStore
+from kleinserve.jobs.intake import Intake, ModelResolver
+from kleinserve.jobs.store import JobStore, SqliteJobStore
 from kleinserve.jobs.webhooks import WebhookSender
 from kleinserve.jobs.worker import Worker, WorkerSettings
 from kleinserve.logs import LOG_CONFIG, RequestId
@@ -91,9 +92,10 @@ def check_binding(settings: ServerSettings, keys: KeyStore) -> None:
     check_open_binding(settings.host, keys, settings.insecure_no_auth)
 
 
-def build_services(settings: ServerSettings, engine: Engine) -> tuple[Services, WebhookSender]:
-    """The routes' services, and the webhook sender (started and stopped with the app)."""
-    keys = KeyStore(settings.data_dir / DATABASE_NAME)
+def build_services(settings: ServerSettings, engine: Engine) -> tuple[Services, Worker, WebhookSender]:
+    """The one-box routes' services, the worker behind them, and the webhook sender (the last two started and
+    stopped with the app)."""
+    keys = SqliteKeyStore(settings.data_dir / DATABASE_NAME)
     try:
         check_binding(settings, keys)
     except InvalidInput:
@@ -104,11 +106,29 @@ def build_services(settings: ServerSettings, engine: Engine) -> tuple[Services, 
     hub = EventHub()
     worker_settings = WorkerSettings(settings.max_batch, settings.max_waiting, settings.max_in_flight_per_key)
     worker = Worker(engine, store, media, settings.data_dir / "inputs", hub, worker_settings)
+    services, webhooks = assemble(settings, engine, worker, store, keys, media, hub)
+    worker.loop.on_finished = webhooks.schedule
+    return services, worker, webhooks
+
+
+def assemble(
+    settings: ServerSettings,
+    model: ModelResolver,
+    jobs: Intake,
+    store: JobStore,
+    keys: KeyStore,
+    media: MediaStore,
+    hub: EventHub,
+    *,
+    resumes: bool = True,
+) -> tuple[Services, WebhookSender]:
+    """The routes' services around a job path, and a webhook sender for its store (one box, or scaled out:
+    `resumes` False, an outbox schedules every delivery)."""
     # One policy; the fetcher and the sender each make their own connection pool from it.
     outbound = OutboundPolicy(settings.allow_private_urls, settings.resolver, settings.public_address)
     services = Services(
-        engine=engine,
-        worker=worker,
+        model=model,
+        jobs=jobs,
         store=store,
         hub=hub,
         keys=keys,
@@ -118,15 +138,43 @@ def build_services(settings: ServerSettings, engine: Engine) -> tuple[Services, 
     )
     # Only BFL's API takes webhooks; it is also the format of jobs stored before formats were recorded.
     bfl_webhooks = bfl.webhook_format(services)
-    webhooks = WebhookSender(outbound, store, hub, {bfl.WEBHOOK_FORMAT: bfl_webhooks}, default=bfl_webhooks)
-    worker.on_finished = webhooks.schedule
+    webhooks = WebhookSender(
+        outbound, store, hub, {bfl.WEBHOOK_FORMAT: bfl_webhooks}, default=bfl_webhooks, resumes=resumes
+    )
     return services, webhooks
 
 
 def create_app(settings: ServerSettings, engine: Engine, engine_thread: bool = True) -> FastAPI:
     """The app with its background duties (engine, media clean-up) tied to its lifespan; with
     `engine_thread` False the engine runs wherever `app.state.worker.run_engine()` is called."""
-    services, webhooks = build_services(settings, engine)
+    services, worker, webhooks = build_services(settings, engine)
+
+    @contextlib.asynccontextmanager
+    async def duties() -> AsyncIterator[None]:
+        worker.start(engine_thread)
+        await webhooks.resume()  # after start(): the jobs its crash recovery failed send theirs too
+        cleanup = asyncio.create_task(clean_media(services.media))
+        try:
+            yield
+        finally:
+            cleanup.cancel()
+            await asyncio.to_thread(worker.stop)
+            await webhooks.aclose()  # after the last batch: unsent deliveries stay pending for the next start
+            services.store.close()
+            services.keys.close()
+
+    app = app_with(services, settings, duties)
+    app.state.worker = worker  # for DrainingServer
+    return app
+
+
+def app_with(
+    services: Services,
+    settings: ServerSettings,
+    duties: Callable[[], contextlib.AbstractAsyncContextManager[None]],
+) -> FastAPI:
+    """The routes of `services` with `duties` (start-up and shutdown of the process's background work) around
+    the app's lifespan, once the hub has the event loop."""
     app = build_app(services, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(RequestId)  # outermost of the app's middleware: its id is in every log line
     inner_lifespan = app.router.lifespan_context
@@ -134,25 +182,15 @@ def create_app(settings: ServerSettings, engine: Engine, engine_thread: bool = T
     @contextlib.asynccontextmanager
     async def lifespan(application: FastAPI) -> AsyncIterator[None]:
         services.hub.attach(asyncio.get_running_loop())
-        services.worker.start(engine_thread)
-        await webhooks.resume()  # after start(): the jobs its crash recovery failed send theirs too
-        cleanup = asyncio.create_task(_clean_media(services.media))
-        try:
-            async with inner_lifespan(application):
-                yield
-        finally:
-            cleanup.cancel()
-            await asyncio.to_thread(services.worker.stop)
-            await webhooks.aclose()  # after the last batch: unsent deliveries stay pending for the next start
-            services.store.close()
-            services.keys.close()
+        async with duties(), inner_lifespan(application):
+            yield
 
     app.router.lifespan_context = lifespan
-    app.state.worker = services.worker  # for DrainingServer
     return app
 
 
-async def _clean_media(media: MediaStore) -> None:
+async def clean_media(media: MediaStore) -> None:
+    """Delete expired result images every MEDIA_CLEANUP_INTERVAL_S, forever (a task of the app)."""
     while True:
         removed = await asyncio.to_thread(media.remove_expired)
         if removed:
@@ -160,13 +198,19 @@ async def _clean_media(media: MediaStore) -> None:
         await asyncio.sleep(MEDIA_CLEANUP_INTERVAL_S)
 
 
-class DrainingServer(uvicorn.Server):
-    """SIGTERM/SIGINT: stop intake (new work answers 503), let the running batch finish, keep the queue,
-    then exit. A second signal exits at once."""
+class Drainable(Protocol):
+    def drain(self) -> None: ...
+    def wait_idle(self) -> None: ...
 
-    def __init__(self, config: uvicorn.Config, worker: Worker) -> None:
+
+class DrainingServer(uvicorn.Server):
+    """SIGTERM/SIGINT: stop intake (new work answers 503), let the running batch finish (a one-box `worker`),
+    keep the queue, then exit. A second signal exits at once. `name` is the model, for the ready line."""
+
+    def __init__(self, config: uvicorn.Config, worker: Drainable, name: str) -> None:
         super().__init__(config)
         self.worker = worker
+        self.name = name
         self._draining = False
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
@@ -185,8 +229,7 @@ class DrainingServer(uvicorn.Server):
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)  # exits the process when the port cannot be bound
         # Only now, listening: a script that waits for this line may send its first request at once.
-        name = self.worker.engine.spec.name
-        print(f"kleinserve: serving {name} at http://{self.config.host}:{self.config.port}/", flush=True)
+        print(f"kleinserve: serving {self.name} at http://{self.config.host}:{self.config.port}/", flush=True)
 
 
 def http_config(app: FastAPI, settings: ServerSettings, **options: Any) -> uvicorn.Config:
@@ -221,4 +264,4 @@ def serve(settings: ServerSettings, load: Callable[[], Engine]) -> None:
     app = create_app(settings, loaded.result(), engine_thread=False)
     worker.set_result(app.state.worker)
     config = http_config(app, settings, log_level="info", log_config=LOG_CONFIG)
-    DrainingServer(config, app.state.worker).run()
+    DrainingServer(config, app.state.worker, app.state.worker.engine.spec.name).run()

@@ -17,12 +17,12 @@ from PIL import Image
 from starlette.datastructures import FormData, UploadFile
 
 from kleinserve.api.auth import KeyStore, authenticate
-from kleinserve.engine.protocol import Engine, ModelSpec
+from kleinserve.engine.protocol import ModelSpec
 from kleinserve.errors import Cancelled, EngineError, InvalidInput, UnknownModel
 from kleinserve.jobs.events import EventHub
+from kleinserve.jobs.intake import Intake, ModelResolver, Pending
 from kleinserve.jobs.record import JobResult, JobUsage
 from kleinserve.jobs.store import Job, JobStatus, JobStore
-from kleinserve.jobs.worker import Pending, Worker
 from kleinserve.media import ImageFetcher, MediaStore
 from kleinserve.types import GenerateRequest, ImageFormat, StepCallback, encode_image, json_bytes
 
@@ -47,11 +47,12 @@ class JSONBody(JSONResponse):
 
 @dataclass(frozen=True)
 class Services:
-    """Everything the routes need, built once at start-up (api/server.py) and passed to build_app. `engine`
-    is the one the worker runs, for what needs no queue (its spec, resolving a request)."""
+    """Everything the routes need, built once at start-up (api/server.py, scale.py) and passed to build_app.
+    `model` is the variant served, for what needs no queue (its spec, resolving a request); `jobs` accepts
+    jobs (in `kleinserve serve` it is the one-box Worker that also runs them)."""
 
-    engine: Engine
-    worker: Worker
+    model: ModelResolver
+    jobs: Intake
     store: JobStore
     hub: EventHub
     keys: KeyStore
@@ -68,7 +69,7 @@ class Services:
 
     @property
     def spec(self) -> ModelSpec:
-        return self.engine.spec
+        return self.model.spec
 
     @property
     def model_ids(self) -> tuple[str, ...]:
@@ -176,13 +177,13 @@ async def submit(
 ) -> Pending:
     """Store and queue `request` as a job of `owner`; raises (InvalidInput, Overloaded, Unavailable ...)
     before anything is answered, so that a streaming route can still answer those as HTTP errors."""
-    return await services.worker.enqueue(request, owner, on_step)
+    return await services.jobs.enqueue(request, owner, on_step)
 
 
 async def finish(services: Services, http_request: Request, pending: Pending) -> Completed:
     """Wait for a submitted job (a client disconnect cancels it); Cancelled or EngineError if it did not
     succeed."""
-    outcome = await until_disconnected(http_request, services.worker.wait(pending))
+    outcome = await until_disconnected(http_request, services.jobs.wait(pending))
     job = outcome.job
     if job.status is JobStatus.CANCELLED:
         raise Cancelled(job.error or "cancelled")

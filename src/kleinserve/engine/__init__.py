@@ -8,9 +8,10 @@ The rest of kleinserve sees a loaded pipeline only as an `Engine` (engine/protoc
 
 from __future__ import annotations
 
-from kleinserve.engine.loading import ModelComponents, load_components, resolve_source
+from kleinserve.engine.loading import ModelComponents, inspect_source, load_components, resolve_source
 from kleinserve.engine.pipeline import Pipeline
 from kleinserve.engine.precision import check_runnable, choose_placement, keep_freed_memory
+from kleinserve.engine.resolve import SpecResolver
 from kleinserve.engine.text import DEFAULT_CACHE_BYTES, PromptEmbeddingCache
 
 
@@ -35,4 +36,9 @@ def load_pipeline(
     return Pipeline(load_components(source, placement), PromptEmbeddingCache(prompt_cache_bytes))
 
 
-__all__ = ["ModelComponents", "Pipeline", "load_pipeline"]
+def inspect_model(model: str, *, components: str | None = None, download: bool = False) -> SpecResolver:
+    """`model`'s variant and request checks from its configs and weight headers, loading no weights."""
+    return SpecResolver(inspect_source(resolve_source(model, components=components, download=download)).spec)
+
+
+__all__ = ["ModelComponents", "Pipeline", "SpecResolver", "inspect_model", "load_pipeline"]

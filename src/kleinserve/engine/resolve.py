@@ -155,3 +155,14 @@ def _resolved(value: int | None, name: str) -> int:
 def _uses_cfg(spec: ModelSpec, guidance: float) -> bool:
     # As in diffusers: CFG only for the base variants and only with a scale above 1.
     return spec.uses_cfg and guidance > 1.0
+
+
+@dataclass(frozen=True)
+class SpecResolver:
+    """A variant's request checks without its weights: what a process that accepts jobs but runs no engine
+    (`kleinserve api`) needs of the model."""
+
+    spec: ModelSpec
+
+    def resolve(self, request: GenerateRequest) -> ResolvedRequest:
+        return resolve_request(request, self.spec)

@@ -1,27 +1,26 @@
 """One batch's work around the engine call: at each denoising step (`BatchSteps`, the worker's step callback,
 on the engine thread) and once its images are made (`store_result`, on an encoder thread).
 
-At each step, jobs whose cancel was asked end, progress is saved at most every `progress_interval_s`, every
-live job gets its step event (with a preview for subscribers that want one) and its in-process listener its
-own images' preview. The batch stops when no job in it is live (`cancelled`).
+At each step, progress is saved at most every `progress_interval_s`, every live job gets its step event (with
+a preview for subscribers that want one) and its listener its own images' preview (jobs/coordination.py), and
+jobs whose cancel was asked end. The batch stops when no job in it is live (`cancelled`).
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import replace
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
+from kleinserve.errors import StoreUnavailable
 from kleinserve.jobs import metering
-from kleinserve.jobs.events import EventHub
+from kleinserve.jobs.coordination import BatchProgress, Coordination
 from kleinserve.jobs.metrics import Metrics
 from kleinserve.jobs.record import JobResult
-from kleinserve.jobs.store import Job, JobStatus
+from kleinserve.jobs.store import Job, JobStatus, LeaseLost
 from kleinserve.jobs.writes import EngineWrites
-from kleinserve.types import GenerateResult, ImageFormat, Progress, StepCallback, encode_image
+from kleinserve.types import GenerateResult, ImageFormat, Progress, encode_image
 
 log = logging.getLogger(__name__)
 
@@ -29,89 +28,119 @@ log = logging.getLogger(__name__)
 class OutputStore(Protocol):
     """Where result images go (kleinserve.media.MediaStore)."""
 
-    def save(self, data: bytes, fmt: ImageFormat) -> str: ...
+    def save(self, data: bytes, fmt: ImageFormat) -> str:
+        """Store an encoded image; its name."""
+        ...
+
+    def remove(self, name: str) -> None:
+        """Delete a stored image (gone already is fine)."""
+        ...
 
 
 class BatchSteps:
-    """The step callback of one batch (`batch` in the engine's image order). `cancel_requested` and
-    `listeners` are the worker's, read at every step; `end` receives the final row of a job cancelled here."""
+    """The step callback of one claimed batch (`batch` in the engine's image order, one fence). Each step goes
+    through `coordination.step` (events, previews, listeners, the claim kept); `end` receives the final row of
+    a job cancelled here."""
 
     def __init__(
         self,
         batch: list[Job],
         *,
-        hub: EventHub,
+        coordination: Coordination,
         writes: EngineWrites,
         metrics: Metrics,
-        listeners: Mapping[str, StepCallback],
-        cancel_requested: set[str],
         end: Callable[[Job], None],
         progress_interval_s: float,
     ) -> None:
         self.by_id = {job.id: job for job in batch}
-        self.live = set(self.by_id)  # jobs not cancelled: their images are still wanted
-        self.counts = [(job.id, job.params.num_images) for job in batch]
-        self.images = sum(count for _, count in self.counts)
-        self.hub = hub
+        self.live = set(self.by_id)  # jobs not cancelled or lost: their images are still wanted
+        self.progress = BatchProgress(
+            [(job.id, job.params.num_images) for job in batch], self.live, fence=batch[0].fence
+        )
+        self.images = sum(count for _, count in self.progress.counts)
+        self.coordination = coordination
         self.writes = writes
         self.metrics = metrics
-        self.listeners = listeners
-        self.cancel_requested = cancel_requested
         self.end = end
         self.progress_interval_s = progress_interval_s
         self.last_saved = time.perf_counter()  # when progress was last written to the store
 
     def cancelled(self) -> bool:
-        """Every job of the batch was cancelled: the engine stops it."""
+        """Every job of the batch was cancelled (or taken over): the engine stops it."""
         return not self.live
+
+    def finish(self, job: Job, status: JobStatus, **fields: Any) -> None:
+        """Store the end of a live job of this batch under its claim, and end it; a job whose claim was lost
+        (another worker holds it now) is only dropped."""
+        self.live.discard(job.id)
+        try:
+            final = self.writes.finish(job, status, fence=job.fence, **fields)
+        except LeaseLost:
+            log.warning("job %s was taken over by another worker: this run's end is discarded", job.id)
+            return
+        self.end(final)
 
     def __call__(self, progress: Progress) -> None:
         self.metrics.step.observe(progress.seconds)
         now = time.perf_counter()
-        done = progress.step / progress.total_steps
-        for job_id in list(self.live & self.cancel_requested):
-            self.live.discard(job_id)
-            job = self.by_id[job_id]
-            self.end(
-                self.writes.finish(job, JobStatus.CANCELLED, error="cancelled by the client", progress=done)
-            )
-        save_progress = now - self.last_saved >= self.progress_interval_s
-        if save_progress:
+        self.progress.done = progress.step / progress.total_steps
+        self.progress.save_progress = now - self.last_saved >= self.progress_interval_s
+        if self.progress.save_progress:
             self.last_saved = now
-        decoded = functools.cache(progress.preview)  # one VAE pass per step, whoever asks
-        previews = self.hub.previews(decoded, self.counts, self.live)
-        offset = 0
-        for job_id, count in self.counts:
-            if job_id in self.live:
-                if save_progress:
-                    self.writes.progress(job_id, done)
-                event = {"type": "step", "step": progress.step, "total_steps": progress.total_steps}
-                self.hub.publish(job_id, {**event, **previews.get(job_id, {})})
-                if listener := self.listeners.get(job_id):
-                    own = functools.partial(lambda o, c: decoded()[o : o + c], offset, count)
-                    listener(replace(progress, preview=own))
-            offset += count
+        check = self.coordination.step(self.progress, progress)
+        for job_id in check.lost & self.live:
+            log.warning("job %s was taken over by another worker: this run stops", job_id)
+            self.live.discard(job_id)
+        for job_id in check.cancel_requested & self.live:
+            self.finish(
+                self.by_id[job_id],
+                JobStatus.CANCELLED,
+                error="cancelled by the client",
+                progress=self.progress.done,
+            )
 
 
 def store_result(
     job: Job, result: GenerateResult, *, outputs: OutputStore, writes: EngineWrites, metrics: Metrics
 ) -> tuple[Job, tuple[bytes, ...]]:
-    """Encode a succeeded job's images in its format, save them and store its end; returns the final row and
-    the encoded bytes. A failure to encode or save (a full disk) fails the job with the reason instead."""
+    """Encode a succeeded job's images in its format, save them and store its end under the job's claim
+    (`job.fence`); returns the final row and the encoded bytes. A failure to encode or save (a full disk, the
+    object store down) fails the job with the reason instead. LeaseLost when the claim was taken over: the
+    images saved are removed again, so a stale worker leaves no orphaned media."""
+    media_names: list[str] = []
     try:
         fmt = job.params.output_format
-        media_names, encoded = [], []
+        encoded = []
         for image in result.images:
             start = time.perf_counter()
             data = encode_image(image.image, fmt, job.params.output_quality)
             metrics.image_encoding.observe(time.perf_counter() - start)
             media_names.append(outputs.save(data, fmt))
             encoded.append(data)
-    except Exception as exc:  # a full disk (OSError) is not a bug, anything else is
-        if not isinstance(exc, OSError):
+    except Exception as exc:  # a full disk (OSError) or an unreachable object store are not bugs
+        reason = None
+        if isinstance(exc, OSError):
+            reason = exc.strerror
+        elif isinstance(exc, StoreUnavailable):
+            reason = exc.message
+        else:
             log.exception("storing the result of job %s failed", job.id)
-        error = "storing the result failed" + (f" ({exc.strerror})" if isinstance(exc, OSError) else "")
-        return writes.finish(job, JobStatus.FAILED, error=error), ()
+        error = "storing the result failed" + (f" ({reason})" if reason else "")
+        _remove(outputs, media_names)
+        return writes.finish(job, JobStatus.FAILED, fence=job.fence, error=error), ()
     summary = JobResult.from_result(result, media_names)
     usage = metering.usage(result, engine_seconds=sum(result.timings.values()))
-    return writes.finish(job, JobStatus.SUCCEEDED, result=summary, usage=usage), tuple(encoded)
+    try:
+        final = writes.finish(job, JobStatus.SUCCEEDED, fence=job.fence, result=summary, usage=usage)
+    except LeaseLost:
+        _remove(outputs, media_names)
+        raise
+    return final, tuple(encoded)
+
+
+def _remove(outputs: OutputStore, names: list[str]) -> None:
+    for name in names:
+        try:
+            outputs.remove(name)
+        except (OSError, StoreUnavailable) as exc:  # left for the media clean-up (its lifetime)
+            log.warning("could not remove result image %s: %s", name, exc)

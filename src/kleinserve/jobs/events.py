@@ -56,6 +56,10 @@ class EventHub:
         except RuntimeError:  # the loop is closed: nobody is listening any more
             pass
 
+    def watched_jobs(self) -> list[str]:
+        """The jobs someone is subscribed to now (from any thread: a copy of the keys)."""
+        return list(self._subscribers.copy())
+
     def wants_previews(self, job_id: str) -> bool:
         """Someone subscribed with previews=True is listening to this job."""
         return self._preview_watchers[job_id] > 0

@@ -13,9 +13,10 @@ _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120
 
 
 class Metrics:
-    """The worker's instruments; `engine.stats()` is read whenever /metrics renders."""
+    """A process's instruments; `engine.stats()` is read whenever /metrics renders (an API process that runs
+    no engine has none, and no prompt cache figure)."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.queue_depth = Gauge("kleinserve_queue_depth", "jobs waiting for the engine", registry=r)
@@ -44,10 +45,11 @@ class Metrics:
             buckets=(1, 2, 3, 4, 6, 8, 12, 16),
             registry=r,
         )
-        hit_ratio = Gauge(
-            "kleinserve_prompt_cache_hit_ratio", "prompt embedding cache hits / lookups", registry=r
-        )
-        hit_ratio.set_function(lambda: engine.stats().prompt_cache_hit_ratio)
+        if engine is not None:
+            hit_ratio = Gauge(
+                "kleinserve_prompt_cache_hit_ratio", "prompt embedding cache hits / lookups", registry=r
+            )
+            hit_ratio.set_function(lambda: engine.stats().prompt_cache_hit_ratio)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

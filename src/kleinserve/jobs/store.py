@@ -1,152 +1,191 @@
-"""The job store: every accepted request, sync or async, is a row that survives a restart.
+"""The job store: every accepted request, sync or async, is a row that survives a restart, and the queue is
+those rows (there is no other).
 
-`JobStore` is the interface the worker and the API use; `SqliteJobStore` keeps it in
-`<data dir>/kleinserve.db` (WAL mode). A shared database can replace it when several machines serve one queue:
-nothing outside this module writes SQL. Reference images are not in the row: the submitter keeps them, as
-prepared, as PNG files beside it (`inputs/<job id>-<i>.png`), so a job re-runs identically after a restart.
+`JobStore` is the interface the API and the workers use. `SqliteJobStore` keeps it in
+`<data dir>/kleinserve.db` (WAL mode), for one box; `PostgresJobStore` (jobs/postgres.py) in a database that
+any number of API processes and workers on any number of machines share. Both run the statements of
+jobs/sql.py and pass one contract suite (tests/jobs/test_store.py); the schemas are numbered migrations
+(jobs/migrations/). Reference images are not in the row: the submitter stores them, as prepared, in the
+reference store, so a job re-runs identically.
 
-Job lifecycle: queued -> running -> succeeded | failed | cancelled. A job found `running` at start-up was
-interrupted by a crash: it is queued again once, then failed with a reason.
+The row and its lifecycle: jobs/job.py, whose names this module re-exports.
 """
 
 from __future__ import annotations
 
 import contextlib
-import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from enum import StrEnum
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Protocol
 
-import orjson
-
-from kleinserve.errors import Conflict, NotFound, StoreUnavailable
+from kleinserve.errors import StoreUnavailable
 from kleinserve.files import private_database
-from kleinserve.jobs.record import JobParams, JobResult, JobUsage, from_json, to_json
-from kleinserve.types import json_bytes
+from kleinserve.jobs.job import (
+    LEASE_S,
+    MAX_ATTEMPTS,
+    Job,
+    JobStatus,
+    LeaseLost,
+    Load,
+    StepCheck,
+    SubmitLimits,
+    new_job_id,
+)
+from kleinserve.jobs.migrations import scripts
+from kleinserve.jobs.sql import Execute, SqlJobStore
 
-MAX_ATTEMPTS = 2  # the first run and one retry after a crash
+__all__ = [
+    "BUSY_TIMEOUT_S",
+    "LEASE_S",
+    "MAX_ATTEMPTS",
+    "Job",
+    "JobStatus",
+    "JobStore",
+    "LeaseLost",
+    "Load",
+    "SqliteJobStore",
+    "StepCheck",
+    "SubmitLimits",
+    "new_job_id",
+]
+
 # How long a statement waits for another connection's write lock before StoreUnavailable. Below the clients'
 # patience: a locked store answers 503 in seconds rather than holding requests (and threads) for long.
 BUSY_TIMEOUT_S = 5.0
 
 
-class JobStatus(StrEnum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-    @property
-    def terminal(self) -> bool:
-        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
-
-
-@dataclass(frozen=True)
-class Job:
-    """One row. `params` is the request without its images, `result` a succeeded job's images and the
-    parameters used, `usage` its metering (jobs/record.py); times are Unix seconds."""
-
-    id: str
-    owner: str
-    status: JobStatus
-    params: JobParams
-    reference_count: int
-    batch_key: str
-    created: float
-    started: float | None = None
-    finished: float | None = None
-    progress: float = 0.0
-    attempts: int = 0
-    error: str | None = None
-    result: JobResult | None = None
-    usage: JobUsage | None = None
-    webhook_url: str | None = None
-    webhook_secret: str | None = None
-    webhook_status: str | None = None
-    cancel_requested: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-class Load(NamedTuple):
-    """What the submit limits look at: queued jobs of all keys, and queued + running jobs of one key."""
-
-    queued: int
-    in_flight: int
-
-
 class JobStore(Protocol):
-    def add(self, job: Job) -> Job: ...
-    def get(self, job_id: str, owner: str | None = None) -> Job: ...
-    def owned(self, owner: str, status: JobStatus | None = None, limit: int = 50) -> list[Job]: ...
-    def queued(self, limit: int = 1000) -> list[Job]: ...
-    def mark_running(self, job_ids: list[str]) -> list[str]: ...
+    """Every method may block (a lock, the network) and raises StoreUnavailable when the store cannot be used
+    (callers on the event loop go through a thread). Times are Unix seconds."""
+
+    def add(self, job: Job) -> Job:
+        """Store a new job as it is."""
+        ...
+
+    def get(self, job_id: str, owner: str | None = None) -> Job:
+        """The job; NotFound when it does not exist or belongs to another key than `owner`."""
+        ...
+
+    def owned(self, owner: str, status: JobStatus | None = None, limit: int = 50) -> list[Job]:
+        """`owner`'s jobs, newest first, optionally of one status."""
+        ...
+
+    def queued(self, limit: int = 1000) -> list[Job]:
+        """Queued jobs, oldest first."""
+        ...
+
+    def mark_running(self, job_ids: list[str]) -> list[str]:
+        """Run queued jobs without a claim (the one-box worker before claims); returns the ids that were still
+        queued, now running with one more attempt."""
+        ...
+
     def set_progress(self, job_id: str, progress: float) -> None: ...
-    def finish(self, job_id: str, status: JobStatus, **fields: Any) -> Job: ...
-    def request_cancel(self, job_id: str, owner: str) -> Job: ...
-    def set_webhook_status(self, job_id: str, status: str) -> None: ...
+
+    def finish(self, job_id: str, status: JobStatus, *, fence: int | None = None, **fields: Any) -> Job:
+        """Move a job to a terminal status, setting `error`, `result` (JobResult), `usage` (JobUsage),
+        `progress` and `finished` (default: now) as given; returns the row. With `fence`, only a job still
+        running under that fence is written, else LeaseLost (nothing written). NotFound for an unknown job."""
+        ...
+
+    def request_cancel(self, job_id: str, owner: str) -> Job:
+        """Queued: cancelled at once. Running: flagged (its worker stops it at the next step, unless it ends
+        first). Finished: Conflict. Another key's or unknown: NotFound. Returns the row as it is now."""
+        ...
+
+    def set_webhook_status(self, job_id: str, status: str) -> None:
+        """The webhook's outcome, written once, when its delivery ends."""
+        ...
+
     def load(self, owner: str) -> Load: ...
-    def check_writable(self) -> None: ...
-    def recover(self) -> list[Job]: ...
-    def usage(self, owner: str | None = None, since: float | None = None) -> list[Job]: ...
+
+    def check_writable(self) -> None:
+        """Return once the store takes writes; StoreUnavailable while it does not."""
+        ...
+
+    def recover(self) -> list[Job]:
+        """On one box at start-up, where every running job was cut by a crash: each is cancelled if its cancel
+        was asked, failed after MAX_ATTEMPTS ("interrupted N times by a server crash"), else queued again.
+        Returns them as changed. Processes sharing a store never call it: requeue_expired does it there."""
+        ...
+
+    def usage(self, owner: str | None = None, since: float | None = None) -> list[Job]:
+        """Succeeded jobs (with their usage), oldest first, optionally of one key and created since a time."""
+        ...
+
     def close(self) -> None: ...
-    def pending_webhooks(self) -> list[Job]: ...
+
+    def pending_webhooks(self) -> list[Job]:
+        """Finished jobs whose webhook has no outcome yet, oldest first (deliveries cut by a crash)."""
+        ...
+
+    def submit(self, job: Job, limits: SubmitLimits) -> Load:
+        """Add `job` if `limits` allow, as one transaction; returns the Load before it was added. Overloaded
+        ("N jobs are waiting (limit M)", "N jobs of this key are in flight (limit M)", retry after 5 s)
+        otherwise. The per-key limit holds across processes; under concurrent submits of different keys the
+        waiting limit may be passed by the number of processes submitting at that instant."""
+        ...
+
+    def claim(
+        self, worker: str, models: Sequence[str] | None, max_images: int, lease_s: float = LEASE_S
+    ) -> list[Job]:
+        """Claim a batch for `worker`: the oldest queued job whose model is in `models` (None: any; a job for
+        model "" goes to any worker) decides the model and batch key; queued jobs of both join, oldest first,
+        while their images fit in `max_images` (the oldest always joins; one that does not fit is skipped).
+        They become running, with one more attempt, progress 0, and one new fence (larger than any before) and
+        a lease of `lease_s` shared by the batch. Returns them oldest first; [] when nothing is queued. Two
+        concurrent claims never take the same job."""
+        ...
+
+    def extend(
+        self, job_ids: Sequence[str], fence: int, lease_s: float = LEASE_S, progress: float | None = None
+    ) -> StepCheck:
+        """At a step: extend the lease of those of `job_ids` still running under `fence` to now + `lease_s`
+        (and set their progress, 0-1, if given); returns which of them have a cancel asked, and which are lost
+        (no longer running under `fence`)."""
+        ...
+
+    def requeue_expired(self, now: float | None = None) -> list[Job]:
+        """Running jobs whose lease ended before `now` (default: the clock): cancelled if their cancel was
+        asked, failed after MAX_ATTEMPTS ("its worker stopped answering N times"), else queued again (no
+        worker, no lease, progress 0). Returns them as changed; two concurrent calls never change one job."""
+        ...
+
+    def queue_depth(self, models: Sequence[str] | None = None) -> int:
+        """Queued jobs that workers of `models` (None: any) may claim."""
+        ...
+
+    def advertise(self, worker: str, models: Sequence[str], ttl_s: float) -> None:
+        """`worker` serves `models` for the next `ttl_s` seconds (called again before they pass)."""
+        ...
+
+    def served_models(self) -> set[str]:
+        """The models of the workers whose advertisement has not expired."""
+        ...
+
+    def retire(self, worker: str) -> None:
+        """Withdraw `worker`'s advertisement (it is draining)."""
+        ...
+
+    def claim_webhooks(self, holder: str, limit: int, lease_s: float) -> list[Job]:
+        """The webhook outbox: up to `limit` finished jobs with a webhook_url and no webhook_status, oldest
+        first, that no other holder claimed in the last `lease_s` seconds, now claimed by `holder` for
+        `lease_s`: one process delivers each (set_webhook_status ends it; an unfinished one is claimed again
+        once the claim ends)."""
+        ...
+
+    def shared_secret(self, name: str, size: int = 32) -> bytes:
+        """A random secret of `size` bytes made the first time `name` is asked for, then the same for every
+        process of the store (later sizes are ignored)."""
+        ...
 
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    id TEXT PRIMARY KEY,
-    owner TEXT NOT NULL,
-    status TEXT NOT NULL,
-    params TEXT NOT NULL,
-    reference_count INTEGER NOT NULL,
-    batch_key TEXT NOT NULL,
-    created REAL NOT NULL,
-    started REAL,
-    finished REAL,
-    progress REAL NOT NULL DEFAULT 0,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    error TEXT,
-    result TEXT,
-    usage TEXT,
-    webhook_url TEXT,
-    webhook_secret TEXT,
-    webhook_status TEXT,
-    cancel_requested INTEGER NOT NULL DEFAULT 0,
-    extra TEXT NOT NULL DEFAULT '{}'
-);
-CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, created);
-CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, created);
-CREATE INDEX IF NOT EXISTS jobs_with_pending_webhook ON jobs (finished)
-    WHERE webhook_url IS NOT NULL AND webhook_status IS NULL;
-"""
-_RECORD_COLUMNS: dict[str, type[JobParams | JobResult | JobUsage]] = {
-    "params": JobParams,
-    "result": JobResult,
-    "usage": JobUsage,
-}
-_JSON_COLUMNS = (*_RECORD_COLUMNS, "extra")
-_COLUMNS = (
-    "id, owner, status, params, reference_count, batch_key, created, started, finished, progress, attempts, "
-    "error, result, usage, webhook_url, webhook_secret, webhook_status, cancel_requested, extra"
-)
-_COLUMN_NAMES = tuple(name.strip() for name in _COLUMNS.split(","))
-
-
-def new_job_id() -> str:
-    """Unguessable: 128 random bits."""
-    return secrets.token_hex(16)
-
-
-class SqliteJobStore:
+class SqliteJobStore(SqlJobStore):
     """JobStore on one SQLite file; safe to call from any thread. Every call may block for up to
     `busy_timeout_s` (another process holds the write lock) and then raises StoreUnavailable, as it does for a
-    full disk or an I/O error: callers on the event loop go through a thread.
+    full disk or an I/O error. A database made by an older version is migrated when opened, its jobs kept.
     """
 
     def __init__(self, database: Path, busy_timeout_s: float = BUSY_TIMEOUT_S) -> None:
@@ -155,8 +194,8 @@ class SqliteJobStore:
         )
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
         self._lock = threading.Lock()
+        self._migrate()
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -168,185 +207,55 @@ class SqliteJobStore:
             except sqlite3.OperationalError as exc:
                 raise StoreUnavailable(f"the job store cannot be used right now ({exc})") from exc
 
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[Execute]:
+        with self._locked():  # each statement is its own transaction: reads take no write lock
+            yield self._db.execute
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[Execute]:
+        with self._locked():
+            self._db.execute("BEGIN IMMEDIATE")  # the file's write lock, for the whole transaction
+            try:
+                yield self._db.execute
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:  # SQLite rolls back by itself after some errors (a full disk)
+                    self._db.execute("ROLLBACK")
+                raise
+
+    def _next_fence(self, run: Execute) -> int:
+        return int(run("UPDATE fence_counter SET last = last + 1 RETURNING last").fetchall()[0][0])
+
+    def _serialize_submits(self, run: Execute, owner: str) -> None:
+        """Nothing to do: BEGIN IMMEDIATE already serializes every writer of the file."""
+
+    def _migrate(self) -> None:
+        """Apply the migrations this file lacks, in one transaction (another process opening it waits)."""
+        with self._write() as run:
+            run("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, applied REAL)")
+            (current,) = run("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()
+            for version, script in scripts("sqlite"):
+                if version > current:
+                    for statement in _statements(script):
+                        run(statement)
+                    run("INSERT INTO schema_version (version, applied) VALUES (?, ?)", (version, time.time()))
+
     def check_writable(self) -> None:
         """Take and release the write lock (StoreUnavailable if another connection keeps it)."""
         with self._locked():
             self._db.execute("BEGIN IMMEDIATE")
             self._db.execute("ROLLBACK")
 
-    def add(self, job: Job) -> Job:
-        row = _to_row(job)
-        with self._locked():
-            self._db.execute(
-                f"INSERT INTO jobs ({_COLUMNS}) VALUES ({', '.join('?' * len(row))})", tuple(row.values())
-            )
-        return job
-
-    def get(self, job_id: str, owner: str | None = None) -> Job:
-        """The job; NotFound when it does not exist or belongs to another key."""
-        with self._locked():
-            row = self._db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        if row is None or (owner is not None and row[1] != owner):
-            raise NotFound(f"no job {job_id!r}")
-        return _from_row(row)
-
-    def owned(self, owner: str, status: JobStatus | None = None, limit: int = 50) -> list[Job]:
-        """`owner`'s jobs, newest first, optionally of one status."""
-        query = f"SELECT {_COLUMNS} FROM jobs WHERE owner = ?"
-        args: list[Any] = [owner]
-        if status is not None:
-            query += " AND status = ?"
-            args.append(status.value)
-        query += " ORDER BY created DESC LIMIT ?"
-        args.append(limit)
-        with self._locked():
-            return [_from_row(row) for row in self._db.execute(query, args).fetchall()]
-
-    def queued(self, limit: int = 1000) -> list[Job]:
-        """Queued jobs, oldest first."""
-        with self._locked():
-            rows = self._db.execute(
-                f"SELECT {_COLUMNS} FROM jobs WHERE status = 'queued' ORDER BY created, id LIMIT ?", (limit,)
-            ).fetchall()
-        return [_from_row(row) for row in rows]
-
-    def mark_running(self, job_ids: list[str]) -> list[str]:
-        """Claim queued jobs for the engine; returns the ids claimed (one cancelled meanwhile is not)."""
-        now = time.time()
-        claimed = []
-        with self._locked():
-            for job_id in job_ids:
-                cursor = self._db.execute(
-                    "UPDATE jobs SET status = 'running', started = ?, attempts = attempts + 1, progress = 0 "
-                    "WHERE id = ? AND status = 'queued'",
-                    (now, job_id),
-                )
-                if cursor.rowcount:
-                    claimed.append(job_id)
-        return claimed
-
-    def set_progress(self, job_id: str, progress: float) -> None:
-        with self._locked():
-            self._db.execute("UPDATE jobs SET progress = ? WHERE id = ?", (progress, job_id))
-
-    def finish(self, job_id: str, status: JobStatus, **fields: Any) -> Job:
-        """Move a job to a terminal status, setting `error`, `result` (JobResult), `usage` (JobUsage) and
-        `progress` as given."""
-        sets = {"status": status.value, "finished": time.time(), **fields}
-        if status is JobStatus.SUCCEEDED:
-            sets["progress"] = 1.0
-        values = [_stored(column, value) for column, value in sets.items()]
-        with self._locked():
-            rows = self._db.execute(  # fetched to the end: the statement (and its write) then completes
-                f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in sets)} WHERE id = ? RETURNING {_COLUMNS}",
-                (*values, job_id),
-            ).fetchall()
-        if not rows:
-            raise NotFound(f"no job {job_id!r}")
-        return _from_row(rows[0])
-
-    def request_cancel(self, job_id: str, owner: str) -> Job:
-        """Queued: cancelled at once. Running: flagged (the worker stops it at the next step, unless it ends
-        first). Finished: Conflict."""
-        job = self.get(job_id, owner)
-        if job.status.terminal:
-            raise Conflict(f"job {job_id} has already ended ({job.status.value}): there is nothing to cancel")
-        with self._locked():
-            self._db.execute(
-                "UPDATE jobs SET status = 'cancelled', finished = ?, error = 'cancelled by the client' "
-                "WHERE id = ? AND status = 'queued'",
-                (time.time(), job_id),
-            )
-            self._db.execute(
-                "UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND status = 'running'", (job_id,)
-            )
-        return self.get(job.id)
-
-    def set_webhook_status(self, job_id: str, status: str) -> None:
-        with self._locked():
-            self._db.execute("UPDATE jobs SET webhook_status = ? WHERE id = ?", (status, job_id))
-
-    def load(self, owner: str) -> Load:
-        with self._locked():
-            queued, in_flight = self._db.execute(
-                "SELECT COUNT(*) FILTER (WHERE status = 'queued'), COUNT(*) FILTER (WHERE owner = ?) "
-                "FROM jobs WHERE status IN ('queued', 'running')",
-                (owner,),
-            ).fetchone()
-        return Load(int(queued), int(in_flight))
-
-    def recover(self) -> list[Job]:
-        """After a crash: jobs left running are queued again, or failed after MAX_ATTEMPTS; returns them."""
-        with self._locked():
-            rows = self._db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE status = 'running'").fetchall()
-            for row in rows:
-                job = _from_row(row)
-                if job.attempts >= MAX_ATTEMPTS or job.cancel_requested:
-                    reason = (
-                        "cancelled by the client"
-                        if job.cancel_requested
-                        else (f"interrupted {job.attempts} times by a server crash")
-                    )
-                    status = "cancelled" if job.cancel_requested else "failed"
-                    self._db.execute(
-                        "UPDATE jobs SET status = ?, finished = ?, error = ? WHERE id = ?",
-                        (status, time.time(), reason, job.id),
-                    )
-                else:
-                    self._db.execute(
-                        "UPDATE jobs SET status = 'queued', progress = 0 WHERE id = ?", (job.id,)
-                    )
-        return [self.get(_from_row(row).id) for row in rows]
-
-    def usage(self, owner: str | None = None, since: float | None = None) -> list[Job]:
-        """Succeeded jobs (with their usage), optionally of one key and since a time."""
-        query = f"SELECT {_COLUMNS} FROM jobs WHERE status = 'succeeded'"
-        args: list[Any] = []
-        if owner is not None:
-            query += " AND owner = ?"
-            args.append(owner)
-        if since is not None:
-            query += " AND created >= ?"
-            args.append(since)
-        with self._locked():
-            return [_from_row(row) for row in self._db.execute(query + " ORDER BY created", args).fetchall()]
-
-    def pending_webhooks(self) -> list[Job]:
-        """Finished jobs whose webhook has no outcome yet (webhook_status is written once, when delivery
-        ends): deliveries a crash or a shutdown cut, and those of jobs failed by `recover()`. Oldest first."""
-        with self._locked():
-            rows = self._db.execute(
-                f"SELECT {_COLUMNS} FROM jobs WHERE webhook_url IS NOT NULL AND webhook_status IS NULL "
-                "AND status IN ('succeeded', 'failed', 'cancelled') ORDER BY finished, id"
-            ).fetchall()
-        return [_from_row(row) for row in rows]
-
     def close(self) -> None:
         self._db.close()
 
 
-def _stored(column: str, value: Any) -> Any:
-    """A value as its column stores it: JSON text for the JSON columns (records through their codec)."""
-    if column not in _JSON_COLUMNS or value is None:
-        return value
-    return json_bytes(to_json(value) if column in _RECORD_COLUMNS else value).decode()
-
-
-def _to_row(job: Job) -> dict[str, Any]:
-    row = {name: _stored(name, getattr(job, name)) for name in _COLUMN_NAMES}
-    row["status"] = job.status.value
-    row["cancel_requested"] = int(job.cancel_requested)
-    return row
-
-
-def _from_row(row: tuple[Any, ...]) -> Job:
-    values = dict(zip(_COLUMN_NAMES, row, strict=True))
-    for name in _JSON_COLUMNS:
-        values[name] = orjson.loads(values[name]) if values[name] is not None else None
-    for name, record in _RECORD_COLUMNS.items():
-        if values[name] is not None:
-            values[name] = from_json(record, values[name])
-    values["status"] = JobStatus(values["status"])
-    values["cancel_requested"] = bool(values["cancel_requested"])
-    values["extra"] = values["extra"] or {}
-    return Job(**values)
+def _statements(script: str) -> Iterator[str]:
+    """An SQL script's statements, one by one (`executescript` would commit the migration's transaction)."""
+    statement = ""
+    for line in script.splitlines(keepends=True):
+        statement += line
+        if sqlite3.complete_statement(statement):
+            yield statement
+            statement = ""

@@ -66,8 +66,11 @@ class WebhookSender:
         hub: EventHub,
         formats: Mapping[str, WebhookFormat],
         default: WebhookFormat,
+        resumes: bool = True,
     ) -> None:
-        """`formats` by the names jobs record under FORMAT_KEY; `default` for jobs that record none."""
+        """`formats` by the names jobs record under FORMAT_KEY; `default` for jobs that record none. Without
+        `resumes` (scaled out: an outbox hands every delivery to `schedule`, once per fleet) there is no
+        `resume()` to keep deliveries apart from."""
         self.client = OutboundClient(policy, max_connections=WEBHOOK_CONNECTIONS)
         self.store = store
         self.hub = hub  # its event loop runs the deliveries
@@ -77,7 +80,7 @@ class WebhookSender:
         self._tasks: set[asyncio.Task[str]] = set()
         # Each finished job is delivered once by this process, whether resume() or schedule() sees it first:
         # the ids schedule() started before resume() looked, and those resume() started.
-        self._started_before_resume: set[str] | None = set()
+        self._started_before_resume: set[str] | None = set() if resumes else None
         self._resumed: frozenset[str] = frozenset()
         self._closed = False
 

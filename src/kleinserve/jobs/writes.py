@@ -20,7 +20,7 @@ from dataclasses import replace
 from typing import Any
 
 from kleinserve.errors import StoreUnavailable
-from kleinserve.jobs.store import Job, JobStatus, JobStore
+from kleinserve.jobs.store import Job, JobStatus, JobStore, LeaseLost
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +42,9 @@ class EngineWrites:
         self.refusal = exc.message
 
     def finish(self, job: Job, status: JobStatus, **fields: Any) -> Job:
-        """Store a job's end (`fields`: error, result, usage, progress); returns its final row, as stored or,
-        while the store refuses writes, as it will be stored by `catch_up`."""
+        """Store a job's end (`fields`: error, result, usage, progress, and `fence`: the claim it ran under);
+        returns its final row, as stored or, while the store refuses writes, as it will be stored by
+        `catch_up`. LeaseLost (from the store) when the claim is no longer this worker's."""
         if self.refusal is None:
             try:
                 return self.store.finish(job.id, status, **fields)
@@ -69,7 +70,10 @@ class EngineWrites:
         takes them again. Raises StoreUnavailable while it does not (the rows not written stay deferred)."""
         while self._deferred:
             job_id, status, fields = self._deferred[0]
-            self.store.finish(job_id, status, **fields)
+            try:
+                self.store.finish(job_id, status, **fields)
+            except LeaseLost:  # its lease ran out meanwhile and another worker took the job over
+                log.warning("job %s was taken over while its end waited to be written: discarded", job_id)
             self._deferred.popleft()
         if self.refusal is not None:
             self.store.check_writable()
