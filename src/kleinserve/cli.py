@@ -18,21 +18,18 @@ Errors kleinserve expects (bad input, unusable model) print one line and exit 2;
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from kleinserve import cli_options as options
 from kleinserve.errors import InvalidInput, KleinError
 
 if TYPE_CHECKING:
-    from kleinserve.api.server import ServerSettings
     from kleinserve.engine.loading import ModelSource
     from kleinserve.engine.pipeline import Pipeline
-
-DEFAULT_MODEL = os.environ.get("KLEINSERVE_MODEL", "flux-2-klein-toy")
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -48,59 +45,6 @@ def _date(text: str) -> float:
         return time.mktime(time.strptime(text, "%Y-%m-%d"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a date YYYY-MM-DD") from None
-
-
-def _add_source_options(parser: argparse._ActionsContainer) -> None:
-    """Where the model's files come from, besides the model argument itself (see `_source`)."""
-    parser.add_argument(
-        "--components", help="with a BFL single file: directory or repo id of the other parts"
-    )
-    parser.add_argument(
-        "--download", action="store_true", help="fetch a repo id from the Hugging Face Hub (the whole model)"
-    )
-
-
-# `serve`'s flags for ConnectionLimits (api/limits.py): flag -> (field, type, help); defaults are the fields'.
-CONNECTION_FLAGS = {
-    "--max-connections": (
-        "max_connections",
-        int,
-        "connections served at once (default: from the open-file limit)",
-    ),
-    "--max-head-bytes": ("max_head_bytes", int, "request line + header fields"),
-    "--max-headers": ("max_headers", int, "header fields in a request"),
-    "--head-timeout": ("head_timeout_s", float, "seconds to send a request head"),
-    "--body-idle-timeout": ("body_idle_timeout_s", float, "seconds a body may stall"),
-    "--body-timeout": ("body_timeout_s", float, "seconds to send a whole body"),
-    "--keep-alive-timeout": ("keep_alive_timeout_s", float, "seconds an idle connection stays"),
-}
-
-
-def _add_connection_options(parser: argparse.ArgumentParser) -> None:
-    from kleinserve.api.limits import ConnectionLimits
-
-    group = parser.add_argument_group("connection limits")
-    for flag, (field, kind, text) in CONNECTION_FLAGS.items():
-        default = getattr(ConnectionLimits, field)
-        shown = "" if default is None else " (default %(default)s)"
-        group.add_argument(flag, dest=field, type=kind, default=default, help=text + shown)
-
-
-def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("model")
-    group.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        help="directory, BFL .safetensors, repo id, flux-2-klein-toy (default) or tiny-random",
-    )
-    _add_source_options(group)
-    group.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    group.add_argument(
-        "--dtype", help="compute dtype: float32, bfloat16, float16 (default: cuda bf16, cpu fp32)"
-    )
-    group.add_argument("--quantize", choices=["int8"], help="CPU: int8 dynamic quantization (faster, drifts)")
-    group.add_argument("--offload", action="store_true", help="CUDA: keep idle components on the CPU")
-    group.add_argument("--memory-budget", type=float, metavar="GIB", help="RAM the weights may use")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--negative-prompt", default="")
     generate.add_argument("--n", type=int, default=1, help="number of images (1-4), seeds seed..seed+n-1")
     generate.add_argument("-o", "--output", type=Path, default=Path("kleinserve.png"), help="output file")
-    _add_model_options(generate)
+    options.add_model_options(generate)
 
     model = commands.add_parser("model", help="model files").add_subparsers(
         dest="model_command", required=True
@@ -133,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     info = model.add_parser("info", help="variant, parameters, dtype and memory of a model")
     info.add_argument("model")
-    _add_source_options(info)
+    options.add_source_options(info)
 
     toy = commands.add_parser("toy", help="the embedded toy model").add_subparsers(
         dest="toy_command", required=True
@@ -149,28 +93,30 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--edits", type=int, default=24, help="recolouring edits to render")
 
     serve = commands.add_parser("serve", help="the HTTP server (OpenAI, Cloudflare, Vercel dialects)")
-    _add_server_options(serve)
+    options.add_server_options(serve)
     serve.add_argument("--max-batch", type=int, default=4, help="images per engine call")
-    _add_model_options(serve)
+    options.add_model_options(serve)
 
     api = commands.add_parser("api", help="scaled out: a stateless API process (no model loaded)")
-    _add_server_options(api)
-    _add_scale_options(api)
-    api.add_argument("--model", default=DEFAULT_MODEL, help="the model the workers serve (its configs only)")
-    _add_source_options(api)
+    options.add_server_options(api)
+    options.add_scale_options(api)
+    api.add_argument(
+        "--model", default=options.DEFAULT_MODEL, help="the model the workers serve (its configs only)"
+    )
+    options.add_source_options(api)
 
     worker = commands.add_parser("worker", help="scaled out: one engine that claims jobs from the database")
-    _add_data_dir(worker)
-    _add_scale_options(worker)
+    options.add_data_dir(worker)
+    options.add_scale_options(worker)
     worker.add_argument("--max-batch", type=int, default=4, help="images per engine call")
     worker.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    _add_model_options(worker)
+    options.add_model_options(worker)
 
     usage = commands.add_parser("usage", help="usage per key: succeeded jobs, images, tiles, megapixels")
     usage.add_argument("--key", help="only this key (default: every key)")
     usage.add_argument("--since", type=_date, help="only jobs created on or after YYYY-MM-DD (local time)")
-    _add_data_dir(usage)
-    _add_database_url(usage)
+    options.add_data_dir(usage)
+    options.add_database_url(usage)
 
     keys = commands.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
     create = keys.add_parser("create", help="create a key and print it (shown once)")
@@ -179,61 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("name")
     listing = keys.add_parser("list", help="list keys")
     for sub in (create, revoke, listing):
-        _add_data_dir(sub)
-        _add_database_url(sub)
+        options.add_data_dir(sub)
+        options.add_database_url(sub)
     return parser
-
-
-def _add_database_url(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--database-url",
-        default=os.environ.get("KLEINSERVE_DATABASE_URL"),
-        help="scaled out: the PostgreSQL database of `kleinserve api` (default $KLEINSERVE_DATABASE_URL)",
-    )
-
-
-def _add_server_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    _add_data_dir(parser)
-    parser.add_argument("--queue-size", type=int, default=64, help="requests that may wait for the engine")
-    parser.add_argument(
-        "--max-in-flight-per-key", type=int, default=24, help="queued + running jobs one key may have"
-    )
-    parser.add_argument("--media-ttl", type=int, default=600, help="seconds a result URL stays valid")
-    parser.add_argument(
-        "--allow-private-urls", action="store_true", help="fetch references from private hosts"
-    )
-    parser.add_argument(
-        "--insecure-no-auth", action="store_true", help="allow a non-loopback host without keys"
-    )
-    parser.add_argument(
-        "--public-url",
-        metavar="URL",
-        help="the server's public origin, for BFL's polling and webhook URLs (default: each request's)",
-    )
-    _add_connection_options(parser)
-
-
-def _add_scale_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("scale out")
-    group.add_argument(
-        "--database-url",
-        default=os.environ.get("KLEINSERVE_DATABASE_URL"),
-        required="KLEINSERVE_DATABASE_URL" not in os.environ,
-        help="postgresql://... : jobs, keys, usage (default $KLEINSERVE_DATABASE_URL)",
-    )
-    group.add_argument(
-        "--media-url",
-        default=os.environ.get("KLEINSERVE_MEDIA_URL"),
-        help="s3://bucket/prefix (credentials: AWS_* variables); default: the data dir (one machine only)",
-    )
-    group.add_argument("--lease-seconds", type=float, default=20.0, help="a claimed job's lease")
-
-
-def _add_data_dir(parser: argparse.ArgumentParser) -> None:
-    default = Path(os.environ.get("KLEINSERVE_DATA", "data"))
-    parser.add_argument("--data-dir", type=Path, default=default, help="keys, media, jobs (default ./data)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -241,12 +135,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return _generate(args)
-        if args.command == "serve":
-            return _serve(args)
-        if args.command in ("api", "worker"):
-            from kleinserve import cli_scale
+        if args.command in ("serve", "api", "worker"):
+            from kleinserve import cli_serving
 
-            return cli_scale.run(args)
+            return cli_serving.run(args)
         if args.command == "keys":
             return _keys(args)
         if args.command == "usage":
@@ -305,7 +197,7 @@ def _generate(args: argparse.Namespace) -> int:
     )
     # Resolved (checked) against the model's configs before spending minutes loading the weights.
     resolved = resolve_request(request, inspect_source(_source(args)).spec)
-    pipeline = _load(args)
+    pipeline = load(args)
     with tqdm(total=resolved.steps, desc="denoising", unit="step", file=sys.stderr) as bar:
         result = pipeline.generate_batch([resolved], on_step=lambda _: bar.update())[0]
     for path, image in zip(_output_paths(args.output, len(result.images)), result.images, strict=True):
@@ -345,7 +237,7 @@ def _source(args: argparse.Namespace) -> ModelSource:
     return resolve_source(args.model, components=args.components, download=args.download)
 
 
-def _load(args: argparse.Namespace) -> Pipeline:
+def load(args: argparse.Namespace) -> Pipeline:
     from kleinserve.engine import load_pipeline
 
     return load_pipeline(
@@ -357,49 +249,6 @@ def _load(args: argparse.Namespace) -> Pipeline:
         quantize=args.quantize,
         offload=args.offload,
         memory_budget_gib=args.memory_budget,
-    )
-
-
-def _serve(args: argparse.Namespace) -> int:
-    from kleinserve.api.auth import DATABASE_NAME, SqliteKeyStore, check_open_binding
-    from kleinserve.logs import configure
-
-    configure()  # JSON lines on stderr, model loading included
-    from kleinserve.api.limits import check_port_free
-
-    # Before importing the server (torch, diffusers: seconds) and before minutes of model loading.
-    check_port_free(args.host, args.port)
-    keys = SqliteKeyStore(args.data_dir / DATABASE_NAME)
-    try:
-        check_open_binding(args.host, keys, args.insecure_no_auth)
-    finally:
-        keys.close()
-
-    from kleinserve.api.server import serve
-
-    serve(server_settings(args, max_batch=args.max_batch), lambda: _load(args))
-    return 0
-
-
-def server_settings(args: argparse.Namespace, **more: Any) -> ServerSettings:
-    """The HTTP server's settings from `serve`'s and `api`'s flags; `more`: other ServerSettings fields."""
-    from kleinserve.api.limits import ConnectionLimits
-    from kleinserve.api.server import ServerSettings
-
-    return ServerSettings(
-        data_dir=args.data_dir,
-        host=args.host,
-        port=args.port,
-        max_waiting=args.queue_size,
-        max_in_flight_per_key=args.max_in_flight_per_key,
-        media_ttl_s=args.media_ttl,
-        allow_private_urls=args.allow_private_urls,
-        insecure_no_auth=args.insecure_no_auth,
-        public_url=args.public_url,
-        connections=ConnectionLimits(
-            **{field: getattr(args, field) for field, _, _ in CONNECTION_FLAGS.values()}
-        ),
-        **more,
     )
 
 

@@ -253,6 +253,7 @@ class PostgresCoordination:
         except StoreUnavailable as exc:  # the batch goes on; its end is written when the store is back
             log.warning("step not recorded: %s", exc.message)
             check = StepCheck(frozenset(), frozenset())
+        self._release(check.lost)
         live = [job_id for job_id in live if job_id not in check.cancel_requested | check.lost]
         now = time.monotonic()
         watched = {job_id: count for job_id, count in batch.counts if self._watched.get(job_id, 0.0) > now}
@@ -273,6 +274,11 @@ class PostgresCoordination:
         self._watched.pop(job.id, None)
         self.notify(EVENTS, {"jobs": [job.id], "event": end_event(job)})
 
+    def _release(self, job_ids: frozenset[str]) -> None:
+        """Stop keeping the leases of jobs this process no longer holds (taken over, or ended)."""
+        for job_id in job_ids:
+            self._held.pop(job_id, None)
+
     def _heartbeat(self) -> None:
         """Keep the leases of the jobs this process holds between steps (a third of the lease apart)."""
         while not self._stopping.wait(self.lease_s / 3):
@@ -281,7 +287,7 @@ class PostgresCoordination:
                 by_fence.setdefault(fence, []).append(job_id)
             for fence, job_ids in by_fence.items():
                 try:
-                    self.store.extend(job_ids, fence, self.lease_s)
+                    self._release(self.store.extend(job_ids, fence, self.lease_s).lost)
                 except StoreUnavailable as exc:
                     log.warning("leases not extended: %s", exc.message)
             expired = [job_id for job_id, until in self._watched.items() if until < time.monotonic()]

@@ -1,7 +1,7 @@
-"""`kleinserve api` and `kleinserve worker`: the scaled-out processes' commands (their parts:
-kleinserve/scale.py).
+"""The serving commands: `kleinserve serve` (one box) and the scaled-out processes `kleinserve api` and
+`kleinserve worker` (their parts: kleinserve/scale.py).
 
-Both take `--database-url` (PostgreSQL: jobs, keys, usage) and `--media-url` (`s3://bucket/prefix`,
+`api` and `worker` take `--database-url` (PostgreSQL: jobs, keys, usage) and `--media-url` (`s3://bucket/prefix`,
 credentials from the AWS_* variables; without it the data dir, which only works when every process shares that
 folder). SIGTERM/SIGINT drains either: the API finishes its open requests, the worker its running batch; a
 second signal exits at once.
@@ -15,23 +15,67 @@ import signal
 import sys
 import threading
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from kleinserve.cli import server_settings
+from kleinserve.cli import load
+from kleinserve.cli_options import CONNECTION_FLAGS
 from kleinserve.logs import configure
 
-if TYPE_CHECKING:  # the scale-out modules load psycopg and torch: only when the command runs
+if TYPE_CHECKING:  # the server and the scale-out modules load torch and psycopg: only when a command runs
+    from kleinserve.api.server import ServerSettings
     from kleinserve.scale import Scale
 
 
 def run(args: argparse.Namespace) -> int:
     configure()  # JSON lines on stderr, model loading included
+    if args.command == "serve":
+        return _serve(args)
     from kleinserve.scale import Scale
 
     scale = Scale(args.database_url, args.media_url, args.data_dir, args.lease_seconds)
     if args.command == "api":
         return _api(args, scale)
     return _worker(args, scale)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from kleinserve.api.auth import DATABASE_NAME, SqliteKeyStore, check_open_binding
+    from kleinserve.api.limits import check_port_free
+
+    # Before importing the server (torch, diffusers: seconds) and before minutes of model loading.
+    check_port_free(args.host, args.port)
+    keys = SqliteKeyStore(args.data_dir / DATABASE_NAME)
+    try:
+        check_open_binding(args.host, keys, args.insecure_no_auth)
+    finally:
+        keys.close()
+
+    from kleinserve.api.server import serve
+
+    serve(server_settings(args, max_batch=args.max_batch), lambda: load(args))
+    return 0
+
+
+def server_settings(args: argparse.Namespace, **more: Any) -> ServerSettings:
+    """The HTTP server's settings from `serve`'s and `api`'s flags; `more`: other ServerSettings fields."""
+    from kleinserve.api.limits import ConnectionLimits
+    from kleinserve.api.server import ServerSettings
+
+    return ServerSettings(
+        data_dir=args.data_dir,
+        host=args.host,
+        port=args.port,
+        max_waiting=args.queue_size,
+        max_in_flight_per_key=args.max_in_flight_per_key,
+        media_ttl_s=args.media_ttl,
+        allow_private_urls=args.allow_private_urls,
+        insecure_no_auth=args.insecure_no_auth,
+        public_url=args.public_url,
+        connections=ConnectionLimits(
+            **{field: getattr(args, field) for field, _, _ in CONNECTION_FLAGS.values()}
+        ),
+        **more,
+    )
 
 
 def _api(args: argparse.Namespace, scale: Scale) -> int:
