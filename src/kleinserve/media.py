@@ -215,11 +215,19 @@ class MediaStore:
         """The one-box store: files in `<data dir>/media/`, signed with the data dir's secret.key."""
         return cls(LocalObjects(data_dir), load_or_create_secret(data_dir / "secret.key"), ttl_s)
 
-    def save(self, data: bytes, fmt: ImageFormat) -> str:
-        """Store bytes; returns the name (random, unguessable). Blocking: call it off the event loop."""
-        name = f"{secrets.token_urlsafe(18)}.{fmt.value}"
+    def save(self, data: bytes, fmt: ImageFormat, group: str = "") -> str:
+        """Store bytes; returns the name: `group` (letters, digits, '-') then a random, unguessable part.
+        Blocking: call it off the event loop."""
+        name = f"{group}{secrets.token_urlsafe(18)}.{fmt.value}"
         self.objects.put(MEDIA_PREFIX + name, data)
         return name
+
+    def remove_group(self, group: str) -> int:
+        """Delete every image saved with `group` (a non-empty prefix of names); returns how many. Blocking."""
+        keys = self.objects.keys(MEDIA_PREFIX + group)
+        for key in keys:
+            self.objects.delete(key)
+        return len(keys)
 
     def read(self, name: str) -> bytes:
         """The stored bytes of `name`; NotFound when gone. Blocking."""

@@ -7,8 +7,9 @@
 API processes are stateless: any number run behind a load balancer, each answering for every job. Worker
 processes (one per GPU) each load one engine and claim batches of its model (jobs/loop.py) under leases. Every
 process runs a `Housekeeper`; the one holding its advisory lock re-queues jobs whose lease ran out (a worker
-died: at most MAX_ATTEMPTS runs) and, in an API process, delivers webhooks from the outbox and deletes expired
-media. `kleinserve serve` (one box: SQLite, local files, the engine in-process) is unchanged by any of this.
+died: at most MAX_ATTEMPTS runs), and every API process delivers webhooks from the outbox (claimed: each is
+sent by one) and deletes expired media. `kleinserve serve` (one box: SQLite, local files, the engine
+in-process) is unchanged by any of this.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import os
 import secrets
 import socket
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,12 +37,14 @@ from kleinserve.api.server import (
     http_config,
 )
 from kleinserve.engine.protocol import Engine
+from kleinserve.errors import StoreUnavailable
+from kleinserve.jobs.batch import result_group
 from kleinserve.jobs.coordination import Coordination
 from kleinserve.jobs.events import EventHub
 from kleinserve.jobs.intake import Intake, ModelResolver
 from kleinserve.jobs.loop import EngineLoop, WorkerSettings
 from kleinserve.jobs.metrics import Metrics
-from kleinserve.jobs.pg_coordination import Leadership, PostgresCoordination
+from kleinserve.jobs.pg_coordination import Leadership, PostgresCoordination, remove_previews
 from kleinserve.jobs.postgres import PostgresJobStore, PostgresKeyStore
 from kleinserve.jobs.store import LEASE_S, Job, JobStore, SubmitLimits
 from kleinserve.jobs.webhooks import WebhookSender
@@ -51,6 +55,7 @@ from kleinserve.objects import open_objects
 
 log = logging.getLogger(__name__)
 HOUSEKEEPING_S = 1.0  # how often the housekeeper looks (expired leases, the outbox, the store's health)
+MEDIA_CLEANUP_TICKS = 60  # expired media are looked for every minute
 WEBHOOK_CLAIM_S = 300.0  # an outbox claim outlives a delivery's retries (1 + 5 + 30 s, 30 s per attempt)
 
 
@@ -79,16 +84,17 @@ def coordination_for(scale: Scale, store: JobStore, media: MediaStore, hub: Even
 
 
 class Housekeeper:
-    """The fleet's periodic duties, done by whichever process holds the advisory lock (others stand by):
-    re-queue or fail jobs whose lease ran out, and `duties` of the process's own (the API's outbox and
-    media). An API process also has `writes` checked: after a refused write, whether the store takes writes
-    again (its readiness); a worker's engine loop does that itself."""
+    """The fleet's periodic duties: whichever process holds the advisory lock (others stand by) re-queues or
+    fails jobs whose lease ran out; every process does `duties` of its own (the API's outbox and media). An
+    API process also has `writes` checked: after a refused write, whether the store takes writes again (its
+    readiness); a worker's engine loop does that itself."""
 
     def __init__(
         self,
         scale: Scale,
         store: JobStore,
         coordination: Coordination,
+        media: MediaStore,
         references: ReferenceStore,
         writes: EngineWrites | None = None,
         duties: Callable[[], None] = lambda: None,
@@ -96,9 +102,10 @@ class Housekeeper:
         self.store = store
         self.writes = writes
         self.coordination = coordination
+        self.media = media
         self.references = references
         self.duties = duties
-        self.leadership = Leadership(scale.database_url)
+        self.leadership = Leadership(scale.database_url, "kleinserve-housekeeper")
         self.served: set[str] = set()  # models some live worker serves, as last read
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kleinserve-housekeeper", daemon=True)
@@ -115,19 +122,24 @@ class Housekeeper:
         while not self._stopping.wait(HOUSEKEEPING_S):
             try:
                 self.tick()
-            except Exception as exc:  # the store refused, or a bug: logged; the next tick tries again
-                log.warning("housekeeping failed: %s", exc)
+            except StoreUnavailable as exc:  # not ready (and intake answers 503 at once) until it is back
+                if self.writes is not None:
+                    self.writes.refused(exc)
+            except Exception:  # a bug: logged; the next tick tries again
+                log.exception("housekeeping failed")
 
     def tick(self) -> None:
         if self.writes is not None:
             self.writes.catch_up()  # raises StoreUnavailable while the store refuses writes
         self.served = self.store.served_models()
-        self.duties()  # in every API process, leader or not: a worker may hold the lead, and the outbox's
-        # claims (FOR UPDATE SKIP LOCKED, a claim lease) already keep two processes from sending one webhook
+        self.duties()  # an API process's outbox, which has a leader of its own (a worker may lead here)
         if not self.leadership.held():
             return
-        for job in self.store.requeue_expired():
+        for job in self.store.requeue_expired():  # rows as changed, with the lost run's fence
             log.warning("job %s lost its worker: now %s", job.id, job.status.value)
+            # What the lost run saved but never committed (a worker killed while uploading).
+            self.media.remove_group(result_group(job))
+            remove_previews(self.media.objects, job.id)
             if job.status.terminal:  # its webhook goes through the outbox
                 self.references.remove(job.id, job.reference_count)
                 self.coordination.ended(job)
@@ -183,8 +195,8 @@ def create_api_app(scale: Scale, settings: ServerSettings, model: ModelResolver)
     )
     services, webhooks = assemble(settings, model, intake, store, keys, media, hub, resumes=False)
     holder = f"{socket.gethostname()}:{os.getpid()}"
-    outbox = Outbox(store, webhooks, media, holder)
-    intake.housekeeper = Housekeeper(scale, store, coordination, references, writes, outbox.tick)
+    outbox = Outbox(scale, store, webhooks, media, holder)
+    intake.housekeeper = Housekeeper(scale, store, coordination, media, references, writes, outbox.tick)
 
     @contextlib.asynccontextmanager
     async def duties() -> AsyncIterator[None]:
@@ -194,6 +206,7 @@ def create_api_app(scale: Scale, settings: ServerSettings, model: ModelResolver)
             yield
         finally:
             await asyncio.to_thread(intake.housekeeper.stop)
+            outbox.close()
             await asyncio.to_thread(coordination.stop)
             await webhooks.aclose()
             store.close()
@@ -203,24 +216,34 @@ def create_api_app(scale: Scale, settings: ServerSettings, model: ModelResolver)
 
 
 class Outbox:
-    """The API leader's share of housekeeping: webhooks of ended jobs (claimed, so each is sent by one
-    process; an unsent one is claimed again after WEBHOOK_CLAIM_S) and expired media."""
+    """The API tier's share of housekeeping, done by one API process at a time (an advisory lock of its own:
+    workers send no webhooks): webhooks of ended jobs, claimed so that each is sent once even across a change
+    of leader (an unsent one is claimed again after WEBHOOK_CLAIM_S), and expired media and previews."""
 
-    def __init__(self, store: JobStore, webhooks: WebhookSender, media: MediaStore, holder: str) -> None:
+    def __init__(
+        self, scale: Scale, store: JobStore, webhooks: WebhookSender, media: MediaStore, holder: str
+    ) -> None:
         self.store = store
         self.webhooks = webhooks
         self.media = media
         self.holder = holder
+        self.leadership = Leadership(scale.database_url, "kleinserve-outbox")
         self._ticks = 0
 
     def tick(self) -> None:
+        if not self.leadership.held():
+            return
         for job in self.store.claim_webhooks(self.holder, 32, WEBHOOK_CLAIM_S):
             self.webhooks.schedule(job)
         self._ticks += 1
-        if self._ticks % 60 == 0:
+        if self._ticks % MEDIA_CLEANUP_TICKS == 0:
             removed = self.media.remove_expired()
+            removed += self.media.objects.delete_older_than("previews/", time.time() - self.media.ttl_s)
             if removed:
                 log.info("removed %d expired media objects", removed)
+
+    def close(self) -> None:
+        self.leadership.close()
 
 
 def serve_api(scale: Scale, settings: ServerSettings, model: str) -> None:
@@ -355,7 +378,7 @@ class WorkerNode:
         coordination.wake = loop.wake
         coordination.start(accepting=False)
         self._parts.append(coordination.stop)
-        housekeeper = Housekeeper(scale, store, coordination, references)
+        housekeeper = Housekeeper(scale, store, coordination, media, references)
         advertiser = Advertiser(store, self.worker_id, [name], scale.lease_s)
         for part in (housekeeper, advertiser):
             part.start()

@@ -8,6 +8,7 @@ jobs whose cancel was asked end. The batch stops when no job in it is live (`can
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -28,8 +29,8 @@ log = logging.getLogger(__name__)
 class OutputStore(Protocol):
     """Where result images go (kleinserve.media.MediaStore)."""
 
-    def save(self, data: bytes, fmt: ImageFormat) -> str:
-        """Store an encoded image; its name."""
+    def save(self, data: bytes, fmt: ImageFormat, group: str = "") -> str:
+        """Store an encoded image; its name, which starts with `group`."""
         ...
 
     def remove(self, name: str) -> None:
@@ -115,7 +116,7 @@ def store_result(
             start = time.perf_counter()
             data = encode_image(image.image, fmt, job.params.output_quality)
             metrics.image_encoding.observe(time.perf_counter() - start)
-            media_names.append(outputs.save(data, fmt))
+            media_names.append(outputs.save(data, fmt, result_group(job)))
             encoded.append(data)
     except Exception as exc:  # a full disk (OSError) or an unreachable object store are not bugs
         reason = None
@@ -136,6 +137,13 @@ def store_result(
         _remove(outputs, media_names)
         raise
     return final, tuple(encoded)
+
+
+def result_group(job: Job) -> str:
+    """The start of the names of the images one run of `job` saves (its id, hashed so that a result link
+    does not give the job's id away, and its claim's fence): a run that died between saving and committing
+    leaves images the housekeeper finds by this and removes (scale.py), while a rerun's are left alone."""
+    return f"{hashlib.sha256(job.id.encode()).hexdigest()[:16]}-{job.fence}-"
 
 
 def _remove(outputs: OutputStore, names: list[str]) -> None:

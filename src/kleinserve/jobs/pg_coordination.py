@@ -57,10 +57,18 @@ class Blobs(Protocol):
 
     def put(self, key: str, data: bytes) -> None: ...
     def get(self, key: str) -> bytes: ...
+    def delete(self, key: str) -> None: ...
+    def keys(self, prefix: str) -> list[str]: ...
 
 
 def preview_key(job_id: str, index: int) -> str:
     return f"previews/{job_id}-{index}.png"
+
+
+def remove_previews(blobs: Blobs, job_id: str) -> None:
+    """Delete the preview images a worker stored for `job_id` (a job that ended, or lost its worker)."""
+    for key in blobs.keys(f"previews/{job_id}-"):
+        blobs.delete(key)
 
 
 class PostgresCoordination:
@@ -271,7 +279,11 @@ class PostgresCoordination:
 
     def ended(self, job: Job, images: tuple[bytes, ...] = ()) -> None:
         self._held.pop(job.id, None)
-        self._watched.pop(job.id, None)
+        if self._watched.pop(job.id, None) is not None:
+            try:
+                remove_previews(self.blobs, job.id)
+            except KleinError as exc:  # left for the media clean-up
+                log.info("previews of job %s not removed: %s", job.id, exc.message)
         self.notify(EVENTS, {"jobs": [job.id], "event": end_event(job)})
 
     def _release(self, job_ids: frozenset[str]) -> None:
@@ -300,10 +312,9 @@ class Leadership:
     held for as long as that connection lives (a leader that dies or loses the database lets another take it
     at its next look)."""
 
-    KEY = "kleinserve-housekeeper"
-
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, name: str) -> None:
         self.url = url
+        self.name = name  # what is led: processes leading one name may differ from those leading another
         self._connection: psycopg.Connection[Any] | None = None
         self._held = False
 
@@ -317,7 +328,7 @@ class Leadership:
                 self._connection.execute("SELECT 1")  # still connected: still held
             else:
                 row = self._connection.execute(
-                    "SELECT pg_try_advisory_lock(hashtext(%s))", (self.KEY,)
+                    "SELECT pg_try_advisory_lock(hashtext(%s))", (self.name,)
                 ).fetchone()
                 self._held = bool(row and row[0])
         except psycopg.Error:
