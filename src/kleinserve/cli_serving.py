@@ -1,5 +1,5 @@
 """The serving commands: `kleinserve serve` (one box) and the scaled-out processes `kleinserve api` and
-`kleinserve worker` (their parts: kleinserve/scale.py).
+`kleinserve worker` (their parts: kleinserve/scale/).
 
 `api` and `worker` take `--database-url` (PostgreSQL: jobs, keys, usage) and `--media-url` (`s3://bucket/prefix`,
 credentials from the AWS_* variables; without it the data dir, which only works when every process shares that
@@ -82,14 +82,14 @@ def _api(args: argparse.Namespace, scale: Scale) -> int:
     from kleinserve.api.limits import check_port_free
 
     check_port_free(args.host, args.port)  # before importing the server (torch, diffusers: seconds)
-    from kleinserve.scale import serve_api
+    from kleinserve.scale.api import serve_api
 
     serve_api(scale, server_settings(args), args.model)
     return 0
 
 
 def _worker(args: argparse.Namespace, scale: Scale) -> int:
-    from kleinserve.scale import WorkerConfig, WorkerNode
+    from kleinserve.scale.worker import WorkerConfig, WorkerNode
 
     config = WorkerConfig(
         scale,

@@ -1,10 +1,10 @@
 """Ray Serve supervision of kleinserve's GPU workers (the `kleinserve[ray]` extra).
 
 Ray Serve places, health-checks, restarts and autoscales the workers; it never sees a job. Each `GPUWorker`
-replica holds one GPU and runs one `kleinserve.scale.WorkerNode`, which pulls batches from the Postgres job
-store and writes media to S3, exactly as `kleinserve worker` does under systemd or Kubernetes. Jobs, leases
-and retries live in Postgres, so a replica that Serve kills or restarts loses nothing: its leased jobs are
-re-queued when the lease runs out. The API tier runs outside Ray behind any load balancer.
+replica holds one GPU and runs one `kleinserve.scale.worker.WorkerNode`, which pulls batches from the Postgres
+job store and writes media to S3, exactly as `kleinserve worker` does under systemd or Kubernetes. Jobs,
+leases and retries live in Postgres, so a replica that Serve kills or restarts loses nothing: its leased jobs
+are re-queued when the lease runs out. The API tier runs outside Ray behind any load balancer.
 
     serve run kleinserve.deploy:app database_url=postgresql://kleinserve@db/kleinserve media_url=s3://b/p
     serve run deploy/serve.yaml
@@ -31,7 +31,8 @@ from ray.serve.config import AutoscalingConfig, AutoscalingContext, AutoscalingP
 from kleinserve.engine import inspect_model
 from kleinserve.errors import InvalidInput, StoreUnavailable, Unavailable
 from kleinserve.jobs.store import LEASE_S
-from kleinserve.scale import Scale, WorkerConfig, WorkerNode, queue_depth
+from kleinserve.scale import Scale
+from kleinserve.scale.worker import WorkerConfig, WorkerNode, queue_depth
 
 log = logging.getLogger(__name__)
 

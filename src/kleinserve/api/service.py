@@ -47,9 +47,9 @@ class JSONBody(JSONResponse):
 
 @dataclass(frozen=True)
 class Services:
-    """Everything the routes need, built once at start-up (api/server.py, scale.py) and passed to build_app.
-    `model` is the variant served, for what needs no queue (its spec, resolving a request); `jobs` accepts
-    jobs (in `kleinserve serve` it is the one-box Worker that also runs them)."""
+    """Everything the routes need, built once at start-up (api/server.py, scale/api.py) and passed to
+    build_app. `model` is the variant served, for what needs no queue (its spec, resolving a request); `jobs`
+    accepts jobs (in `kleinserve serve` it is the one-box Worker that also runs them)."""
 
     model: ModelResolver
     jobs: Intake

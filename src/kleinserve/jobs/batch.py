@@ -142,7 +142,8 @@ def store_result(
 def result_group(job: Job) -> str:
     """The start of the names of the images one run of `job` saves (its id, hashed so that a result link
     does not give the job's id away, and its claim's fence): a run that died between saving and committing
-    leaves images the housekeeper finds by this and removes (scale.py), while a rerun's are left alone."""
+    leaves images the housekeeper finds by this and removes (scale/housekeeping.py), while a rerun's are left
+    alone."""
     return f"{hashlib.sha256(job.id.encode()).hexdigest()[:16]}-{job.fence}-"
 
 

@@ -11,7 +11,7 @@ It is an `Intake` (jobs/intake.py: submit, wait, cancel) whose jobs its own `Eng
 batch, run, store) runs, woken at each submit, through a `LocalCoordination` (jobs/coordination.py: callbacks,
 futures and cancel flags in memory). On one box every job found `running` at start-up was interrupted by a
 crash of this very process: `start()` re-queues it (once; then it fails with the reason). The scaled-out
-processes (kleinserve/scale.py) run the two halves apart, on PostgreSQL, with leases instead.
+processes (kleinserve/scale/) run the two halves apart, on PostgreSQL, with leases instead.
 
 `kleinserve serve` runs the engine on the thread that loaded the model (`run_engine()`; why: api/server.py's
 `serve`); `start()`'s own engine thread remains for embedding and tests.
