@@ -213,6 +213,13 @@ def test_cancel_across_processes_and_a_synchronous_request(cluster: Cluster, htt
     assert events[-1][0] == "succeeded", events  # the batch partner ran to its end
     steps = step_numbers(events)
     assert steps == list(range(1, steps[-1] + 1)) and len(steps) > 1
+    # The worker sends previews of a job that a subscriber on another process asked for (it was queued when
+    # B's stream began, so every step has one): thumbnails of the job's own image.
+    previews = [data["preview"] for name, data in events if name == "step" and "preview" in data]
+    assert len(previews) == len(steps), events
+    for preview in previews:
+        with Image.open(io.BytesIO(base64.b64decode(preview))) as image:
+            assert image.size == (256, 256)
     assert job(http, a, partner)["status"] == "succeeded"
     assert job(http, a, queued)["status"] == "cancelled"  # never run after all
 
@@ -220,9 +227,32 @@ def test_cancel_across_processes_and_a_synchronous_request(cluster: Cluster, htt
         response = sdk.images.generate(
             model="flux-2-klein-4b", prompt="a synchronous job", size="256x256", extra_body={"seed": 5}
         )
+        # Streamed: the partial images a worker's steps make reach the API process the caller is on.
+        streamed = list(
+            sdk.images.generate(
+                model="flux-2-klein-4b",
+                prompt="a synchronous job",
+                size="256x256",
+                stream=True,
+                partial_images=2,
+                extra_body={"seed": 5},
+            )
+        )
     assert response.data is not None and response.data[0].b64_json is not None
     with Image.open(io.BytesIO(base64.b64decode(response.data[0].b64_json))) as image:
         assert image.size == (256, 256)
+    assert [event.type for event in streamed] == [
+        "image_generation.partial_image",
+        "image_generation.partial_image",
+        "image_generation.completed",
+    ]
+    final = streamed[-1]
+    assert final.type == "image_generation.completed"
+    assert base64.b64decode(final.b64_json) == base64.b64decode(response.data[0].b64_json)  # same seed
+    for event in streamed[:2]:
+        assert event.type == "image_generation.partial_image"
+        with Image.open(io.BytesIO(base64.b64decode(event.b64_json))) as image:
+            assert image.size == (256, 256)
     assert_no_orphans(cluster)
 
 

@@ -37,6 +37,9 @@ class EventHub:
 
     def __init__(self) -> None:
         self.loop: asyncio.AbstractEventLoop | None = None  # set by attach() when the server starts
+        # Called (on the loop; must not block) when a subscriber that wants previews arrives: a process that
+        # does not run the engine asks the one that does (jobs/pg_coordination.py).
+        self.on_preview_watch: Callable[[str], None] = lambda job_id: None
         self._subscribers: defaultdict[str, set[asyncio.Queue[Event]]] = defaultdict(set)
         self._preview_watchers: Counter[str] = Counter()
 
@@ -94,6 +97,8 @@ class EventHub:
         queue: asyncio.Queue[Event] = asyncio.Queue()
         self._subscribers[job_id].add(queue)
         self._preview_watchers[job_id] += previews
+        if previews:
+            self.on_preview_watch(job_id)
         try:
             yield queue
         finally:

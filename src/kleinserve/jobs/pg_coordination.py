@@ -102,6 +102,9 @@ class PostgresCoordination:
         self._send_lock = threading.Lock()
         self._sender: psycopg.Connection[Any] | None = None
         self._stopping = threading.Event()
+        # A subscriber wants previews: announce it at once rather than at the next round.
+        self._watch_now = threading.Event()
+        hub.on_preview_watch = lambda job_id: self._watch_now.set()
         self._threads: list[threading.Thread] = []
 
     # lifecycle
@@ -146,6 +149,7 @@ class PostgresCoordination:
     ) -> None:
         if on_step is not None:
             self._listeners[job_id] = on_step
+            self.notify(WATCH, {"jobs": [job_id]})  # before the job is queued: previews from its first step
         if ended is not None:
             self._waiters[job_id] = ended
 
@@ -229,9 +233,11 @@ class PostgresCoordination:
     def _poll(self) -> None:
         """The rows behind lost notifications, and the watches to renew."""
         last_watch = 0.0
-        while not self._stopping.wait(POLL_S / 2):
+        while not self._stopping.is_set():
+            self._watch_now.wait(POLL_S / 2)
             now = time.monotonic()
-            if now - last_watch >= WATCH_RENEW_S:
+            if self._watch_now.is_set() or now - last_watch >= WATCH_RENEW_S:
+                self._watch_now.clear()
                 last_watch = now
                 self._renew_watches()
             for job_id in {*self._waiters, *self.hub.watched_jobs()}:
