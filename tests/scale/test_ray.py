@@ -8,11 +8,13 @@ section quotes them.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
+import psycopg
 import pytest
 import ray
 from ray import serve
@@ -20,6 +22,7 @@ from ray import serve
 from kleinserve.deploy import WorkerArgs, worker_application
 from kleinserve.engine import inspect_model
 from kleinserve.jobs.job import Job, JobStatus
+from kleinserve.jobs.pg_coordination import QUEUED
 from kleinserve.jobs.postgres import PostgresJobStore
 from tests.s3 import S3Media, client, environment
 from tests.scale.queueing import queue_jobs
@@ -135,7 +138,11 @@ def test_two_gpu_replicas_run_the_queue(
     replicas = _replicas()
     assert len(replicas) == 2
 
-    jobs = _all_ended(store, queue_jobs(store, inspect_model(str(tiny_dir)), 8))
+    model = inspect_model(str(tiny_dir))
+    ids = queue_jobs(store, model, 8, steps=12)  # two batches of 4, each long enough for both to be claimed
+    with psycopg.connect(postgres_url, autocommit=True) as connection:  # wake both at once, as an API does
+        connection.execute("SELECT pg_notify(%s, %s)", (QUEUED, json.dumps({"model": model.spec.name})))
+    jobs = _all_ended(store, ids)
     _assert_images_in_s3(jobs, s3_media_url)
     assert {job.worker for job in jobs} == replicas  # both pulled, each under its replica's name
     assert all(job.attempts == 1 for job in jobs)
