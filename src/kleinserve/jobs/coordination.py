@@ -115,16 +115,13 @@ def settle(ended: asyncio.Future[Outcome], outcome: Outcome) -> None:
         ended.get_loop().call_soon_threadsafe(_set)
 
 
-class LocalCoordination:
-    """Both sides in one process: flags, callbacks and futures in memory; progress through `writes` (the one
-    box's store writes, deferred while the store refuses them: jobs/writes.py)."""
+class Followers:
+    """The accepting side's in-process part, the same in both coordinations: each followed job's step listener
+    and waiting caller, by job id."""
 
-    def __init__(self, hub: EventHub, writes: EngineWrites) -> None:
-        self.hub = hub
-        self.writes = writes
+    def __init__(self) -> None:
         self._listeners: dict[str, StepCallback] = {}
         self._waiters: dict[str, asyncio.Future[Outcome]] = {}
-        self._cancel_requested: set[str] = set()
 
     def follow(
         self, job_id: str, on_step: StepCallback | None, ended: asyncio.Future[Outcome] | None
@@ -137,6 +134,17 @@ class LocalCoordination:
     def unfollow(self, job_id: str) -> None:
         self._listeners.pop(job_id, None)
         self._waiters.pop(job_id, None)
+
+
+class LocalCoordination(Followers):
+    """Both sides in one process: flags, callbacks and futures in memory; progress through `writes` (the one
+    box's store writes, deferred while the store refuses them: jobs/writes.py)."""
+
+    def __init__(self, hub: EventHub, writes: EngineWrites) -> None:
+        super().__init__()
+        self.hub = hub
+        self.writes = writes
+        self._cancel_requested: set[str] = set()
 
     def cancel_running(self, job_id: str) -> None:
         self._cancel_requested.add(job_id)

@@ -34,6 +34,7 @@ from PIL import Image
 from kleinserve.errors import KleinError, StoreUnavailable
 from kleinserve.jobs.coordination import (
     BatchProgress,
+    Followers,
     Outcome,
     end_event,
     own_progress,
@@ -71,7 +72,7 @@ def remove_previews(blobs: Blobs, job_id: str) -> None:
         blobs.delete(key)
 
 
-class PostgresCoordination:
+class PostgresCoordination(Followers):
     """Both sides' coordination through `url`'s database; one process uses the accepting side (`kleinserve
     api`) or the running side (`kleinserve worker`). `read_result(name)` reads a result image's bytes (for
     synchronous callers); `wake` is called when a job was queued (a worker's engine loop)."""
@@ -94,8 +95,7 @@ class PostgresCoordination:
         self.read_result = read_result
         self.lease_s = lease_s
         self.wake = wake
-        self._listeners: dict[str, StepCallback] = {}
-        self._waiters: dict[str, asyncio.Future[Outcome]] = {}
+        super().__init__()
         self._watched: dict[str, float] = {}  # running side: job id -> when its watch expires
         # running side: job id -> the fence of the claim this process runs it under
         self._held: dict[str, int] = {}
@@ -147,15 +147,9 @@ class PostgresCoordination:
     def follow(
         self, job_id: str, on_step: StepCallback | None, ended: asyncio.Future[Outcome] | None
     ) -> None:
-        if on_step is not None:
-            self._listeners[job_id] = on_step
-            self.notify(WATCH, {"jobs": [job_id]})  # before the job is queued: previews from its first step
-        if ended is not None:
-            self._waiters[job_id] = ended
-
-    def unfollow(self, job_id: str) -> None:
-        self._listeners.pop(job_id, None)
-        self._waiters.pop(job_id, None)
+        super().follow(job_id, on_step, ended)
+        if on_step is not None:  # before the job is queued: previews from its first step
+            self.notify(WATCH, {"jobs": [job_id]})
 
     def cancel_running(self, job_id: str) -> None:
         """Nothing to send: the worker reads the flag the store set in its next step's `extend`."""

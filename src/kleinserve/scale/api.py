@@ -81,7 +81,7 @@ def create_api_app(scale: Scale, settings: ServerSettings, model: ModelResolver)
     )
     services, webhooks = assemble(settings, model, intake, store, keys, media, hub, resumes=False)
     holder = f"{socket.gethostname()}:{os.getpid()}"
-    outbox = Outbox(scale, store, webhooks, media, holder)
+    outbox = Outbox(store, webhooks, media, holder)
     intake.housekeeper = Housekeeper(scale, store, coordination, media, references, writes, outbox.tick)
 
     @contextlib.asynccontextmanager
@@ -92,7 +92,6 @@ def create_api_app(scale: Scale, settings: ServerSettings, model: ModelResolver)
             yield
         finally:
             await asyncio.to_thread(intake.housekeeper.stop)
-            outbox.close()
             await asyncio.to_thread(coordination.stop)
             await webhooks.aclose()
             store.close()

@@ -1,5 +1,6 @@
-"""Housekeeping of a scaled-out fleet: leases that ran out (every process may lead it), the webhook outbox and
-expired media (one API process leads it)."""
+"""Housekeeping of a scaled-out fleet: leases that ran out (one leader, any process, with the others as its
+fallback), the webhook outbox and expired media (every API process; the outbox's claims keep each webhook to
+one sender)."""
 
 from __future__ import annotations
 
@@ -22,13 +23,18 @@ log = logging.getLogger(__name__)
 HOUSEKEEPING_S = 1.0  # how often the housekeeper looks (expired leases, the outbox, the store's health)
 MEDIA_CLEANUP_TICKS = 60  # expired media are looked for every minute
 WEBHOOK_CLAIM_S = 300.0  # an outbox claim outlives a delivery's retries (1 + 5 + 30 s, 30 s per attempt)
+LEADER_GRACE_LEASES = 2  # how many leases past expiry a non-leader steps in for the housekeeping leader
 
 
 class Housekeeper:
-    """The fleet's periodic duties: whichever process holds the advisory lock (others stand by) re-queues or
-    fails jobs whose lease ran out; every process does `duties` of its own (the API's outbox and media). An
-    API process also has `writes` checked: after a refused write, whether the store takes writes again (its
-    readiness); a worker's engine loop does that itself."""
+    """The fleet's periodic duties. The process holding the advisory lock re-queues (or fails) jobs as soon as
+    their lease runs out. The others do it only for leases that ran out more than LEADER_GRACE_LEASES leases
+    ago: a leader that is frozen (SIGSTOP, a stalled VM) keeps its lock, because its connection stays open,
+    and must not stall recovery for good (tests/scale/test_multiprocess.py's stale worker led it when it was
+    frozen). The store skips rows another process is handling, so two processes never act on one job.
+    Every process also does `duties` of its own (the API's outbox and media) and, with `writes` (an API
+    process), checks after a refused write whether the store takes writes again (its readiness); a worker's
+    engine loop does that itself."""
 
     def __init__(
         self,
@@ -47,6 +53,7 @@ class Housekeeper:
         self.references = references
         self.duties = duties
         self.leadership = Leadership(scale.database_url, "kleinserve-housekeeper")
+        self.grace_s = LEADER_GRACE_LEASES * scale.lease_s
         self.served: set[str] = set()  # models some live worker serves, as last read
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kleinserve-housekeeper", daemon=True)
@@ -73,10 +80,10 @@ class Housekeeper:
         if self.writes is not None:
             self.writes.catch_up()  # raises StoreUnavailable while the store refuses writes
         self.served = self.store.served_models()
-        self.duties()  # an API process's outbox, which has a leader of its own (a worker may lead here)
-        if not self.leadership.held():
-            return
-        for job in self.store.requeue_expired():  # rows as changed, with the lost run's fence
+        self.duties()
+        now = time.time()
+        expired_before = now if self.leadership.held() else now - self.grace_s
+        for job in self.store.requeue_expired(expired_before):  # rows as changed, with the lost run's fence
             log.warning("job %s lost its worker: now %s", job.id, job.status.value)
             # What the lost run saved but never committed (a worker killed while uploading).
             self.media.remove_group(result_group(job))
@@ -87,23 +94,18 @@ class Housekeeper:
 
 
 class Outbox:
-    """The API tier's share of housekeeping, done by one API process at a time (an advisory lock of its own:
-    workers send no webhooks): webhooks of ended jobs, claimed so that each is sent once even across a change
-    of leader (an unsent one is claimed again after WEBHOOK_CLAIM_S), and expired media and previews."""
+    """The API tier's share of housekeeping, done by every API process (workers send no webhooks): webhooks of
+    ended jobs, each claimed by one process (SKIP LOCKED; an unsent one is claimed again after
+    WEBHOOK_CLAIM_S), and expired media and previews (deleting twice is harmless)."""
 
-    def __init__(
-        self, scale: Scale, store: JobStore, webhooks: WebhookSender, media: MediaStore, holder: str
-    ) -> None:
+    def __init__(self, store: JobStore, webhooks: WebhookSender, media: MediaStore, holder: str) -> None:
         self.store = store
         self.webhooks = webhooks
         self.media = media
         self.holder = holder
-        self.leadership = Leadership(scale.database_url, "kleinserve-outbox")
         self._ticks = 0
 
     def tick(self) -> None:
-        if not self.leadership.held():
-            return
         for job in self.store.claim_webhooks(self.holder, 32, WEBHOOK_CLAIM_S):
             self.webhooks.schedule(job)
         self._ticks += 1
@@ -112,6 +114,3 @@ class Outbox:
             removed += self.media.objects.delete_older_than("previews/", time.time() - self.media.ttl_s)
             if removed:
                 log.info("removed %d expired media objects", removed)
-
-    def close(self) -> None:
-        self.leadership.close()
