@@ -237,7 +237,11 @@ def _source(args: argparse.Namespace) -> ModelSource:
     return resolve_source(args.model, components=args.components, download=args.download)
 
 
-def load(args: argparse.Namespace) -> Pipeline:
+def load(
+    args: argparse.Namespace, lora_dir: Path | None = None, lora_downloads: Path | None = None
+) -> Pipeline:
+    """The model of `args`'s model flags; with `lora_dir`/`lora_downloads` it applies LoRA adapters (`serve`:
+    ServerSettings.lora_downloads)."""
     from kleinserve.engine import load_pipeline
 
     return load_pipeline(
@@ -249,6 +253,8 @@ def load(args: argparse.Namespace) -> Pipeline:
         quantize=args.quantize,
         offload=args.offload,
         memory_budget_gib=args.memory_budget,
+        lora_dir=lora_dir,
+        lora_downloads=lora_downloads,
     )
 
 

@@ -92,6 +92,12 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
         metavar="URL",
         help="the server's public origin, for BFL's polling and webhook URLs (default: each request's)",
     )
+    parser.add_argument(
+        "--lora-dir", type=Path, metavar="DIR", help="LoRA adapters (*.safetensors) requests may name"
+    )
+    parser.add_argument(
+        "--allow-lora-urls", action="store_true", help="let requests give https URLs of LoRA adapters"
+    )
     add_connection_options(parser)
 
 

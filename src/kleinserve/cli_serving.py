@@ -52,7 +52,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     from kleinserve.api.server import serve
 
-    serve(server_settings(args, max_batch=args.max_batch), lambda: load(args))
+    settings = server_settings(args, max_batch=args.max_batch)
+    serve(settings, lambda: load(args, settings.lora_dir, settings.lora_downloads))
     return 0
 
 
@@ -71,6 +72,8 @@ def server_settings(args: argparse.Namespace, **more: Any) -> ServerSettings:
         allow_private_urls=args.allow_private_urls,
         insecure_no_auth=args.insecure_no_auth,
         public_url=args.public_url,
+        lora_dir=args.lora_dir,
+        allow_lora_urls=args.allow_lora_urls,
         connections=ConnectionLimits(
             **{field: getattr(args, field) for field, _, _ in CONNECTION_FLAGS.values()}
         ),

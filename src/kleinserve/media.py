@@ -140,15 +140,20 @@ class ImageFetcher:
             )
         return await asyncio.to_thread(decode_base64_image, text, param)
 
-    async def download(self, url: str, param: str) -> bytes:
-        """The body of `url` (HTTP 200 only, no redirects); InvalidInput naming `param` otherwise."""
+    async def download(
+        self, url: str, param: str, max_bytes: int | None = None, timeout_s: float | None = None
+    ) -> bytes:
+        """The body of `url` (HTTP 200 only, no redirects, at most `max_bytes`, within `timeout_s` for the
+        whole download); InvalidInput naming `param` otherwise. None: a reference image's limits,
+        URL_MAX_BYTES and URL_TIMEOUT_S (read at each call); LoRA adapters (api/loras.py) pass larger ones."""
         if len(url) > URL_MAX_CHARS:  # checked first: parsing a huge "URL" would hold the event loop
             raise InvalidInput(f"{param}: the URL is longer than {URL_MAX_CHARS} characters", param=param)
         url = url.strip()
-        timeout = URL_TIMEOUT_S
+        limit = URL_MAX_BYTES if max_bytes is None else max_bytes
+        timeout = URL_TIMEOUT_S if timeout_s is None else timeout_s
         try:
             async with asyncio.timeout(timeout):  # resolving included
-                return await self._get(url, param)
+                return await self._get(url, param, limit, timeout)
         except TimeoutError:
             raise _unfetchable(param, f"it took longer than {timeout:g} s") from None
         except httpx.ConnectError:
@@ -156,9 +161,8 @@ class ImageFetcher:
         except httpx.HTTPError as exc:
             raise _unfetchable(param, type(exc).__name__) from None
 
-    async def _get(self, url: str, param: str) -> bytes:
-        limit = URL_MAX_BYTES
-        async with self.client.stream("GET", url, param, timeout=URL_TIMEOUT_S) as response:
+    async def _get(self, url: str, param: str, limit: int, timeout_s: float) -> bytes:
+        async with self.client.stream("GET", url, param, timeout=timeout_s) as response:
             if response.status_code != 200:
                 raise _unfetchable(param, f"the server answered HTTP {response.status_code}")
             declared = response.headers.get("content-length", "")

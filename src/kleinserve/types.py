@@ -47,6 +47,16 @@ class ImageFormat(StrEnum):
 
 
 @dataclass(frozen=True)
+class LoraChoice:
+    """One LoRA adapter a request applies: `adapter` is the name of a file in the server's adapter folder
+    (`--lora-dir`, without `.safetensors`) or `sha256:<hex>` of a downloaded one (engine/lora.py resolves
+    both); `scale` multiplies its delta (-4 to 4; 0 turns it off)."""
+
+    adapter: str
+    scale: float = 1.0
+
+
+@dataclass(frozen=True)
 class GenerateRequest:
     """One text-to-image or editing request, already in kleinserve's units.
 
@@ -73,6 +83,7 @@ class GenerateRequest:
     output_format: ImageFormat = ImageFormat.PNG
     output_quality: int | None = None
     fixed_by_variant: bool = False
+    loras: tuple[LoraChoice, ...] = ()  # at most 4; each image equals diffusers' with these adapters set
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,14 @@ from kleinserve.engine.resolve import resolve_request, restore_request
 from kleinserve.engine.spec import ModelSpec
 from kleinserve.jobs.record import JobImage, JobParams, JobResult, JobUsage, from_json, to_json
 from kleinserve.jobs.store import JobStatus, SqliteJobStore
-from kleinserve.types import GeneratedImage, GenerateRequest, GenerateResult, ImageFormat, json_bytes
+from kleinserve.types import (
+    GeneratedImage,
+    GenerateRequest,
+    GenerateResult,
+    ImageFormat,
+    LoraChoice,
+    json_bytes,
+)
 from tests.conftest import random_image
 
 BASE = ModelSpec("base", distilled=False, default_steps=50, default_guidance=4.0, parameters=0)
@@ -35,6 +42,7 @@ PARAMS = JobParams(
     output_format=ImageFormat.WEBP,
     output_quality=80,
     reference_sizes=((64, 80), (96, 64)),
+    loras=(LoraChoice("watercolour", 0.5), LoraChoice("sha256:" + "ab" * 32)),
 )
 RESULT = JobResult(
     images=(JobImage(media="a.webp", seed=7), JobImage(media="b.webp", seed=8)),
@@ -109,6 +117,7 @@ def test_json_keys_are_the_field_names_and_values_plain_json() -> None:
         "output_quality": 80,
         "fixed_by_variant": False,
         "reference_sizes": [[64, 80], [96, 64]],
+        "loras": [{"adapter": "watercolour", "scale": 0.5}, {"adapter": "sha256:" + "ab" * 32, "scale": 1.0}],
     }
     assert to_json(RESULT)["images"] == [{"media": "a.webp", "seed": 7}, {"media": "b.webp", "seed": 8}]
 
@@ -196,7 +205,7 @@ def test_from_resolved_and_to_request_keep_every_value() -> None:
     )
     resolved = resolve_request(request, BASE)
     params = JobParams.from_resolved(resolved)
-    assert params == replace(PARAMS, reference_sizes=((64, 80),))  # width 100 -> 96: resolved, not asked
+    assert params == replace(PARAMS, reference_sizes=((64, 80),), loras=())  # width 100 -> 96: resolved
     stored = resolved.stored
     assert params.to_request(stored.reference_images) == stored
 

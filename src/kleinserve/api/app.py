@@ -15,6 +15,7 @@ import functools
 import logging
 import secrets
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -25,7 +26,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kleinserve import logs
-from kleinserve.api import bfl, cloudflare, jobs, openai, openapi, vercel
+from kleinserve.api import bfl, cloudflare, jobs, openai, openapi, service, vercel
 from kleinserve.api._dialect import DialectRoute, invalid_input
 from kleinserve.api.service import JSONBody, Services
 from kleinserve.errors import (
@@ -146,6 +147,17 @@ def build_app(services: Services, max_body_bytes: int = MAX_BODY_BYTES) -> FastA
     app.include_router(bfl.build_router(services))
     app.include_router(web.build_router())  # the playground page: no key needed to load it
     app.include_router(docs.build_router(app.title, app.openapi_url or "/openapi.json"))
+
+    @app.get(
+        "/v1/loras",
+        tags=["LoRA adapters"],
+        summary="The adapters of --lora-dir that requests may name",
+        responses=openapi.errors(openapi.ErrorBody, (401,)),
+    )
+    async def list_loras(http_request: Request) -> dict[str, Any]:
+        """`{"object": "list", "data": [{name, format, rank, targets, bytes}]}`; empty without --lora-dir."""
+        service.caller(services, http_request)
+        return await services.loras.listing()
 
     @app.get("/media/{name}", include_in_schema=False)
     async def media(name: str, expires: int, signature: str) -> Response:

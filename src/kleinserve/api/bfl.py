@@ -12,7 +12,7 @@ request was made to. Errors use BFL's bodies: 422 `{"detail": [{loc, msg, type}]
 BFL's klein endpoints take no `steps`/`guidance` (the distilled model is fixed at 4 steps, guidance 1.0),
 and a distilled variant here ignores them too, as BFL does. The base variants, which BFL does not host, take
 them under the names of BFL's FLUX.2 [flex] endpoint, so that a BFL-shaped job (and the playground) can set
-them.
+them. `loras` (api/loras.py's array) is kleinserve's extension of the body.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from kleinserve.errors import InvalidInput, KleinError, NotFound, Overloaded
 from kleinserve.jobs.record import JobParams
 from kleinserve.jobs.store import Job, JobStatus
 from kleinserve.jobs.webhooks import FORMAT_KEY, WebhookFormat
-from kleinserve.types import MAX_SEED, GenerateRequest, ImageFormat
+from kleinserve.types import MAX_SEED, GenerateRequest, ImageFormat, LoraChoice
 
 _STATUS = {
     JobStatus.QUEUED: "Pending",
@@ -56,8 +56,8 @@ _ORIGIN_KEY = "base_url"
 
 
 class FluxKleinInputs(BaseModel):
-    """BFL's Flux2KleinInputs plus [flex]'s steps/guidance (base variants only); unknown fields
-    (aspect_ratio, raw ...) are ignored."""
+    """BFL's Flux2KleinInputs plus [flex]'s steps/guidance (base variants only) and kleinserve's `loras`;
+    unknown fields (aspect_ratio, raw ...) are ignored."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -75,6 +75,7 @@ class FluxKleinInputs(BaseModel):
     output_format: Literal["jpeg", "png", "webp"] | None = "jpeg"
     webhook_url: str | None = Field(None, min_length=1, max_length=2083)
     webhook_secret: str | None = None
+    loras: list[Any] | None = Field(None, description='LoRA adapters: [{"name" | "url", "scale"?}]')
 
 
 def _side(value: int | None, name: str) -> int | None:
@@ -95,9 +96,11 @@ def _check_webhook_url(url: str | None) -> None:
         raise InvalidInput(f"webhook_url {url!r} is not an http(s) URL", param="webhook_url")
 
 
-def to_request(wire: FluxKleinInputs, references: list[Any]) -> GenerateRequest:
-    """The internal request; `steps`/`guidance` apply only where the loaded variant leaves them free, as on
-    BFL's klein endpoint (`fixed_by_variant`)."""
+def to_request(
+    wire: FluxKleinInputs, references: list[Any], loras: tuple[LoraChoice, ...] = ()
+) -> GenerateRequest:
+    """The internal request, with the adapters of `wire.loras` (AdapterSource.choices); `steps`/`guidance`
+    apply only where the loaded variant leaves them free, as on BFL's klein endpoint (`fixed_by_variant`)."""
     _check_webhook_url(wire.webhook_url)
     check_prompt(wire.prompt)
     return GenerateRequest(
@@ -110,6 +113,7 @@ def to_request(wire: FluxKleinInputs, references: list[Any]) -> GenerateRequest:
         reference_images=tuple(references),
         output_format=ImageFormat.parse(wire.output_format or "jpeg"),
         fixed_by_variant=True,
+        loras=loras,
     )
 
 
@@ -224,10 +228,11 @@ def build_router(services: Services) -> APIRouter:
         references = [
             await services.fetcher.image(value, name) for name in fields if (value := getattr(wire, name))
         ]
+        request = to_request(wire, references, await services.loras.choices(wire.loras))
         job = await asyncio.to_thread(
             functools.partial(
                 services.jobs.submit,
-                to_request(wire, references),
+                request,
                 owner,
                 webhook_url=wire.webhook_url,
                 webhook_secret=wire.webhook_secret,

@@ -4,7 +4,8 @@
 Fields: `prompt` (a JSON object given as the prompt is passed through as text), `width`/`height` (256-1920,
 default 1024x768, or that 4:3 at a smaller model's own side: 256x192 for the toy), `seed`, `guidance`
 (variants with CFG only), `steps` (fixed at the variant's default for distilled klein, as on Cloudflare),
-`input_image_0` ... `input_image_3`. The image comes back as base64 PNG.
+`input_image_0` ... `input_image_3`, and kleinserve's `loras` (the JSON text of api/loras.py's array). The
+image comes back as base64 PNG.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from kleinserve.errors import (
     UnknownModel,
 )
 from kleinserve.media import decode_base64_image, decode_image
-from kleinserve.types import MAX_SEED, GenerateRequest, ImageFormat, base64_text
+from kleinserve.types import MAX_SEED, GenerateRequest, ImageFormat, LoraChoice, base64_text
 
 DEFAULT_WIDTH, DEFAULT_HEIGHT = 1024, 768
 MIN_SIDE, MAX_SIDE = 256, 1920
@@ -82,9 +83,14 @@ class WorkersAIForm(BaseModel):
     input_image_1: bytes | None = None
     input_image_2: bytes | None = None
     input_image_3: bytes | None = None
+    loras: str | None = Field(None, description='LoRA adapters, JSON: [{"name" | "url", "scale"?}]')
 
 
-def to_request(form: dict[str, str], references: list, spec: ModelSpec) -> GenerateRequest:
+def to_request(
+    form: dict[str, str], references: list, spec: ModelSpec, loras: tuple[LoraChoice, ...] = ()
+) -> GenerateRequest:
+    """The internal request for the form's text fields, its decoded references and the adapters of its
+    `loras` field (AdapterSource.choices)."""
     prompt = check_prompt(form.get("prompt"))
     guidance = form.get("guidance")
     try:
@@ -102,6 +108,7 @@ def to_request(form: dict[str, str], references: list, spec: ModelSpec) -> Gener
         reference_images=tuple(references),
         output_format=ImageFormat.PNG,
         fixed_by_variant=True,  # as on Cloudflare: distilled klein's steps are its own
+        loras=loras,
     )
 
 
@@ -160,7 +167,8 @@ def build_router(services: Services) -> APIRouter:
                     references.append(await asyncio.to_thread(decode_image, await upload.read(), name))
                 else:  # base64 text: decoded off the loop too
                     references.append(await asyncio.to_thread(decode_base64_image, upload, name))
-        request = to_request(fields, references, services.spec)
+        loras = await services.loras.choices(fields.get("loras"))
+        request = to_request(fields, references, services.spec, loras)
         completed = await service.generate(services, http_request, owner, request)
         (png,) = completed.images
         return {

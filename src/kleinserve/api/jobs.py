@@ -37,7 +37,8 @@ HEARTBEAT_S = 15.0
 @dataclass(frozen=True)
 class ParamsBody:
     """What the job asked for, as resolved: sizes in pixels, `guidance` null where the variant's default
-    applies, `reference_sizes` [width, height] of each reference as prepared."""
+    applies, `reference_sizes` [width, height] of each reference as prepared, `loras` the adapters applied
+    as `{name, scale}` (a downloaded one named `sha256:<hex>`), which a request's `loras` may send again."""
 
     prompt: str
     width: int
@@ -51,6 +52,7 @@ class ParamsBody:
     output_format: str
     output_quality: int | None
     reference_sizes: list[list[int]]
+    loras: list[dict[str, Any]]
 
     @classmethod
     def of(cls, params: JobParams) -> ParamsBody:
@@ -67,6 +69,7 @@ class ParamsBody:
             output_format=params.output_format.value,
             output_quality=params.output_quality,
             reference_sizes=[list(size) for size in params.reference_sizes],
+            loras=[{"name": choice.adapter, "scale": choice.scale} for choice in params.loras],
         )
 
 

@@ -41,7 +41,7 @@ from kleinserve.engine.protocol import SIZE_MULTIPLE
 from kleinserve.errors import InvalidInput, KleinError
 from kleinserve.jobs.intake import Pending
 from kleinserve.media import decode_image
-from kleinserve.types import GenerateRequest, Progress, StepCallback, base64_text, json_bytes
+from kleinserve.types import GenerateRequest, LoraChoice, Progress, StepCallback, base64_text, json_bytes
 
 
 def _size(wire: ImageRequest) -> tuple[int | None, int | None]:
@@ -56,9 +56,12 @@ def _size(wire: ImageRequest) -> tuple[int | None, int | None]:
     return None, None  # auto: the first reference's size, else the variant's default (1024x1024 for klein)
 
 
-def to_request(wire: ImageRequest, references: list[Any]) -> GenerateRequest:
-    """The internal request for validated wire fields and decoded reference images. `num_inference_steps` is
-    honoured on every variant; a variant with fixed guidance ignores `guidance_scale` (ModelSpec)."""
+def to_request(
+    wire: ImageRequest, references: list[Any], loras: tuple[LoraChoice, ...] = ()
+) -> GenerateRequest:
+    """The internal request for validated wire fields, decoded reference images and the adapters of
+    `wire.loras` (AdapterSource.choices). `num_inference_steps` is honoured on every variant; a variant with
+    fixed guidance ignores `guidance_scale` (ModelSpec)."""
     check_prompt(wire.prompt)
     if len(references) > 4:
         raise InvalidInput(f"{len(references)} reference images", param="image", allowed="at most 4")
@@ -78,6 +81,7 @@ def to_request(wire: ImageRequest, references: list[Any]) -> GenerateRequest:
         max_sequence_length=wire.max_sequence_length,
         output_format=wire.image_format,
         output_quality=DEFAULT_COMPRESSION if wire.output_compression is None else wire.output_compression,
+        loras=loras,
     )
 
 
@@ -175,7 +179,7 @@ def build_router(services: Services) -> APIRouter:
         references = files + [
             await services.fetcher.image(text, f"images[{i}]") for i, text in enumerate(wire.images or [])
         ]
-        request = to_request(wire, references)
+        request = to_request(wire, references, await services.loras.choices(wire.loras))
         if wire.stream:
             # Submitted before the stream starts, so that every refusal up to acceptance (bad values, a full
             # queue) is an HTTP error in OpenAI's body; once the stream has started, errors are events.

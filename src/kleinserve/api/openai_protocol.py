@@ -66,6 +66,9 @@ class ImageRequest(BaseModel):
     user: str | None = None
     stream: bool = False
     partial_images: int | None = Field(None, ge=0, le=3)
+    loras: list[Any] | str | None = Field(
+        None, description='LoRA adapters: [{"name" | "url", "scale"?}] (api/loras.py); multipart: its JSON'
+    )
 
     @property
     def image_format(self) -> ImageFormat:

@@ -1,6 +1,7 @@
 """Starting the HTTP server: settings, services, the loopback-only rule, uvicorn.
 
 kleinserve serve --model DIR --host 127.0.0.1 --port 8000 --data-dir ./data [--public-url https://host]
+    [--lora-dir DIR] [--allow-lora-urls]
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from kleinserve.api.app import MAX_BODY_BYTES, build_app
 from kleinserve.api.auth import DATABASE_NAME, KeyStore, SqliteKeyStore, check_open_binding
 from kleinserve.api.connections import LimitedConfig
 from kleinserve.api.limits import ConnectionLimits
+from kleinserve.api.loras import AdapterSource
 from kleinserve.api.service import Services
-from kleinserve.engine.protocol import Engine
+from kleinserve.engine.protocol import AdapterLibrary, Engine
 from kleinserve.errors import InvalidInput
 from kleinserve.jobs.events import EventHub
 from kleinserve.jobs.intake import Intake, ModelResolver
@@ -40,6 +42,7 @@ from kleinserve.outbound import AddressPolicy, OutboundPolicy, Resolver, is_publ
 
 log = logging.getLogger(__name__)
 MEDIA_CLEANUP_INTERVAL_S = 60
+LORA_DOWNLOADS = "loras"  # <data dir>/loras/: adapters downloaded from URLs, named by their content hash
 
 
 @dataclass(frozen=True)
@@ -63,10 +66,20 @@ class ServerSettings:
     # replaced only by tests (a resolver stub on loopback).
     resolver: Resolver = socket.getaddrinfo
     public_address: AddressPolicy = is_public_address
+    # The adapters requests may name (`--lora-dir`; None: none), and whether they may give adapter URLs.
+    lora_dir: Path | None = None
+    allow_lora_urls: bool = False
 
     def __post_init__(self) -> None:
         if self.public_url is not None:
             object.__setattr__(self, "public_url", _checked_public_url(self.public_url))
+
+    @property
+    def lora_downloads(self) -> Path | None:
+        """Where the engine keeps adapters downloaded from URLs (`<data dir>/loras/`, by content hash), for
+        `load_pipeline`; None when the server applies no adapters (no --lora-dir, no --allow-lora-urls)."""
+        applies = self.lora_dir is not None or self.allow_lora_urls
+        return self.data_dir / LORA_DOWNLOADS if applies else None
 
 
 def _checked_public_url(url: str) -> str:
@@ -106,7 +119,7 @@ def build_services(settings: ServerSettings, engine: Engine) -> tuple[Services, 
     hub = EventHub()
     worker_settings = WorkerSettings(settings.max_batch, settings.max_waiting, settings.max_in_flight_per_key)
     worker = Worker(engine, store, media, settings.data_dir / "inputs", hub, worker_settings)
-    services, webhooks = assemble(settings, engine, worker, store, keys, media, hub)
+    services, webhooks = assemble(settings, engine, worker, store, keys, media, hub, adapters=engine.adapters)
     worker.loop.on_finished = webhooks.schedule
     return services, worker, webhooks
 
@@ -121,11 +134,14 @@ def assemble(
     hub: EventHub,
     *,
     resumes: bool = True,
+    adapters: AdapterLibrary | None = None,
 ) -> tuple[Services, WebhookSender]:
     """The routes' services around a job path, and a webhook sender for its store (one box, or scaled out:
-    `resumes` False, an outbox schedules every delivery)."""
+    `resumes` False, an outbox schedules every delivery). `adapters`: the engine's LoRA adapters (None: the
+    server applies none)."""
     # One policy; the fetcher and the sender each make their own connection pool from it.
     outbound = OutboundPolicy(settings.allow_private_urls, settings.resolver, settings.public_address)
+    fetcher = ImageFetcher(outbound)  # reference images and adapter URLs alike
     services = Services(
         model=model,
         jobs=jobs,
@@ -133,7 +149,8 @@ def assemble(
         hub=hub,
         keys=keys,
         media=media,
-        fetcher=ImageFetcher(outbound),
+        fetcher=fetcher,
+        loras=AdapterSource(adapters, fetcher, settings.allow_lora_urls),
         public_url=settings.public_url,
     )
     # Only BFL's API takes webhooks; it is also the format of jobs stored before formats were recorded.

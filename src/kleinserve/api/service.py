@@ -17,6 +17,7 @@ from PIL import Image
 from starlette.datastructures import FormData, UploadFile
 
 from kleinserve.api.auth import KeyStore, authenticate
+from kleinserve.api.loras import AdapterSource
 from kleinserve.engine.protocol import ModelSpec
 from kleinserve.errors import Cancelled, EngineError, InvalidInput, UnknownModel
 from kleinserve.jobs.events import EventHub
@@ -49,7 +50,8 @@ class JSONBody(JSONResponse):
 class Services:
     """Everything the routes need, built once at start-up (api/server.py, scale/api.py) and passed to
     build_app. `model` is the variant served, for what needs no queue (its spec, resolving a request); `jobs`
-    accepts jobs (in `kleinserve serve` it is the one-box Worker that also runs them)."""
+    accepts jobs (in `kleinserve serve` it is the one-box Worker that also runs them); `loras` turns a
+    request's `loras` value into its adapters (api/loras.py)."""
 
     model: ModelResolver
     jobs: Intake
@@ -58,6 +60,7 @@ class Services:
     keys: KeyStore
     media: MediaStore
     fetcher: ImageFetcher
+    loras: AdapterSource
     # The server's public origin ("https://host[/prefix]", no trailing slash) for the absolute URLs of the
     # asynchronous dialect (its polling URL, its webhooks' results); None: the origin a request was made to.
     public_url: str | None = None

@@ -3,7 +3,8 @@
 Headers `ai-model-id` (e.g. `bfl/flux-2-klein-4b`) and `ai-image-model-specification-version: 3`; JSON body
 `{prompt, n, size?, aspectRatio?, seed?, providerOptions?, files?: [{type: "file", mediaType, data} |
 {type: "url", url}], mask?}`; answer `{"images": ["<base64>", ...], "warnings": [...]}`. Provider options
-under any provider key may set `steps`, `guidance`, `negative_prompt`, `output_format`.
+under any provider key may set `steps`, `guidance`, `negative_prompt`, `output_format` and `loras`
+(api/loras.py's array: `providerOptions: {kleinserve: {loras: [{name: "watercolour", scale: 0.8}]}}`).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from kleinserve.errors import (
     UnknownModel,
 )
 from kleinserve.media import decode_base64_image
-from kleinserve.types import GenerateRequest, ImageFormat, base64_text
+from kleinserve.types import GenerateRequest, ImageFormat, LoraChoice, base64_text
 
 _MODEL_HEADER = {
     "name": "ai-model-id",
@@ -47,7 +48,7 @@ _MODEL_HEADER = {
     "schema": {"type": "string", "default": "bfl/flux-2-klein-4b"},
     "description": "the model asked for; absent: the served klein model",
 }
-_OPTION_KEYS = {"steps", "guidance", "negative_prompt", "output_format"}
+_OPTION_KEYS = {"steps", "guidance", "negative_prompt", "output_format", "loras"}
 MAX_PIXELS = 1024 * 1024
 
 
@@ -68,7 +69,7 @@ class ImageModelBody(BaseModel):
     aspectRatio: str | None = Field(None, description='"W:H" up to 4:1', examples=["16:9"])  # noqa: N815
     seed: int | None = Field(None, ge=0)
     providerOptions: dict[str, dict[str, Any]] | None = Field(  # noqa: N815
-        None, description="under any provider key: steps, guidance, negative_prompt, output_format"
+        None, description="under any provider key: steps, guidance, negative_prompt, output_format, loras"
     )
     files: list[ImageModelFile] | None = Field(None, max_length=4, description="reference images")
 
@@ -107,6 +108,7 @@ _OPTION_TYPES = {
     "guidance": (_is_number, "a number"),
     "negative_prompt": (lambda value: isinstance(value, str), "a string"),
     "output_format": (lambda value: isinstance(value, str), '"png", "jpeg" or "webp"'),
+    "loras": (lambda value: isinstance(value, list), 'an array of {"name" | "url", "scale"?}'),
 }
 
 
@@ -136,9 +138,15 @@ def provider_options(body: dict[str, Any], warnings: list[dict[str, str]]) -> di
     return merged
 
 
-def to_request(body: dict[str, Any], references: list[Any], options: dict[str, Any]) -> GenerateRequest:
-    """The internal request; `steps`/`guidance` apply only where the loaded variant leaves them free, as on
-    the gateway's hosted klein (`fixed_by_variant`)."""
+def to_request(
+    body: dict[str, Any],
+    references: list[Any],
+    options: dict[str, Any],
+    loras: tuple[LoraChoice, ...] = (),
+) -> GenerateRequest:
+    """The internal request, with the adapters of `options["loras"]` (AdapterSource.choices); `steps`/
+    `guidance` apply only where the loaded variant leaves them free, as on the gateway's hosted klein
+    (`fixed_by_variant`)."""
     prompt = check_prompt(body.get("prompt"))
     n = body.get("n", 1)
     if not _is_int(n) or not 1 <= n <= 4:
@@ -160,6 +168,7 @@ def to_request(body: dict[str, Any], references: list[Any], options: dict[str, A
         negative_prompt=str(options.get("negative_prompt", "")),
         output_format=output_format,
         fixed_by_variant=True,
+        loras=loras,
     )
 
 
@@ -223,7 +232,7 @@ def build_router(services: Services) -> APIRouter:
                 references.append(await asyncio.to_thread(decode_base64_image, file["data"], param))
             else:
                 raise InvalidInput(f"{param} is neither a base64 file nor a URL", param=param)
-        request = to_request(body, references, options)
+        request = to_request(body, references, options, await services.loras.choices(options.get("loras")))
         completed = await service.generate(services, http_request, owner, request)
         return {
             "images": [base64_text(data) for data in completed.images],

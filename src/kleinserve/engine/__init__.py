@@ -8,7 +8,17 @@ The rest of kleinserve sees a loaded pipeline only as an `Engine` (engine/protoc
 
 from __future__ import annotations
 
-from kleinserve.engine.loading import ModelComponents, inspect_source, load_components, resolve_source
+from pathlib import Path
+
+from kleinserve.engine.loading import (
+    ModelComponents,
+    cache_dir,
+    inspect_source,
+    load_components,
+    resolve_source,
+)
+from kleinserve.engine.lora import DEFAULT_LORA_CACHE_BYTES, AdapterLibrary, ModelLayers
+from kleinserve.engine.lora_layers import linear_shapes
 from kleinserve.engine.pipeline import Pipeline
 from kleinserve.engine.precision import check_runnable, choose_placement, keep_freed_memory
 from kleinserve.engine.resolve import SpecResolver
@@ -26,14 +36,27 @@ def load_pipeline(
     offload: bool = False,
     memory_budget_gib: float | None = None,
     prompt_cache_bytes: int = DEFAULT_CACHE_BYTES,
+    lora_dir: Path | None = None,
+    lora_downloads: Path | None = None,
+    lora_cache_bytes: int = DEFAULT_LORA_CACHE_BYTES,
 ) -> Pipeline:
     """Resolve `model` (directory, BFL file, HF repo id or `tiny-random`), load it, wrap it in a Pipeline.
-    Also tunes the process's allocator for the engine (precision.keep_freed_memory)."""
+    Also tunes the process's allocator for the engine (precision.keep_freed_memory).
+
+    With `lora_dir` (named adapters) or `lora_downloads` (where `AdapterLibrary.add` keeps downloaded ones;
+    default: kleinserve's cache), requests may apply LoRA adapters (engine/lora.py), whose factors are cached
+    up to `lora_cache_bytes`."""
     keep_freed_memory()
     source = resolve_source(model, components=components, download=download)
     placement = choose_placement(device, dtype, quantize, offload, memory_budget_gib)
     check_runnable(placement)  # before reading any weight
-    return Pipeline(load_components(source, placement), PromptEmbeddingCache(prompt_cache_bytes))
+    loaded = load_components(source, placement)
+    adapters = None
+    if lora_dir is not None or lora_downloads is not None:
+        layers = ModelLayers(linear_shapes(loaded.transformer), placement.dtype, placement.device)
+        downloads = lora_downloads or cache_dir() / "lora-downloads"
+        adapters = AdapterLibrary(lora_dir, downloads, lora_cache_bytes, model=layers)
+    return Pipeline(loaded, PromptEmbeddingCache(prompt_cache_bytes), adapters)
 
 
 def inspect_model(model: str, *, components: str | None = None, download: bool = False) -> SpecResolver:

@@ -5,9 +5,10 @@
     result.images[0].image.save("out.png")
 
 A batch is any list of resolved requests (engine/resolve.py) sharing size, steps, guidance, text length and
-reference geometry (`ResolvedRequest.batch_key`); their prompts, seeds and reference pixels may differ. Each
-image is the image its seed gives alone: image i of a request with seed s uses seed s + i (guarded by
-tests/engine/test_batching.py).
+reference geometry (`ResolvedRequest.batch_key`); their prompts, seeds, reference pixels and LoRA adapters
+may differ. Each image is the image its seed gives alone: image i of a request with seed s uses seed s + i
+(guarded by tests/engine/test_batching.py), with its request's adapters as diffusers applies them to that
+request alone (engine/lora_layers.py; tests/engine/test_lora.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
 from kleinserve.engine import latents as L
 from kleinserve.engine import spec as limits
 from kleinserve.engine.loading import ModelComponents
+from kleinserve.engine.lora import AdapterLibrary, LoadedAdapter
+from kleinserve.engine.lora_layers import AdapterRows, RowRouting, plan_rows, wrap_layers
 from kleinserve.engine.protocol import EngineStats
 from kleinserve.engine.references import encode_references, vae_latents
 from kleinserve.engine.resolve import ResolvedRequest, resolve_request, restore_request
@@ -46,14 +49,21 @@ _postprocessor = Flux2ImageProcessor(vae_scale_factor=limits.SIZE_MULTIPLE)
 
 class Pipeline:
     """A loaded model that turns requests into images: the `Engine` (engine/protocol.py). Not thread-safe:
-    one caller at a time."""
+    one caller at a time. `adapters`: the LoRA adapters requests may name (None: they may name none)."""
 
-    def __init__(self, components: ModelComponents, cache: PromptEmbeddingCache | None = None) -> None:
+    def __init__(
+        self,
+        components: ModelComponents,
+        cache: PromptEmbeddingCache | None = None,
+        adapters: AdapterLibrary | None = None,
+    ) -> None:
         self.components = components
         placement = components.placement
         self.device = placement.device
         self.dtype = placement.dtype
         self.prompts = PromptEncoder(components.tokenizer, components.text_encoder, self.dtype, cache)
+        self.adapters = adapters
+        self._routing = RowRouting()
 
     @property
     def spec(self) -> ModelSpec:
@@ -61,7 +71,7 @@ class Pipeline:
 
     def resolve(self, request: GenerateRequest) -> ResolvedRequest:
         """Apply defaults and policy and check every value; raises InvalidInput naming the parameter."""
-        return resolve_request(request, self.spec)
+        return resolve_request(request, self.spec, self.adapters)
 
     def restore(self, stored: GenerateRequest) -> ResolvedRequest:
         """The resolution of a stored request (`ResolvedRequest.stored`); nothing checked or prepared."""
@@ -125,6 +135,8 @@ class Pipeline:
             )
             velocity = ClassifierFreeGuidance(forward, first.guidance) if first.use_cfg else forward
             scheduler = make_scheduler(components.scheduler_config, first.steps, image_seq_len=h * w)
+            copies = 2 if first.use_cfg else 1
+            adapter_rows = self._adapter_rows(resolved, copies)
 
         caller_seconds = 0.0  # spent in on_step: the caller's work (progress, previews), not the engine's
 
@@ -135,7 +147,11 @@ class Pipeline:
                 on_step(Progress(step, total, seconds, preview=lambda: self._decode(estimate, h, w)))
                 caller_seconds += time.perf_counter() - start
 
-        with self._timed(timings, "denoising"), self._resident(components.transformer):
+        with (
+            self._timed(timings, "denoising"),
+            self._resident(components.transformer),
+            self._routing.active(adapter_rows, batch=len(seeds) * copies),
+        ):
             packed = denoise(velocity, noise, scheduler, step_hook, cancelled)
         timings["denoising"] -= caller_seconds
 
@@ -159,6 +175,21 @@ class Pipeline:
                 )
             )
         return results
+
+    def _adapter_rows(self, resolved: Sequence[ResolvedRequest], copies: int) -> tuple[AdapterRows, ...]:
+        """The batch's adapters by row (`copies` of each image: 2 under CFG), each loaded (from the library's
+        cache) and the transformer layers they adapt wrapped; () when no request names one."""
+        if not any(r.request.loras for r in resolved):
+            return ()
+        if self.adapters is None:  # resolve refuses these; a stored request may come from another server
+            raise InvalidInput("this server applies no LoRA adapters", param="loras", allowed="no loras")
+        per_image: list[list[tuple[LoadedAdapter, float]]] = []
+        for r in resolved:
+            chosen = [(self.adapters.load(choice.adapter), choice.scale) for choice in r.request.loras]
+            per_image.extend(chosen for _ in r.seeds)
+        layers = {name for chosen in per_image for adapter, _ in chosen for name in adapter.factors}
+        wrap_layers(self.components.transformer, sorted(layers), self._routing)
+        return plan_rows(per_image, copies, self.dtype, self.device)
 
     def _encode_references(self, resolved: Sequence[ResolvedRequest]) -> torch.Tensor | None:
         """(B, N_ref, C) reference tokens, each image carrying its own request's references; None without."""

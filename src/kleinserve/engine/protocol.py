@@ -5,9 +5,11 @@
     [result] = engine.generate_batch([resolved], on_step=print)
     engine.restore(resolved.stored)                                     # the same resolution, unchecked
     engine.stats().prompt_cache_hits
+    engine.adapters.names() if engine.adapters else []                  # LoRA adapters: [AdapterInfo, ...]
 
 `api/` and `jobs/` import the engine only from here: `Engine`, the types it names (`ModelSpec`,
-`ResolvedRequest`, `EngineStats`) and `SIZE_MULTIPLE` (output sides are floored to a multiple of it).
+`ResolvedRequest`, `EngineStats`, `AdapterLibrary`, `AdapterInfo`), `SIZE_MULTIPLE` (output sides are
+floored to a multiple of it) and the LoRA limits `MAX_LORAS`, `MAX_LORA_SCALE`.
 `engine.Pipeline` implements it (tests/engine/test_protocol.py); a test double or a remote engine would
 implement it too.
 """
@@ -18,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from kleinserve.engine.lora import MAX_LORA_SCALE, MAX_LORAS, AdapterInfo, AdapterLibrary
 from kleinserve.engine.resolve import ResolvedRequest
 from kleinserve.engine.spec import SIZE_MULTIPLE, ModelSpec
 from kleinserve.types import CancelCheck, GenerateRequest, GenerateResult, StepCallback
@@ -43,6 +46,12 @@ class Engine(Protocol):
     @property
     def spec(self) -> ModelSpec:
         """The loaded variant: its name, defaults and sampling policy."""
+        ...
+
+    @property
+    def adapters(self) -> AdapterLibrary | None:
+        """The LoRA adapters requests may name (`names`, `describe`, `add` for a downloaded file), checked
+        against this model; None when the server applies none."""
         ...
 
     def resolve(self, request: GenerateRequest) -> ResolvedRequest:
@@ -81,4 +90,14 @@ class Engine(Protocol):
         ...
 
 
-__all__ = ["SIZE_MULTIPLE", "Engine", "EngineStats", "ModelSpec", "ResolvedRequest"]
+__all__ = [
+    "MAX_LORAS",
+    "MAX_LORA_SCALE",
+    "SIZE_MULTIPLE",
+    "AdapterInfo",
+    "AdapterLibrary",
+    "Engine",
+    "EngineStats",
+    "ModelSpec",
+    "ResolvedRequest",
+]

@@ -13,10 +13,11 @@ import secrets
 from dataclasses import dataclass, replace
 
 from kleinserve.engine import spec as limits
+from kleinserve.engine.lora import MAX_LORA_SCALE, MAX_LORAS, AdapterLibrary
 from kleinserve.engine.references import PreparedReference, prepare_reference, restore_reference
 from kleinserve.engine.spec import ModelSpec
 from kleinserve.errors import EngineError, InvalidInput
-from kleinserve.types import MAX_SEED, GenerateRequest
+from kleinserve.types import MAX_SEED, GenerateRequest, LoraChoice
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ class ResolvedRequest:
 
     @property
     def batch_key(self) -> tuple[object, ...]:
-        """Requests with equal keys can run as one batch."""
+        """Requests with equal keys can run as one batch; their LoRA adapters may differ."""
         guidance = self.guidance if self.use_cfg else None
         grids = tuple(r.grid for r in self.references)
         return (self.width, self.height, self.steps, guidance, self.max_sequence_length, grids)
@@ -75,11 +76,14 @@ def _floor_side(value: int, param: str) -> int:
     return value - value % limits.SIZE_MULTIPLE
 
 
-def resolve_request(request: GenerateRequest, spec: ModelSpec) -> ResolvedRequest:
+def resolve_request(
+    request: GenerateRequest, spec: ModelSpec, adapters: AdapterLibrary | None = None
+) -> ResolvedRequest:
     """Apply `spec`'s defaults and policy and check every value; raises InvalidInput naming the parameter.
 
     A value the variant fixes (`spec.guidance_fixed`; `spec.steps_fixed` for a request `fixed_by_variant`)
-    is neither checked nor used, as the hosted APIs ignore it.
+    is neither checked nor used, as the hosted APIs ignore it. `request.loras` must name adapters of
+    `adapters` (`AdapterLibrary.check`), each once, at most MAX_LORAS, scales within +-MAX_LORA_SCALE.
     """
     if not 1 <= request.num_images <= limits.MAX_IMAGES_PER_REQUEST:
         raise InvalidInput(
@@ -91,6 +95,7 @@ def resolve_request(request: GenerateRequest, spec: ModelSpec) -> ResolvedReques
             param="reference_images",
             allowed="at most 4",
         )
+    _check_loras(request.loras, adapters)
     length = request.max_sequence_length or spec.max_sequence_length
     _check_range(length, 1, limits.MAX_SEQUENCE_LENGTH, "max_sequence_length", "tokens")
     references = tuple(prepare_reference(img, i) for i, img in enumerate(request.reference_images))
@@ -124,6 +129,31 @@ def resolve_request(request: GenerateRequest, spec: ModelSpec) -> ResolvedReques
         references=references,
         use_cfg=_uses_cfg(spec, guidance),
     )
+
+
+def _check_loras(loras: tuple[LoraChoice, ...], adapters: AdapterLibrary | None) -> None:
+    if not loras:
+        return
+    if len(loras) > MAX_LORAS:
+        raise InvalidInput(f"{len(loras)} adapters given", param="loras", allowed=f"at most {MAX_LORAS}")
+    if adapters is None:
+        raise InvalidInput(
+            "this server applies no LoRA adapters", param="loras", allowed="none (the server's --lora-dir)"
+        )
+    for index, choice in enumerate(loras):
+        scale = choice.scale
+        numeric = isinstance(scale, int | float) and not isinstance(scale, bool)
+        if not numeric or not -MAX_LORA_SCALE <= scale <= MAX_LORA_SCALE:  # NaN fails the comparison
+            raise InvalidInput(
+                f"scale {scale!r} of adapter {choice.adapter!r} is out of range",
+                param="loras",
+                allowed=f"scales from -{MAX_LORA_SCALE:g} to {MAX_LORA_SCALE:g}",
+            )
+        if any(earlier.adapter == choice.adapter for earlier in loras[:index]):
+            raise InvalidInput(
+                f"adapter {choice.adapter!r} given twice", param="loras", allowed="each adapter once"
+            )
+        adapters.check(choice.adapter)
 
 
 def restore_request(stored: GenerateRequest, spec: ModelSpec) -> ResolvedRequest:
@@ -163,6 +193,7 @@ class SpecResolver:
     (`kleinserve api`) needs of the model."""
 
     spec: ModelSpec
+    adapters: AdapterLibrary | None = None  # without a model: adapter files are checked, not their shapes
 
     def resolve(self, request: GenerateRequest) -> ResolvedRequest:
-        return resolve_request(request, self.spec)
+        return resolve_request(request, self.spec, self.adapters)
