@@ -41,7 +41,7 @@ from kleinserve.jobs.coordination import (
     settle,
     step_event,
 )
-from kleinserve.jobs.events import PREVIEW_SIDE, EventHub
+from kleinserve.jobs.events import PREVIEW_SIDE, TERMINAL_EVENTS, EventHub
 from kleinserve.jobs.store import LEASE_S, Job, JobStatus, JobStore, StepCheck
 from kleinserve.types import Progress, StepCallback, base64_text, encode_image
 
@@ -184,7 +184,7 @@ class PostgresCoordination(Followers):
     def _deliver(self, job_ids: Sequence[str], event: dict[str, Any], previews: dict[str, int]) -> None:
         """A worker's event for `job_ids`, to this process's subscribers, listeners and waiters; `previews`:
         the jobs whose preview images the worker stored, with their image counts."""
-        terminal = event["type"] in (s.value for s in JobStatus if s.terminal)
+        terminal = event["type"] in TERMINAL_EVENTS
         for job_id in job_ids:
             images = self._previews(job_id, previews[job_id]) if job_id in previews else []
             if images and self.hub.wants_previews(job_id):
@@ -209,13 +209,14 @@ class PostgresCoordination(Followers):
             log.info("preview of job %s not read: %s", job_id, exc.message)
         return images
 
-    def _settle(self, job_id: str) -> None:
-        """Hand a waiting caller its job's end: the row, and a succeeded job's image bytes."""
+    def _settle(self, job_id: str, job: Job | None = None) -> None:
+        """Hand a waiting caller its job's end: the row (`job` when the caller has just read it), and a
+        succeeded job's image bytes."""
         ended = self._waiters.get(job_id)
         self._listeners.pop(job_id, None)
         if ended is None:
             return
-        job = self.store.get(job_id)
+        job = job or self.store.get(job_id)
         if not job.status.terminal:
             return
         images: tuple[bytes, ...] = ()
@@ -241,7 +242,7 @@ class PostgresCoordination(Followers):
                     continue
                 if job.status.terminal:
                     self.hub.publish(job_id, end_event(job))
-                    self._settle(job_id)
+                    self._settle(job_id, job)  # the row just read: not read again
 
     def _renew_watches(self) -> None:
         wanted = [job_id for job_id in self.hub.watched_jobs() if self.hub.wants_previews(job_id)]
