@@ -1,5 +1,5 @@
 """`kleinserve usage`: per-key sums of the succeeded jobs' usage, on a data dir filled by a real server
-(a `kleinserve serve` subprocess with two keys)."""
+(a `kleinserve serve --lora-dir` subprocess with three keys), and the images per LoRA adapter."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 from kleinserve.api.auth import DATABASE_NAME, SqliteKeyStore
 from kleinserve.cli import main
 from kleinserve.jobs.report import USAGE_COLUMNS
+from tests.api.test_loras import write_adapter
 from tests.test_crash import ServerProcess, wait_for
 
 SIDE = 256
@@ -33,12 +34,16 @@ def _table(text: str) -> dict[str, dict[str, float]]:
 
 @pytest.fixture(scope="module")
 def filled_data_dir(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> Iterator[Path]:
-    """alice: one OpenAI job of 2 images and one BFL job; bob: one BFL job; carol: a cancelled job."""
+    """alice: one OpenAI job of 2 images and one BFL job with the adapters fox and owl; bob: one BFL job;
+    carol: a cancelled job."""
     data_dir = tmp_path_factory.mktemp("usage") / "data"
+    loras = tmp_path_factory.mktemp("usage-loras")
+    write_adapter(tiny_dir, loras / "fox.safetensors", seed=0)
+    write_adapter(tiny_dir, loras / "owl.safetensors", seed=1)
     keys = SqliteKeyStore(data_dir / DATABASE_NAME)
     secrets = {name: keys.create(name) for name in ("alice", "bob", "carol")}
     keys.close()
-    server = ServerProcess(tiny_dir, data_dir)
+    server = ServerProcess(tiny_dir, data_dir, ("--lora-dir", str(loras)))
     try:
         server.start()
         _fill(server, secrets)
@@ -60,9 +65,10 @@ def _fill(server: ServerProcess, secrets: dict[str, str]) -> None:
         )
         assert generated.status_code == 200, generated.text
         bfl = {"prompt": "a boat", "width": SIDE, "height": SIDE, "seed": 1}
+        adapted = {**bfl, "loras": [{"name": "fox"}, {"name": "owl", "scale": 0.5}]}
         submitted = [
-            client.post("/v1/flux-2-klein-4b", json=bfl, headers=headers(name)).json()["id"]
-            for name in ("alice", "bob")
+            client.post("/v1/flux-2-klein-4b", json=body, headers=headers(name)).json()["id"]
+            for body, name in ((adapted, "alice"), (bfl, "bob"))
         ]
         for job_id, name in zip(submitted, ("alice", "bob"), strict=True):
             wait_for(
@@ -91,6 +97,7 @@ def test_usage_sums_succeeded_jobs_per_key(filled_data_dir: Path, capsys: pytest
     assert alice["megapixels_in"] == bob["megapixels_in"] == 0
     assert alice["steps"] == 2 * bob["steps"] > 0
     assert alice["engine_seconds"] > 0 and bob["engine_seconds"] > 0
+    assert (alice["adapter_images"], bob["adapter_images"]) == (2, 0)  # one image, two adapters
     assert "carol" not in rows or rows["carol"]["jobs"] <= 1  # her cancelled job is never counted
     assert rows["total"]["images"] == sum(row["images"] for key, row in rows.items() if key != "total")
 
@@ -109,6 +116,13 @@ def test_usage_of_one_key_and_since(filled_data_dir: Path, capsys: pytest.Captur
     captured = capsys.readouterr()
     assert _table(captured.out) == {}
     assert "no succeeded jobs" in captured.err
+
+
+def test_usage_by_adapter(filled_data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["usage", "--by-adapter", "--data-dir", str(filled_data_dir)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].split() == ["key", "adapter", "jobs", "images"]
+    assert [line.split() for line in lines[1:]] == [["alice", "fox", "1", "1"], ["alice", "owl", "1", "1"]]
 
 
 def test_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

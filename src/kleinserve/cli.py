@@ -110,11 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
     options.add_scale_options(worker)
     worker.add_argument("--max-batch", type=int, default=4, help="images per engine call")
     worker.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    worker.add_argument(
+        "--lora-dir", type=Path, metavar="DIR", help="LoRA adapters requests may name (the API's --lora-dir)"
+    )
     options.add_model_options(worker)
 
     usage = commands.add_parser("usage", help="usage per key: succeeded jobs, images, tiles, megapixels")
     usage.add_argument("--key", help="only this key (default: every key)")
     usage.add_argument("--since", type=_date, help="only jobs created on or after YYYY-MM-DD (local time)")
+    usage.add_argument(
+        "--by-adapter", action="store_true", help="jobs and images per key and LoRA adapter instead"
+    )
     options.add_data_dir(usage)
     options.add_database_url(usage)
 
@@ -285,7 +291,7 @@ def _keys(args: argparse.Namespace) -> int:
 
 def _usage(args: argparse.Namespace) -> int:
     from kleinserve.api.auth import DATABASE_NAME
-    from kleinserve.jobs.report import usage_report
+    from kleinserve.jobs.report import adapter_report, usage_report
     from kleinserve.jobs.store import JobStore, SqliteJobStore
 
     store: JobStore
@@ -299,7 +305,8 @@ def _usage(args: argparse.Namespace) -> int:
             raise InvalidInput(f"{database}: no job database (is --data-dir right?)", param="data-dir")
         store = SqliteJobStore(database)
     try:
-        lines = usage_report(store.usage(args.key, args.since))
+        report = adapter_report if args.by_adapter else usage_report
+        lines = report(store.usage(args.key, args.since))
     finally:
         store.close()
     print("\n".join(lines))

@@ -105,6 +105,7 @@ def _worker(args: argparse.Namespace, scale: Scale) -> int:
         memory_budget_gib=args.memory_budget,
         components=args.components,
         download=args.download,
+        lora_dir=args.lora_dir,
         max_batch=args.max_batch,
         threads=args.threads,
     )

@@ -29,13 +29,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import os
 import socket
+import ssl
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import certifi
 import httpcore
 import httpx
 
@@ -153,7 +156,9 @@ class _PinnedTransport(httpx.AsyncHTTPTransport):
     """httpx's transport over a connection pool whose network backend is `_PinnedBackend`."""
 
     def __init__(self, limits: httpx.Limits) -> None:
-        ssl_context = httpx.create_ssl_context(trust_env=False)  # ~25 ms to build: once
+        # Certificates are checked against certifi's roots, or the bundle SSL_CERT_FILE names (a private CA,
+        # as OpenSSL and httpx read it); the other proxy and environment settings stay ignored (docstring).
+        ssl_context = ssl.create_default_context(cafile=os.environ.get("SSL_CERT_FILE") or certifi.where())
         super().__init__(verify=ssl_context, limits=limits, trust_env=False)
         # httpx has no parameter for the network backend; httpcore's pool has. `_pool` is the one private
         # attribute used: httpx's transport keeps its pool there (since 0.18) and only forwards to it.

@@ -133,6 +133,8 @@ class Cluster:
     model: Path
     root: Path
     env: dict[str, str] = field(default_factory=dict)
+    api_options: tuple[str, ...] = ()  # more flags of every `kleinserve api` / `kleinserve worker`
+    worker_options: tuple[str, ...] = ()
     processes: list[KleinProcess] = field(default_factory=list)
 
     def _env(self) -> dict[str, str]:
@@ -169,7 +171,7 @@ class Cluster:
     def api(self) -> ApiProcess:
         """A launched `kleinserve api` on a free port, allowed to call loopback webhooks."""
         name, port = self._name("api"), free_port()
-        command = self._command("api", name, ("--port", str(port), "--allow-private-urls"))
+        command = self._command("api", name, ("--port", str(port), "--allow-private-urls", *self.api_options))
         ready = re.compile(rf"kleinserve: serving .* at http://127\.0\.0\.1:{port}/")
         process = ApiProcess(name, command, self._env(), self.root / f"{name}.log", ready, port=port)
         self.processes.append(process)
@@ -180,7 +182,8 @@ class Cluster:
         """A launched `kleinserve worker` with one engine thread and batches of up to 4 images (ready once
         warmed up)."""
         name = self._name("worker")
-        command = self._command("worker", name, ("--dtype", "float32", "--threads", "1", "--max-batch", "4"))
+        flags = ("--dtype", "float32", "--threads", "1", "--max-batch", "4", *self.worker_options)
+        command = self._command("worker", name, flags)
         ready = re.compile(r"kleinserve: worker (?P<id>\S+) ready")
         process = WorkerProcess(name, command, self._env(), self.root / f"{name}.log", ready)
         self.processes.append(process)

@@ -8,6 +8,8 @@ one PostgreSQL database and one S3 bucket (moto), killed, stopped and cut off fo
   synchronous OpenAI request answered by a worker, SSE on one API of a job submitted on the other.
 - A signed webhook, retried after a failed attempt, delivered once.
 - A stale worker (SIGSTOPped past its lease) cannot commit: the re-run's result stands, its images are gone.
+- LoRA adapters scaled out: by name from each process's --lora-dir, and by https URL (downloaded by an API,
+  shared through the bucket, applied by a worker): the same image either way.
 
 Every process runs one torch thread; every wait is bounded; the `cluster` fixture reaps every process and
 prints their logs with a failing test's output.
@@ -16,6 +18,7 @@ prints their logs with a failing test's output.
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import signal
@@ -23,17 +26,21 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from tempfile import TemporaryDirectory
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
+import numpy as np
 import openai
 import psycopg
 import pytest
 from PIL import Image
 from psycopg.rows import dict_row
 
+from tests.api.test_loras import write_adapter
 from tests.api.test_webhooks import SECRET, Receiver, expected_signature, receiver  # noqa: F401
+from tests.https import HttpsFiles
 from tests.postgres import PostgresServer
 from tests.s3 import S3Media, client, new_bucket
 from tests.scale.processes import LEASE_S, ApiProcess, Cluster, WorkerProcess
@@ -45,17 +52,37 @@ T = TypeVar("T")
 
 
 @pytest.fixture(scope="module")
+def adapter_files(tiny_dir: Path) -> Iterator[HttpsFiles]:
+    """The adapter `fox` (a file of the processes' --lora-dir) served over https as /fox.safetensors."""
+    with TemporaryDirectory() as folder:
+        data = write_adapter(tiny_dir, Path(folder) / "fox.safetensors", seed=0).read_bytes()
+    with HttpsFiles({"/fox.safetensors": data}) as files:
+        yield files
+
+
+@pytest.fixture(scope="module")
 def processes(
     postgres_server: PostgresServer,
     s3_endpoint: str,
     tiny_dir: Path,
     tmp_path_factory: pytest.TempPathFactory,
+    adapter_files: HttpsFiles,
 ) -> Iterator[Cluster]:
     """One database, one bucket and their processes for the whole module: starting an API or a worker takes
     ~6 s of CPU (torch, diffusers), so tests share them and `cluster` replaces the ones a test killed."""
     media = new_bucket(s3_endpoint)
     root = tmp_path_factory.mktemp("scale")
-    running = Cluster(postgres_server.new_database(), media.url, tiny_dir, root, env=media.env)
+    loras = tmp_path_factory.mktemp("scale-loras")
+    (loras / "fox.safetensors").write_bytes(adapter_files.files["/fox.safetensors"])
+    running = Cluster(
+        postgres_server.new_database(),
+        media.url,
+        tiny_dir,
+        root,
+        env={**media.env, "SSL_CERT_FILE": str(adapter_files.ca_path)},
+        api_options=("--lora-dir", str(loras), "--allow-lora-urls"),
+        worker_options=("--lora-dir", str(loras)),
+    )
     yield running
     running.stop()
 
@@ -409,3 +436,30 @@ def test_postgres_down_answers_503_then_resumes_losing_nothing(
         (image,) = job(http, a, job_id)["result"]["images"]
         download(http, a, image["url"])
     assert_no_orphans(cluster)
+
+
+def test_adapters_by_name_and_by_url_across_processes(
+    cluster: Cluster, http: httpx.Client, adapter_files: HttpsFiles
+) -> None:
+    a, b = cluster.apis
+    listed = http.get(f"{b.base_url}/v1/loras").json()["data"]
+    assert [adapter["name"] for adapter in listed] == ["fox"]
+
+    def image(api: ApiProcess, loras: list[dict[str, Any]]) -> np.ndarray:
+        body = {"prompt": "a fox", "size": "256x256", "seed": 7, "loras": loras}
+        answer = http.post(f"{api.base_url}/v1/images/generations", json=body)
+        assert answer.status_code == 200, answer.text
+        with Image.open(io.BytesIO(base64.b64decode(answer.json()["data"][0]["b64_json"]))) as made:
+            return np.asarray(made.convert("RGB"), dtype=np.int16)
+
+    # One at a time, so that each runs alone (a batch of several is equal only within 1/255) and bit-equal.
+    by_name = image(b, [{"name": "fox", "scale": 0.5}])
+    by_url = image(a, [{"url": adapter_files.url("/fox.safetensors"), "scale": 0.5}])
+    plain = image(a, [])
+    assert np.array_equal(by_name, by_url)
+    assert not np.array_equal(by_name, plain)  # the adapter changed the image (a little: rank 2, scale 0.5)
+    digest = hashlib.sha256(adapter_files.files["/fox.safetensors"]).hexdigest()
+    media = S3Media(cluster.media_url, cluster.env)
+    key = f"{media.prefix}/loras/{digest}.safetensors"  # put there by API a, fetched by a worker
+    kept = client(media.endpoint).head_object(Bucket=media.bucket, Key=key)
+    assert kept["ContentLength"] == len(adapter_files.files["/fox.safetensors"])

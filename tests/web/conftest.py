@@ -3,7 +3,8 @@ Playwright against the loopback test servers of tests/api/conftest.py (re-export
 
 `browser` is one Chromium for the whole session; `page` is a fresh browser context (own localStorage) and tab
 per test, whose screenshot lands in test-output/web/<test>.png for review and whose uncaught script errors
-fail the test.
+fail the test. `lora_server` (tests/api/test_loras.py's) serves the adapters of the `lora_dir` fixture that a
+test module defines.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import pytest
 from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
 
 from tests.api.conftest import server, server_pipeline, start_server  # noqa: F401  (fixtures)
+from tests.api.test_loras import lora_pipeline, lora_server  # noqa: F401  (fixtures)
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Without the networking flags Chromium reaches out to Google's hosts at start and hangs on a closed network;

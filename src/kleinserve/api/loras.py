@@ -122,7 +122,10 @@ class AdapterSource:
         if url.lstrip()[:8].lower() != "https://":
             raise InvalidInput(f"{param}: the URL is not https", param=param, allowed="https URLs")
         data = await self.fetcher.download(url, param, LORA_MAX_BYTES, LORA_TIMEOUT_S)
-        return await asyncio.to_thread(library.add, data)  # hashes and checks hundreds of MB: a thread
+        try:
+            return await asyncio.to_thread(library.add, data)  # hashes and checks hundreds of MB: a thread
+        except InvalidInput as refused:  # it names the file by its hash, which the caller never saw
+            raise InvalidInput(f"{param} ({url}): {refused.message}", param=param) from None
 
     async def listing(self) -> dict[str, Any]:
         """GET /v1/loras's body: the folder's adapters (none without --lora-dir), read on a thread (the

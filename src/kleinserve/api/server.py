@@ -29,7 +29,7 @@ from kleinserve.api.connections import LimitedConfig
 from kleinserve.api.limits import ConnectionLimits
 from kleinserve.api.loras import AdapterSource
 from kleinserve.api.service import Services
-from kleinserve.engine.protocol import AdapterLibrary, Engine
+from kleinserve.engine.protocol import LORA_DOWNLOADS, AdapterLibrary, Engine
 from kleinserve.errors import InvalidInput
 from kleinserve.jobs.events import EventHub
 from kleinserve.jobs.intake import Intake, ModelResolver
@@ -42,7 +42,6 @@ from kleinserve.outbound import AddressPolicy, OutboundPolicy, Resolver, is_publ
 
 log = logging.getLogger(__name__)
 MEDIA_CLEANUP_INTERVAL_S = 60
-LORA_DOWNLOADS = "loras"  # <data dir>/loras/: adapters downloaded from URLs, named by their content hash
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from kleinserve.engine.pipeline import Pipeline
 from kleinserve.engine.precision import check_runnable, choose_placement, keep_freed_memory
 from kleinserve.engine.resolve import SpecResolver
 from kleinserve.engine.text import DEFAULT_CACHE_BYTES, PromptEmbeddingCache
+from kleinserve.objects import ObjectStore
 
 
 def load_pipeline(
@@ -39,13 +40,15 @@ def load_pipeline(
     lora_dir: Path | None = None,
     lora_downloads: Path | None = None,
     lora_cache_bytes: int = DEFAULT_LORA_CACHE_BYTES,
+    lora_shared: ObjectStore | None = None,
 ) -> Pipeline:
     """Resolve `model` (directory, BFL file, HF repo id or `tiny-random`), load it, wrap it in a Pipeline.
     Also tunes the process's allocator for the engine (precision.keep_freed_memory).
 
     With `lora_dir` (named adapters) or `lora_downloads` (where `AdapterLibrary.add` keeps downloaded ones;
     default: kleinserve's cache), requests may apply LoRA adapters (engine/lora.py), whose factors are cached
-    up to `lora_cache_bytes`."""
+    up to `lora_cache_bytes`; scaled out, `lora_shared` is the deployment's object store, where the API
+    processes put the adapters they download (AdapterLibrary)."""
     keep_freed_memory()
     source = resolve_source(model, components=components, download=download)
     placement = choose_placement(device, dtype, quantize, offload, memory_budget_gib)
@@ -55,7 +58,7 @@ def load_pipeline(
     if lora_dir is not None or lora_downloads is not None:
         layers = ModelLayers(linear_shapes(loaded.transformer), placement.dtype, placement.device)
         downloads = lora_downloads or cache_dir() / "lora-downloads"
-        adapters = AdapterLibrary(lora_dir, downloads, lora_cache_bytes, model=layers)
+        adapters = AdapterLibrary(lora_dir, downloads, lora_cache_bytes, model=layers, shared=lora_shared)
     return Pipeline(loaded, PromptEmbeddingCache(prompt_cache_bytes), adapters)
 
 

@@ -15,6 +15,10 @@ diffusers' `transformer.*.lora_A/B` (kohya's alpha / rank already multiplied in)
 diffusers adapts the transformer only, so text-encoder keys are refused (diffusers would drop them
 silently), as are keys it would not load.
 
+Scaled out, the process that downloads an adapter (`kleinserve api`) is not the one that applies it
+(`kleinserve worker`): with `shared` (the object store every process of the deployment uses) `add` also puts
+the file at `loras/<hex>.safetensors` there, and a `sha256:` name missing from `downloads` is fetched from it.
+
 Bound to a model (`ModelLayers`, as the engine's library is) the library also checks every factor's shape
 against the layer it adapts, and `load` gives the factors in the compute dtype on the compute device (PEFT
 casts them to the base layer's dtype the same way), kept in an LRU cache bounded by their bytes.
@@ -43,12 +47,14 @@ from diffusers.loaders.lora_pipeline import Flux2LoraLoaderMixin
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from kleinserve.errors import EngineError, InvalidInput
+from kleinserve.errors import EngineError, InvalidInput, NotFound
+from kleinserve.objects import ObjectStore
 
 MAX_LORAS = 4  # adapters per request
 MAX_LORA_SCALE = 4.0  # |scale| per adapter
 MAX_LORA_RANK = 256  # per adapted layer; published FLUX LoRAs are rank 4-128
 DEFAULT_LORA_CACHE_BYTES = 2 << 30
+LORA_DOWNLOADS = "loras"  # <data dir>/loras/: the servers' downloaded adapters, named by their content hash
 HASH_PREFIX = "sha256:"
 _SUFFIX = ".safetensors"
 _DIGEST = re.compile(r"[0-9a-f]{64}")
@@ -125,6 +131,7 @@ class AdapterLibrary:
         cache_bytes: int = DEFAULT_LORA_CACHE_BYTES,
         *,
         model: ModelLayers | None = None,
+        shared: ObjectStore | None = None,
     ) -> None:
         if folder is not None and not folder.is_dir():
             raise InvalidInput(
@@ -134,6 +141,7 @@ class AdapterLibrary:
         self.downloads = downloads
         self.cache_bytes = cache_bytes
         self.model = model
+        self.shared = shared
         self._cache: OrderedDict[tuple[str, int, int], LoadedAdapter] = OrderedDict()
         self._cached_bytes = 0
         self._lock = threading.Lock()
@@ -169,26 +177,33 @@ class AdapterLibrary:
             self.describe(adapter)
 
     def add(self, data: bytes) -> str:
-        """Check a downloaded adapter file and keep it as downloads/<sha256>.safetensors (once per content);
-        returns its name, "sha256:<hex>". InvalidInput naming the problem if it cannot be used."""
+        """Check a downloaded adapter file and keep it as downloads/<sha256>.safetensors (once per content;
+        and in `shared`); returns its name, "sha256:<hex>". InvalidInput naming the problem if unusable."""
         digest = hashlib.sha256(data).hexdigest()
         name = HASH_PREFIX + digest
+        if not (self.downloads / f"{digest}{_SUFFIX}").is_file():
+            self._keep(digest, data, check=True)
+        if self.shared is not None:
+            self.shared.put(_shared_key(digest), data)
+        return name
+
+    def _keep(self, digest: str, data: bytes, check: bool) -> Path:
+        """Write `data` as downloads/<digest>.safetensors, read and checked first where `check`."""
         final = self.downloads / f"{digest}{_SUFFIX}"
-        if final.is_file():
-            return name
         self.downloads.mkdir(parents=True, exist_ok=True)
         # Written beside its final name and renamed once checked: a reader never sees half a file.
         handle, partial = tempfile.mkstemp(dir=self.downloads, prefix=f".{digest}.", suffix=".part")
         with os.fdopen(handle, "wb") as file:
             file.write(data)
         try:
-            read = _read(Path(partial), name)
-            if self.model is not None:
-                _check_fits(read.shapes, self.model, name)
+            if check:
+                read = _read(Path(partial), HASH_PREFIX + digest)
+                if self.model is not None:
+                    _check_fits(read.shapes, self.model, HASH_PREFIX + digest)
             os.replace(partial, final)
         finally:
             Path(partial).unlink(missing_ok=True)
-        return name
+        return final
 
     def path(self, adapter: str) -> Path:
         """The file `adapter` names; InvalidInput (param "loras") for a name outside the folder or missing."""
@@ -197,6 +212,11 @@ class AdapterLibrary:
             if not _DIGEST.fullmatch(digest):
                 raise _bad_name(adapter, "sha256: takes 64 lowercase hex digits")
             path = self.downloads / f"{digest}{_SUFFIX}"
+            if not path.is_file() and self.shared is not None:
+                try:  # added by another process of the deployment; checked when read, as any file
+                    path = self._keep(digest, self.shared.get(_shared_key(digest)), check=False)
+                except NotFound:
+                    pass
         elif self.folder is None:
             raise InvalidInput(
                 f"no adapter {adapter!r}: this server has no adapter folder",
@@ -235,6 +255,10 @@ class AdapterLibrary:
                 _, evicted = self._cache.popitem(last=False)
                 self._cached_bytes -= evicted.nbytes
             return loaded
+
+
+def _shared_key(digest: str) -> str:
+    return f"loras/{digest}{_SUFFIX}"
 
 
 def _bad(

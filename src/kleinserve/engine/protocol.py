@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from kleinserve.engine.lora import MAX_LORA_SCALE, MAX_LORAS, AdapterInfo, AdapterLibrary
+from kleinserve.engine.lora import LORA_DOWNLOADS, MAX_LORA_SCALE, MAX_LORAS, AdapterInfo, AdapterLibrary
 from kleinserve.engine.resolve import ResolvedRequest
 from kleinserve.engine.spec import SIZE_MULTIPLE, ModelSpec
 from kleinserve.types import CancelCheck, GenerateRequest, GenerateResult, StepCallback
@@ -91,6 +91,7 @@ class Engine(Protocol):
 
 
 __all__ = [
+    "LORA_DOWNLOADS",
     "MAX_LORAS",
     "MAX_LORA_SCALE",
     "SIZE_MULTIPLE",

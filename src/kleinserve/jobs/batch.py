@@ -130,7 +130,9 @@ def store_result(
         _remove(outputs, media_names)
         return writes.finish(job, JobStatus.FAILED, fence=job.fence, error=error), ()
     summary = JobResult.from_result(result, media_names)
-    usage = metering.usage(result, engine_seconds=sum(result.timings.values()))
+    usage = metering.usage(
+        result, engine_seconds=sum(result.timings.values()), adapters=len(job.params.loras)
+    )
     try:
         final = writes.finish(job, JobStatus.SUCCEEDED, fence=job.fence, result=summary, usage=usage)
     except LeaseLost:

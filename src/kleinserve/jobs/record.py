@@ -115,7 +115,9 @@ class JobResult:
 @dataclass(frozen=True, kw_only=True)
 class JobUsage:
     """A succeeded job's metering (jobs/metering.py): images made, 512x512 tiles and megapixels in
-    (references as prepared) and out, denoising steps and engine seconds. Zero where a row lacks a figure."""
+    (references as prepared) and out, denoising steps, engine seconds, and adapter images (each image
+    counted once per LoRA adapter applied to it; which adapters: the job's `params.loras`). Zero where a row
+    lacks a figure."""
 
     images: int = 0
     tiles_in: int = 0
@@ -124,6 +126,7 @@ class JobUsage:
     megapixels_out: float = 0.0
     steps: int = 0
     engine_seconds: float = 0.0
+    adapter_images: int = 0
 
 
 def to_json(record: DataclassInstance) -> dict[str, Any]:

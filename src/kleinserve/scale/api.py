@@ -1,5 +1,11 @@
 """The API tier: `kleinserve api`, a stateless process that accepts jobs into the shared store and answers for
-every job, with no engine (a model's configs only, for its request checks)."""
+every job, with no engine (a model's configs only, for its request checks).
+
+LoRA adapters: with `--lora-dir` (the same folder as the workers') an API process lists them and checks the
+names requests give; with `--allow-lora-urls` it downloads adapter URLs and puts each file in the shared media
+(`loras/<sha256>.safetensors`), where workers fetch it. It has no weights, so an adapter's factor shapes are
+checked by the worker that runs the job (a misfit fails that job, naming the adapter), not refused with a 400.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +26,8 @@ from kleinserve.api.server import (
     check_binding,
     http_config,
 )
+from kleinserve.engine.protocol import AdapterLibrary
+from kleinserve.engine.resolve import SpecResolver
 from kleinserve.jobs.events import EventHub
 from kleinserve.jobs.intake import Intake, ModelResolver
 from kleinserve.jobs.metrics import Metrics
@@ -63,6 +71,10 @@ def create_api_app(scale: Scale, settings: ServerSettings, model: ModelResolver)
     coordination = coordination_for(scale, store, media, hub)
     references = ReferenceStore(media.objects)
     writes = EngineWrites(store, on_deferred=lambda: None)  # never deferred: an API process writes no ends
+    adapters = None
+    if settings.lora_downloads is not None:
+        adapters = AdapterLibrary(settings.lora_dir, settings.lora_downloads, shared=media.objects)
+        model = SpecResolver(model.spec, adapters)
 
     def end(job: Job) -> None:  # a job cancelled while queued: its outbox entry and events
         references.remove(job.id, job.reference_count)
@@ -79,7 +91,9 @@ def create_api_app(scale: Scale, settings: ServerSettings, model: ModelResolver)
         end,
         on_submitted=lambda: coordination.queued(model.spec.name),
     )
-    services, webhooks = assemble(settings, model, intake, store, keys, media, hub, resumes=False)
+    services, webhooks = assemble(
+        settings, model, intake, store, keys, media, hub, resumes=False, adapters=adapters
+    )
     holder = f"{socket.gethostname()}:{os.getpid()}"
     outbox = Outbox(store, webhooks, media, holder)
     intake.housekeeper = Housekeeper(scale, store, coordination, media, references, writes, outbox.tick)

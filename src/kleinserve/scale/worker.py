@@ -10,8 +10,9 @@ import socket
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
-from kleinserve.engine.protocol import Engine
+from kleinserve.engine.protocol import LORA_DOWNLOADS, Engine
 from kleinserve.jobs.events import EventHub
 from kleinserve.jobs.loop import EngineLoop, WorkerSettings
 from kleinserve.jobs.metrics import Metrics
@@ -37,6 +38,7 @@ class WorkerConfig:
     memory_budget_gib: float | None = None
     components: str | None = None
     download: bool = False
+    lora_dir: Path | None = None  # named LoRA adapters; downloaded ones come from the shared media
     max_batch: int = WorkerSettings.max_batch
     threads: int | None = None  # torch's CPU threads (None: torch's default)
     worker_id: str | None = None  # default: host:pid:random
@@ -116,6 +118,9 @@ class WorkerNode:
             import torch
 
             torch.set_num_threads(config.threads)
+        store = PostgresJobStore(scale.database_url)
+        self._parts.append(store.close)
+        media = media_store(scale, store, ttl_s=0)
         engine: Engine = load_pipeline(
             config.model,
             components=config.components,
@@ -125,10 +130,11 @@ class WorkerNode:
             quantize=config.quantize,
             offload=config.offload,
             memory_budget_gib=config.memory_budget_gib,
+            lora_dir=config.lora_dir,
+            # Always a library: an API process with --allow-lora-urls may send any worker an adapter by hash.
+            lora_downloads=scale.data_dir / LORA_DOWNLOADS,
+            lora_shared=media.objects,
         )
-        store = PostgresJobStore(scale.database_url)
-        self._parts.append(store.close)
-        media = media_store(scale, store, ttl_s=0)
         coordination = coordination_for(scale, store, media, EventHub())
         writes = EngineWrites(store, on_deferred=lambda: loop.wake())
         name = engine.spec.name

@@ -53,6 +53,7 @@ export async function showResult(card, blob, job, prompt, onReuse) {
   const { width, height, steps, guidance } = job.result;
   const seed = job.result.images[0].seed;
   const references = job.params?.reference_sizes?.length ?? 0;
+  const adapters = job.params?.loras ?? []; // [{name, scale}] as applied
   const url = URL.createObjectURL(blob);
   const image = element("img", { src: url, alt: prompt, width, height });
   await image.decode().catch(() => {}); // swapped in once loaded, so the card never flashes empty
@@ -63,6 +64,9 @@ export async function showResult(card, blob, job, prompt, onReuse) {
   links.append(element("a", { href: url, download: name, textContent: "Download" }), reuse);
   const parts = [`seed ${seed}`, `${width}×${height}`, `${steps} steps`, `guidance ${decimal(guidance)}`];
   if (references) parts.push(`${references} reference${references > 1 ? "s" : ""}`);
+  if (adapters.length) {
+    parts.push(`LoRA ${adapters.map((lora) => `${lora.name} ×${decimal(lora.scale)}`).join(", ")}`);
+  }
   card.querySelector(".pending").replaceWith(image);
   card
     .querySelector("figcaption")

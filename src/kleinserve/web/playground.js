@@ -1,11 +1,12 @@
 // The playground page: settings -> one BFL async job per image (POST /v1/flux-2-klein-4b, seeds seed, seed+1,
 // ...) -> each job followed on /v1/jobs/{id}/events (progress, step previews) -> its result from
 // /v1/jobs/{id}. The BFL endpoint is used because it answers with the job id at once (the OpenAI ones answer
-// when the images are done); it takes references as data URLs (input_image, input_image_2, ...) and
-// steps/guidance on base variants only.
+// when the images are done); it takes references as data URLs (input_image, input_image_2, ...),
+// steps/guidance on base variants only, and the chosen LoRA adapters as `loras` (left out when none is).
 
 import * as api from "./api.js";
 import { decimal, Gallery, showFailure, showPreview, showResult } from "./gallery.js";
+import { LoraPicker } from "./loras.js";
 import { MODEL, SNIPPETS } from "./snippets.js";
 
 const MAX_REFERENCES = 4;
@@ -19,6 +20,7 @@ const ui = Object.fromEntries(
 ); // ui.refInput is #ref-input, and so on
 
 const gallery = new Gallery(ui.gallery, ui.empty);
+const loras = new LoraPicker(ui.loras, ui.loraList, ui.addLora, refreshSnippet);
 const state = {
   references: [], // {name, dataUrl}
   variant: null, // {tunable, steps, guidance}: what GET /v1/models/{id} says of the loaded variant
@@ -123,6 +125,7 @@ function settings() {
     steps: variant?.tunable ? unlessDefault(ui.steps, variant.steps.default) : null,
     guidance: variant?.tunable ? unlessDefault(ui.guidance, variant.guidance.default) : null,
     references: state.references.map((ref) => ref.name),
+    loras: loras.chosen(),
     hasKey: api.apiKey() !== "",
   };
 }
@@ -196,6 +199,7 @@ function bflBody(current, seed) {
   const body = { prompt: current.prompt, seed, output_format: "png", ...chosenSize() };
   if (current.steps !== null) body.steps = current.steps;
   if (current.guidance !== null) body.guidance = current.guidance;
+  if (current.loras.length) body.loras = current.loras;
   state.references.forEach((ref, index) => (body[REFERENCE_FIELDS[index]] = ref.dataUrl));
   return body;
 }
@@ -319,6 +323,7 @@ function useKey(event) {
   api.setApiKey(ui.apiKey.value.trim());
   clearError();
   loadVariant();
+  loras.load();
 }
 
 function start() {
@@ -356,6 +361,7 @@ function start() {
   }
   onSizeChange();
   loadVariant();
+  loras.load();
 }
 
 start();

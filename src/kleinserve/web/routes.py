@@ -19,6 +19,7 @@ ASSETS = {
     "api.js": "text/javascript",
     "snippets.js": "text/javascript",
     "gallery.js": "text/javascript",
+    "loras.js": "text/javascript",
     "playground.css": "text/css",
 }
 # The page runs only its own scripts and talks only to this server; images may also be data: and blob: URLs

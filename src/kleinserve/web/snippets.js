@@ -2,9 +2,10 @@
 // server, in three clients (curl on the OpenAI endpoints, the openai Python SDK, the Vercel AI SDK).
 //
 // `settings`: {prompt, size: "WxH" | null (auto), count, seed: number | null (random), steps, guidance (null:
-// the variant's default), references: [file names], hasKey}. The playground submits one BFL job per image
-// with seeds seed, seed+1, ...; the OpenAI endpoints do the same for n images, so the snippets use n. The API
-// key is never written out: the snippets read KLEINSERVE_API_KEY from the environment when the user has one.
+// the variant's default), references: [file names], loras: [{name, scale}] (none: []), hasKey}. The
+// playground submits one BFL job per image with seeds seed, seed+1, ...; the OpenAI endpoints do the same for
+// n images, so the snippets use n. The API key is never written out: the snippets read KLEINSERVE_API_KEY
+// from the environment when the user has one. Without adapters there is no `loras` in any snippet.
 
 export const MODEL = "flux-2-klein-4b";
 
@@ -14,6 +15,7 @@ function extras(settings) {
   if (settings.seed !== null) fields.seed = settings.seed;
   if (settings.steps !== null) fields.num_inference_steps = settings.steps;
   if (settings.guidance !== null) fields.guidance_scale = settings.guidance;
+  if (settings.loras.length) fields.loras = settings.loras;
   return fields;
 }
 
@@ -24,13 +26,23 @@ function shellQuote(text) {
 // JSON string and object literals are valid Python and JavaScript literals too.
 const literal = (value) => JSON.stringify(value);
 
-function pythonDict(fields) {
-  const items = Object.entries(fields).map(([name, value]) => `${literal(name)}: ${literal(value)}`);
+// A multipart request (the edits endpoint, taken when there are references) carries `loras` as the JSON text
+// of its array: the code makes that text with the client's own JSON function, `encode`.
+function fieldLiteral(value, multipart, encode) {
+  return multipart && typeof value === "object" ? `${encode}(${literal(value)})` : literal(value);
+}
+
+function pythonDict(fields, multipart) {
+  const items = Object.entries(fields).map(
+    ([name, value]) => `${literal(name)}: ${fieldLiteral(value, multipart, "json.dumps")}`,
+  );
   return `{${items.join(", ")}}`;
 }
 
-function jsObject(fields) {
-  const items = Object.entries(fields).map(([name, value]) => `${name}: ${literal(value)}`);
+function jsObject(fields, multipart) {
+  const items = Object.entries(fields).map(
+    ([name, value]) => `${name}: ${fieldLiteral(value, multipart, "JSON.stringify")}`,
+  );
   return `{ ${items.join(", ")} }`;
 }
 
@@ -53,7 +65,10 @@ export function curl(settings, origin) {
   const lines = [
     `curl -sS ${origin}/v1/images/edits`,
     ...auth,
-    ...Object.entries(fields).map(([name, value]) => `--form-string ${shellQuote(`${name}=${value}`)}`),
+    ...Object.entries(fields).map(([name, value]) => {
+      const text = typeof value === "object" ? JSON.stringify(value) : value; // loras: its JSON text
+      return `--form-string ${shellQuote(`${name}=${text}`)}`;
+    }),
     ...settings.references.map((name) => `-F ${shellQuote(`image[]=@${name}`)}`),
   ];
   return lines.join(" \\\n  ");
@@ -73,9 +88,10 @@ export function python(settings, origin) {
   if (settings.size) args.push(`size=${literal(settings.size)}`);
   if (settings.count > 1) args.push(`n=${settings.count}`);
   const more = extras(settings);
-  if (Object.keys(more).length) args.push(`extra_body=${pythonDict(more)}`);
+  if (Object.keys(more).length) args.push(`extra_body=${pythonDict(more, refs.length > 0)}`);
   return [
     "import base64",
+    ...(refs.length && more.loras ? ["import json"] : []),
     ...(settings.hasKey ? ["import os"] : []),
     "",
     "from openai import OpenAI",
@@ -107,7 +123,9 @@ export function javascript(settings, origin) {
   if (settings.size) args.push(`size: ${literal(settings.size)}`);
   // The provider sends no top-level seed; its providerOptions go into the request body as they are.
   const more = extras(settings);
-  if (Object.keys(more).length) args.push(`providerOptions: { kleinserve: ${jsObject(more)} }`);
+  if (Object.keys(more).length) {
+    args.push(`providerOptions: { kleinserve: ${jsObject(more, refs.length > 0)} }`);
+  }
   return [
     `import { ${refs.length ? "readFileSync, " : ""}writeFileSync } from "node:fs";`,
     "",
