@@ -68,6 +68,13 @@ class GenerateRequest:
     `seed` (0-MAX_SEED) None draws a random seed; image i of `num_images` uses seed + i, so every image can
     be regenerated alone. `reference_images` are decoded PIL images in any mode (converted to RGB by the
     engine).
+
+    Inpainting and image-to-image (engine/inpaint.py): with `mask` or `strength`, `reference_images[0]` is the
+    image edited (and still a reference, as in diffusers' Flux2KleinInpaintPipeline); the output has its size.
+    `mask` is an "L" image of exactly that size whose pixels >= 128 are repainted and < 128 kept (diffusers'
+    convention; each dialect converts its own, e.g. OpenAI's transparent pixels to 255). `strength`
+    (0 < s <= 1; None: 1.0 with a mask) is how far from the image denoising starts: 1.0 from pure noise, lower
+    keeps more of it. `strength` without `mask` repaints the whole image.
     """
 
     prompt: str
@@ -84,6 +91,8 @@ class GenerateRequest:
     output_quality: int | None = None
     fixed_by_variant: bool = False
     loras: tuple[LoraChoice, ...] = ()  # at most 4; each image equals diffusers' with these adapters set
+    mask: Image.Image | None = None  # "L", the size of reference_images[0]; >= 128: repaint
+    strength: float | None = None  # 0 < s <= 1; None: 1.0 with a mask, no image-to-image without one
 
 
 @dataclass(frozen=True)

@@ -300,18 +300,6 @@ def test_bad_generation_fields_are_named(
     assert error["message"] in message
 
 
-def test_edit_with_a_mask_is_refused(client: openai.OpenAI, reference: Image.Image) -> None:
-    mask = Image.new("RGBA", reference.size, (0, 0, 0, 0))
-    error, _ = bad_request(
-        lambda: client.images.edit(
-            model=MODEL, image=upload(reference), mask=upload(mask, "mask.png"), prompt=PROMPT, size="256x256"
-        )
-    )
-
-    assert error["param"] == "mask"
-    assert "mask" in error["message"]
-
-
 def test_edit_with_an_undecodable_image_names_it(client: openai.OpenAI) -> None:
     error, _ = bad_request(
         lambda: client.images.edit(model=MODEL, image=("a.png", b"not a png", "image/png"), prompt=PROMPT)

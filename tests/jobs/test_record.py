@@ -10,11 +10,20 @@ from pathlib import Path
 
 import numpy as np
 import orjson
+import torch
 from PIL import Image
 
 from kleinserve.engine.resolve import resolve_request, restore_request
 from kleinserve.engine.spec import ModelSpec
-from kleinserve.jobs.record import JobImage, JobParams, JobResult, JobUsage, from_json, to_json
+from kleinserve.jobs.record import (
+    JobImage,
+    JobParams,
+    JobResult,
+    JobUsage,
+    from_json,
+    stored_images,
+    to_json,
+)
 from kleinserve.jobs.store import JobStatus, SqliteJobStore
 from kleinserve.types import (
     GeneratedImage,
@@ -118,6 +127,8 @@ def test_json_keys_are_the_field_names_and_values_plain_json() -> None:
         "fixed_by_variant": False,
         "reference_sizes": [[64, 80], [96, 64]],
         "loras": [{"adapter": "watercolour", "scale": 0.5}, {"adapter": "sha256:" + "ab" * 32, "scale": 1.0}],
+        "strength": None,
+        "masked": False,
     }
     assert to_json(RESULT)["images"] == [{"media": "a.webp", "seed": 7}, {"media": "b.webp", "seed": 8}]
 
@@ -177,12 +188,12 @@ def test_the_store_loads_a_row_written_before_the_records(tmp_path: Path) -> Non
 
 def test_every_request_field_but_the_images_is_recorded() -> None:
     """JobParams is a GenerateRequest: a field added to the request is stored, read back and handed to the
-    engine with no line in jobs/ (the images are files beside the row)."""
+    engine with no line in jobs/ (the images, references and mask, are files beside the row)."""
     assert issubclass(JobParams, GenerateRequest)
-    request_fields = {field.name for field in fields(GenerateRequest)} - {"reference_images"}
+    request_fields = {field.name for field in fields(GenerateRequest)} - {"reference_images", "mask"}
     stored = to_json(PARAMS)
     assert request_fields <= set(stored)
-    assert "reference_images" not in stored
+    assert "reference_images" not in stored and "mask" not in stored
     assert from_json(JobParams, stored).to_request(()) == GenerateRequest(
         **{name: getattr(PARAMS, name) for name in request_fields}
     )
@@ -227,6 +238,29 @@ def test_the_stored_request_restores_the_same_resolution_without_preparing_again
         assert (restored.steps, restored.use_cfg) == (resolved.steps, resolved.use_cfg)
         for again, first in zip(restored.references, resolved.references, strict=True):
             assert np.array_equal(again.pixels.numpy(), first.pixels.numpy())
+
+
+def test_an_edit_keeps_its_mask_as_the_last_file() -> None:
+    mask = Image.new("L", (100, 70), 0)
+    mask.paste(255, (10, 10, 60, 50))
+    request = GenerateRequest(
+        prompt="x",
+        reference_images=(random_image(100, 70, 1), random_image(80, 80, 2)),
+        mask=mask,
+        strength=0.7,
+    )
+    resolved = resolve_request(request, DISTILLED)
+    params = from_json(JobParams, to_json(JobParams.from_resolved(resolved)))
+    assert params.masked and params.strength == 0.7 and params.mask is None
+    files = stored_images(resolved.stored)
+    assert [image.mode for image in files] == ["RGB", "RGB", "L"] and files[2].size == (96, 64)
+    reloaded = [Image.fromarray(np.asarray(image)) for image in files]  # as a PNG reads back
+    restored = restore_request(params.to_request(reloaded), DISTILLED)
+    assert restored.batch_key == resolved.batch_key
+    assert restored.edit is not None and resolved.edit is not None and restored.edit.strength == 0.7
+    assert torch.equal(restored.edit.mask, resolved.edit.mask)  # type: ignore[arg-type]
+    for again, first in zip(restored.references, resolved.references, strict=True):
+        assert np.array_equal(again.pixels.numpy(), first.pixels.numpy())
 
 
 def test_from_result_records_media_names_in_image_order() -> None:

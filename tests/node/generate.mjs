@@ -8,8 +8,9 @@
 //             "bfl":               createBlackForestLabs({baseURL: <base-url>/v1}): the SDK submits, polls
 //                                  polling_url and downloads result.sample itself
 // <call-json> {"prompt": "...", "images"?: ["<PNG path>" | "http(s)://..."], "n"?, "size"?, "aspectRatio"?,
-//              "seed"?, "providerOptions"?, "model"?}. With "images" the prompt becomes
-//              {text, images: [Uint8Array | URL string]}, the SDK's way of asking for an edit.
+//              "seed"?, "providerOptions"?, "model"?, "mask"?: "<PNG path>" | "http(s)://..."}. With "images"
+//              the prompt becomes {text, images: [Uint8Array | URL string], mask?}, the SDK's way of asking for
+//              an edit (a masked one with "mask").
 // The API key comes from KLEINSERVE_API_KEY (default "unused": the test server has no keys).
 //
 // Output: {"results": [<per call>]}, each {"images": [{"base64", "mediaType"}], "warnings", "providerMetadata",
@@ -82,12 +83,14 @@ function imageModel(modelId) {
   throw new Error(`unknown provider ${providerName}`);
 }
 
+function fileOf(image) {
+  return /^https?:\/\//.test(image) ? image : new Uint8Array(readFileSync(image));
+}
+
 function promptOf(call) {
   if (!call.images) return call.prompt;
-  const images = call.images.map((image) =>
-    /^https?:\/\//.test(image) ? image : new Uint8Array(readFileSync(image)),
-  );
-  return { text: call.prompt, images };
+  const images = call.images.map(fileOf);
+  return { text: call.prompt, images, ...(call.mask !== undefined && { mask: fileOf(call.mask) }) };
 }
 
 function describeError(error) {

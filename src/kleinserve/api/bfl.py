@@ -13,6 +13,14 @@ BFL's klein endpoints take no `steps`/`guidance` (the distilled model is fixed a
 and a distilled variant here ignores them too, as BFL does. The base variants, which BFL does not host, take
 them under the names of BFL's FLUX.2 [flex] endpoint, so that a BFL-shaped job (and the playground) can set
 them. `loras` (api/loras.py's array) is kleinserve's extension of the body.
+
+Masks and strength are kleinserve's extension too (BFL's klein endpoint has neither): `image_prompt` is the
+image edited (a URL or base64, like `input_image`), `mask` what of it to repaint (a URL or base64 image of
+its size, BFL's fill convention: white repaints, black keeps), `strength` (0 < s <= 1, default 1.0 with a
+mask) how far from it denoising starts. The references are then `image_prompt`, `input_image`,
+`input_image_2` ..., at most 4 in all; the output has the size of `image_prompt`. Without `image_prompt`,
+`input_image` is the image edited (BFL's fill endpoint sends `image` + `mask`, and the AI SDK's BFL provider
+sends `input_image` + `mask`). Without a mask or strength, `image_prompt` is only the first reference.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from kleinserve.api import openapi, service
@@ -76,6 +85,9 @@ class FluxKleinInputs(BaseModel):
     webhook_url: str | None = Field(None, min_length=1, max_length=2083)
     webhook_secret: str | None = None
     loras: list[Any] | None = Field(None, description='LoRA adapters: [{"name" | "url", "scale"?}]')
+    image_prompt: str | None = Field(None, description="kleinserve: the image a mask or strength edits")
+    mask: str | None = Field(None, description="kleinserve: white repaints; the size of image_prompt")
+    strength: float | None = Field(None, gt=0, le=1, description="kleinserve: default 1.0 with a mask")
 
 
 def _side(value: int | None, name: str) -> int | None:
@@ -96,17 +108,47 @@ def _check_webhook_url(url: str | None) -> None:
         raise InvalidInput(f"webhook_url {url!r} is not an http(s) URL", param="webhook_url")
 
 
+_INPUT_IMAGES = ("input_image", "input_image_2", "input_image_3", "input_image_4")
+
+
+def _check_edit(wire: FluxKleinInputs) -> None:
+    """A mask or strength edits `image_prompt` (else `input_image`), which must be given; 4 images at most
+    in all."""
+    for name in ("mask", "strength"):
+        if getattr(wire, name) is not None and not (wire.image_prompt or wire.input_image):
+            raise InvalidInput(
+                f"{name} without image_prompt or input_image, the image it edits",
+                param=name,
+                allowed="with image_prompt (or input_image)",
+            )
+    given = [name for name in ("image_prompt", *_INPUT_IMAGES) if getattr(wire, name)]
+    if len(given) > 4:
+        raise InvalidInput(
+            f"{len(given)} images given ({', '.join(given)})",
+            param=given[-1],
+            allowed="at most 4, image_prompt included",
+        )
+
+
 def to_request(
-    wire: FluxKleinInputs, references: list[Any], loras: tuple[LoraChoice, ...] = ()
+    wire: FluxKleinInputs,
+    references: list[Any],
+    loras: tuple[LoraChoice, ...] = (),
+    mask: Image.Image | None = None,
 ) -> GenerateRequest:
-    """The internal request, with the adapters of `wire.loras` (AdapterSource.choices); `steps`/`guidance`
-    apply only where the loaded variant leaves them free, as on BFL's klein endpoint (`fixed_by_variant`)."""
+    """The internal request, with the adapters of `wire.loras` (AdapterSource.choices) and `wire.mask` in
+    kleinserve's convention (`mask`); `steps`/`guidance` apply only where the loaded variant leaves them
+    free, as on BFL's klein endpoint (`fixed_by_variant`)."""
     _check_webhook_url(wire.webhook_url)
     check_prompt(wire.prompt)
+    width, height = _side(wire.width, "width"), _side(wire.height, "height")
+    if mask is not None or wire.strength is not None:
+        service.check_edited_size(references, width, height, "width" if width else "height")
+        width = height = None  # the size of image_prompt, as the engine derives it
     return GenerateRequest(
         prompt=wire.prompt,
-        width=_side(wire.width, "width"),
-        height=_side(wire.height, "height"),
+        width=width,
+        height=height,
         steps=wire.steps,
         guidance=wire.guidance,
         seed=wire.seed,
@@ -114,6 +156,8 @@ def to_request(
         output_format=ImageFormat.parse(wire.output_format or "jpeg"),
         fixed_by_variant=True,
         loras=loras,
+        mask=mask,
+        strength=wire.strength,
     )
 
 
@@ -224,11 +268,16 @@ def build_router(services: Services) -> APIRouter:
         owner = service.caller(services, http_request)
         services.check_model(model)
         wire = parse_model(FluxKleinInputs, await service.read_json_object(http_request))
-        fields = ("input_image", "input_image_2", "input_image_3", "input_image_4")
+        _check_edit(wire)  # before any image is fetched
+        fields = ("image_prompt", *_INPUT_IMAGES)
         references = [
             await services.fetcher.image(value, name) for name in fields if (value := getattr(wire, name))
         ]
-        request = to_request(wire, references, await services.loras.choices(wire.loras))
+        mask = None
+        if wire.mask is not None:
+            given = await services.fetcher.image(wire.mask, "mask")
+            mask = await asyncio.to_thread(service.white_mask, given, "mask")
+        request = to_request(wire, references, await services.loras.choices(wire.loras), mask)
         job = await asyncio.to_thread(
             functools.partial(
                 services.jobs.submit,

@@ -38,7 +38,9 @@ HEARTBEAT_S = 15.0
 class ParamsBody:
     """What the job asked for, as resolved: sizes in pixels, `guidance` null where the variant's default
     applies, `reference_sizes` [width, height] of each reference as prepared, `loras` the adapters applied
-    as `{name, scale}` (a downloaded one named `sha256:<hex>`), which a request's `loras` may send again."""
+    as `{name, scale}` (a downloaded one named `sha256:<hex>`), which a request's `loras` may send again;
+    `mask` whether it repainted under a mask, `strength` its image-to-image strength (null: not an edit, or a
+    mask at the default 1.0)."""
 
     prompt: str
     width: int
@@ -53,6 +55,8 @@ class ParamsBody:
     output_quality: int | None
     reference_sizes: list[list[int]]
     loras: list[dict[str, Any]]
+    mask: bool
+    strength: float | None
 
     @classmethod
     def of(cls, params: JobParams) -> ParamsBody:
@@ -70,6 +74,8 @@ class ParamsBody:
             output_quality=params.output_quality,
             reference_sizes=[list(size) for size in params.reference_sizes],
             loras=[{"name": choice.adapter, "scale": choice.scale} for choice in params.loras],
+            mask=params.masked,
+            strength=params.strength,
         )
 
 

@@ -44,30 +44,38 @@ from kleinserve.media import decode_image
 from kleinserve.types import GenerateRequest, LoraChoice, Progress, StepCallback, base64_text, json_bytes
 
 
-def _size(wire: ImageRequest) -> tuple[int | None, int | None]:
+def _size(wire: ImageRequest) -> tuple[int | None, int | None, str]:
+    """(width, height) in pixels asked for, None for "auto", and the field that asked."""
     if wire.width is not None or wire.height is not None:
         if wire.width is None or wire.height is None:
             raise InvalidInput("width and height must be given together", param="width")
-        return check_area(wire.width, wire.height, MAX_AREA, "width")
+        return *check_area(wire.width, wire.height, MAX_AREA, "width"), "width"
     if wire.size and wire.size != "auto":
-        return parse_size(wire.size, MAX_AREA)
+        return *parse_size(wire.size, MAX_AREA), "size"
     if wire.aspect_ratio:
-        return ASPECT_RATIOS[wire.aspect_ratio]
-    return None, None  # auto: the first reference's size, else the variant's default (1024x1024 for klein)
+        return *ASPECT_RATIOS[wire.aspect_ratio], "aspect_ratio"
+    return None, None, "size"  # auto: the first reference's size, else the variant's default (1024x1024)
 
 
 def to_request(
-    wire: ImageRequest, references: list[Any], loras: tuple[LoraChoice, ...] = ()
+    wire: ImageRequest,
+    references: list[Any],
+    loras: tuple[LoraChoice, ...] = (),
+    mask: Image.Image | None = None,
 ) -> GenerateRequest:
-    """The internal request for validated wire fields, decoded reference images and the adapters of
-    `wire.loras` (AdapterSource.choices). `num_inference_steps` is honoured on every variant; a variant with
-    fixed guidance ignores `guidance_scale` (ModelSpec)."""
+    """The internal request for validated wire fields, decoded reference images (the first is the one a
+    `mask` or `wire.strength` edits), the adapters of `wire.loras` (AdapterSource.choices) and the mask in
+    kleinserve's convention. `num_inference_steps` is honoured on every variant; a variant with fixed
+    guidance ignores `guidance_scale` (ModelSpec)."""
     check_prompt(wire.prompt)
     if len(references) > 4:
         raise InvalidInput(f"{len(references)} reference images", param="image", allowed="at most 4")
     if wire.n is not None and wire.num_images is not None and wire.n != wire.num_images:
         raise InvalidInput("n and num_images disagree", param="n")
-    width, height = _size(wire)
+    width, height, size_param = _size(wire)
+    if mask is not None or wire.strength is not None:
+        service.check_edited_size(references, width, height, size_param)
+        width = height = None  # the image edited's own size, as the engine derives it
     return GenerateRequest(
         prompt=wire.prompt,
         width=width,
@@ -82,6 +90,8 @@ def to_request(
         output_format=wire.image_format,
         output_quality=DEFAULT_COMPRESSION if wire.output_compression is None else wire.output_compression,
         loras=loras,
+        mask=mask,
+        strength=wire.strength,
     )
 
 
@@ -137,8 +147,9 @@ class OpenAIRoute(DialectRoute):
         return render_error(exc)
 
 
-async def _form_fields(request: Request) -> tuple[dict[str, Any], list[Any]]:
-    """Text fields and decoded `image` / `image[]` files of a multipart edit request."""
+async def _form_fields(request: Request) -> tuple[dict[str, Any], list[Any], Image.Image | None]:
+    """Text fields, decoded `image` / `image[]` files and the decoded `mask` file (None: no file; a `mask`
+    text field, a URL or base64, stays a field) of a multipart edit request."""
     if "multipart/form-data" not in request.headers.get("content-type", ""):
         raise InvalidInput(
             "expected a multipart/form-data body", allowed="multipart/form-data with image files"
@@ -147,8 +158,6 @@ async def _form_fields(request: Request) -> tuple[dict[str, Any], list[Any]]:
     async with service.read_form(
         request, max_files=16, max_fields=64, max_part_size=MAX_TEXT_FIELD_BYTES
     ) as form:
-        if "mask" in form:
-            raise InvalidInput("masks are not supported yet", param="mask", allowed="edits without a mask")
         files = [f for key in ("image", "image[]") for f in form.getlist(key)]
         if not files:
             raise InvalidInput("no image given", param="image", allowed="1-4 files as image or image[]")
@@ -159,6 +168,12 @@ async def _form_fields(request: Request) -> tuple[dict[str, Any], list[Any]]:
             if not isinstance(upload, UploadFile):
                 raise InvalidInput("image must be a file upload", param="image")
             images.append(await asyncio.to_thread(decode_image, await upload.read(), f"image[{index}]"))
+        masks = form.getlist("mask")
+        if len(masks) > 1:
+            raise InvalidInput(f"{len(masks)} masks given", param="mask", allowed="one mask")
+        mask = None
+        if masks and isinstance(masks[0], UploadFile):
+            mask = await asyncio.to_thread(decode_image, await masks[0].read(), "mask")
         fields: dict[str, Any] = {
             key: value for key, value in form.multi_items() if not isinstance(value, UploadFile)
         }
@@ -166,20 +181,36 @@ async def _form_fields(request: Request) -> tuple[dict[str, Any], list[Any]]:
         fields.pop("images[]", None)
         if references:  # repeated text fields: every one is a reference, not only the last
             fields["images"] = references
-        return fields, images
+        return fields, images, mask
+
+
+async def _mask(services: Services, wire: ImageRequest, upload: Image.Image | None) -> Image.Image | None:
+    """The request's mask in kleinserve's convention (service.transparent_mask): the uploaded file, else the
+    `mask` field fetched like a reference; None without either."""
+    source = upload
+    if source is None and wire.mask:
+        source = await services.fetcher.image(wire.mask, "mask")
+    return None if source is None else await asyncio.to_thread(service.transparent_mask, source, "mask")
 
 
 def build_router(services: Services) -> APIRouter:
     router = APIRouter(tags=["OpenAI Images"], route_class=OpenAIRoute)
 
     async def run(
-        http_request: Request, owner: str, wire: ImageRequest, files: list[Any], kind: str
+        http_request: Request,
+        owner: str,
+        wire: ImageRequest,
+        files: list[Any],
+        kind: str,
+        mask_upload: Image.Image | None = None,
     ) -> Response:
         model = services.check_model(wire.model)
-        references = files + [
-            await services.fetcher.image(text, f"images[{i}]") for i, text in enumerate(wire.images or [])
-        ]
-        request = to_request(wire, references, await services.loras.choices(wire.loras))
+        # After the files: the image edited (JSON's `image`), then the references given as text.
+        texts = [("image", wire.image)] if wire.image else []
+        texts += [(f"images[{i}]", text) for i, text in enumerate(wire.images or [])]
+        references = files + [await services.fetcher.image(text, param) for param, text in texts]
+        mask = await _mask(services, wire, mask_upload)
+        request = to_request(wire, references, await services.loras.choices(wire.loras), mask)
         if wire.stream:
             # Submitted before the stream starts, so that every refusal up to acceptance (bad values, a full
             # queue) is an HTTP error in OpenAI's body; once the stream has started, errors are events.
@@ -213,8 +244,8 @@ def build_router(services: Services) -> APIRouter:
     )
     async def create_image_edit(http_request: Request) -> Response:
         owner = service.caller(services, http_request)  # before reading and decoding uploads
-        fields, images = await _form_fields(http_request)
-        return await run(http_request, owner, parse_fields(fields), images, "image_edit")
+        fields, images, mask = await _form_fields(http_request)
+        return await run(http_request, owner, parse_fields(fields), images, "image_edit", mask)
 
     @router.get("/v1/models", responses=openapi.errors(openapi.ErrorBody, (401,)))
     async def list_models(http_request: Request) -> dict[str, Any]:

@@ -60,6 +60,17 @@ class ImageRequest(BaseModel):
     images: list[str] | None = Field(
         None, max_length=4, description="reference images: URLs, data URLs, base64"
     )
+    image: str | None = Field(
+        None, description="generations: the image edited (URL, data URL, base64); edits take it as a file"
+    )
+    mask: str | None = Field(
+        None,
+        description="PNG whose fully transparent pixels are repainted, the first image's size (URL, data "
+        "URL, base64; edits: a file)",
+    )
+    strength: float | None = Field(
+        None, gt=0, le=1, description="how far from the first image denoising starts; default 1.0 with a mask"
+    )
     background: Literal["transparent", "opaque", "auto"] | None = Field(
         None, description='images are always opaque: "transparent" is answered with a warning'
     )

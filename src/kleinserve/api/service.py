@@ -18,7 +18,7 @@ from starlette.datastructures import FormData, UploadFile
 
 from kleinserve.api.auth import KeyStore, authenticate
 from kleinserve.api.loras import AdapterSource
-from kleinserve.engine.protocol import ModelSpec
+from kleinserve.engine.protocol import SIZE_MULTIPLE, ModelSpec
 from kleinserve.errors import Cancelled, EngineError, InvalidInput, UnknownModel
 from kleinserve.jobs.events import EventHub
 from kleinserve.jobs.intake import Intake, ModelResolver, Pending
@@ -216,3 +216,62 @@ def partial_steps(total_steps: int, partial_images: int) -> list[int]:
     spread evenly: 4 steps with 3 partials -> [1, 2, 3]; with 1 partial -> [2]."""
     count = min(partial_images, total_steps - 1)
     return sorted({max(1, round(i * total_steps / (count + 1))) for i in range(1, count + 1)})
+
+
+# --- masks and strength: each dialect's mask convention as GenerateRequest.mask ("L", >= 128 repaints) ----
+
+# Pillow's lookup table for an alpha channel: 0 (fully transparent) -> 255 (repaint), any other -> 0 (keep).
+_TRANSPARENT_REPAINTS = [255] + [0] * 255
+
+
+def transparent_mask(image: Image.Image, param: str) -> Image.Image:
+    """OpenAI's mask as kleinserve's: its fully transparent pixels (alpha 0) are repainted (255), all others
+    kept (0), as an "L" image of the same size. InvalidInput naming `param` for an image without
+    transparency (no alpha channel, no transparent palette entry): OpenAI refuses those too. Converts every
+    pixel: call it off the event loop."""
+    if not image.has_transparency_data:
+        raise InvalidInput(
+            f"{param} has no transparency: its fully transparent pixels mark what to repaint",
+            param=param,
+            allowed="a PNG with an alpha channel",
+        )
+    return image.convert("RGBA").getchannel("A").point(_TRANSPARENT_REPAINTS)
+
+
+def white_mask(image: Image.Image, param: str) -> Image.Image:
+    """BFL's fill convention as kleinserve's: white is repainted, black kept: the image's luminance as an
+    "L" image (>= 128 repaints). Any image is one; `param` only keeps the conventions' signatures alike."""
+    return image.convert("L")
+
+
+def either_mask(image: Image.Image, param: str) -> Image.Image:
+    """A mask in either convention, told apart by its pixels: with a fully transparent pixel it is OpenAI's
+    (transparent_mask), otherwise BFL's (white_mask). For the AI SDK's `mask`, whose meaning is each
+    provider's own (it is passed through as it is). Off the event loop."""
+    transparent = image.has_transparency_data and image.convert("RGBA").getchannel("A").getextrema()[0] == 0
+    return transparent_mask(image, param) if transparent else white_mask(image, param)
+
+
+def check_edited_size(
+    references: Sequence[Image.Image], width: int | None, height: int | None, param: str
+) -> None:
+    """With a mask or strength the output has the size of the image edited (`references[0]`): a size asked
+    for (`width` x `height` pixels, either None where not asked, given as the dialect's `param`) must be that
+    one, both floored to multiples of SIZE_MULTIPLE as every size is. No references: the engine refuses the
+    request itself (a mask without an image)."""
+    if not references or (width is None and height is None):
+        return
+    edited_width, edited_height = references[0].size
+    asked = (width or edited_width, height or edited_height)
+    if _floored(asked) != _floored((edited_width, edited_height)):
+        raise InvalidInput(
+            f"{param}: {width or 'auto'}x{height or 'auto'} differs from the image edited, "
+            f"{edited_width}x{edited_height} (with a mask or strength the output has its size)",
+            param=param,
+            allowed="no size: the image's own",
+        )
+
+
+def _floored(size: tuple[int, int]) -> tuple[int, int]:
+    """(width, height) with both sides floored to multiples of SIZE_MULTIPLE pixels."""
+    return size[0] - size[0] % SIZE_MULTIPLE, size[1] - size[1] % SIZE_MULTIPLE

@@ -3,8 +3,13 @@
 Headers `ai-model-id` (e.g. `bfl/flux-2-klein-4b`) and `ai-image-model-specification-version: 3`; JSON body
 `{prompt, n, size?, aspectRatio?, seed?, providerOptions?, files?: [{type: "file", mediaType, data} |
 {type: "url", url}], mask?}`; answer `{"images": ["<base64>", ...], "warnings": [...]}`. Provider options
-under any provider key may set `steps`, `guidance`, `negative_prompt`, `output_format` and `loras`
+under any provider key may set `steps`, `guidance`, `negative_prompt`, `output_format`, `strength` and `loras`
 (api/loras.py's array: `providerOptions: {kleinserve: {loras: [{name: "watercolour", scale: 0.8}]}}`).
+
+`mask` (a file like those of `files`, the size of the first, which it edits) may follow either convention, as
+the AI SDK passes a mask to each provider as it is: one with fully transparent pixels repaints those
+(OpenAI's), any other repaints its white (BFL's fill). `strength` (0 < s <= 1) is image-to-image from the
+first file, with or without a mask; with either, the output has the first file's size.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from PIL import Image
 from pydantic import BaseModel, Field
 
 from kleinserve.api import openapi, service
@@ -48,7 +54,7 @@ _MODEL_HEADER = {
     "schema": {"type": "string", "default": "bfl/flux-2-klein-4b"},
     "description": "the model asked for; absent: the served klein model",
 }
-_OPTION_KEYS = {"steps", "guidance", "negative_prompt", "output_format", "loras"}
+_OPTION_KEYS = {"steps", "guidance", "negative_prompt", "output_format", "strength", "loras"}
 MAX_PIXELS = 1024 * 1024
 
 
@@ -69,9 +75,14 @@ class ImageModelBody(BaseModel):
     aspectRatio: str | None = Field(None, description='"W:H" up to 4:1', examples=["16:9"])  # noqa: N815
     seed: int | None = Field(None, ge=0)
     providerOptions: dict[str, dict[str, Any]] | None = Field(  # noqa: N815
-        None, description="under any provider key: steps, guidance, negative_prompt, output_format, loras"
+        None,
+        description="under any provider key: steps, guidance, negative_prompt, output_format, strength, "
+        "loras",
     )
     files: list[ImageModelFile] | None = Field(None, max_length=4, description="reference images")
+    mask: ImageModelFile | None = Field(
+        None, description="repaints its transparent pixels (if any), else its white; the first file's size"
+    )
 
 
 def size_for_aspect_ratio(text: str) -> tuple[int, int]:
@@ -86,12 +97,14 @@ def size_for_aspect_ratio(text: str) -> tuple[int, int]:
     return int(height * w / h) // 16 * 16, int(height) // 16 * 16
 
 
-def _size(body: dict[str, Any]) -> tuple[int | None, int | None]:
+def _size(body: dict[str, Any]) -> tuple[int | None, int | None, str]:
+    """(width, height) in pixels asked for (None: the first file's size, else the default) and the field
+    that asked."""
     if size := body.get("size"):
-        return parse_size(str(size), MAX_PIXELS)  # the cap of its aspect ratios
+        return *parse_size(str(size), MAX_PIXELS), "size"  # the cap of its aspect ratios
     if ratio := body.get("aspectRatio"):
-        return size_for_aspect_ratio(str(ratio))
-    return None, None
+        return *size_for_aspect_ratio(str(ratio)), "aspectRatio"
+    return None, None, "size"
 
 
 def _is_int(value: Any) -> bool:
@@ -108,6 +121,7 @@ _OPTION_TYPES = {
     "guidance": (_is_number, "a number"),
     "negative_prompt": (lambda value: isinstance(value, str), "a string"),
     "output_format": (lambda value: isinstance(value, str), '"png", "jpeg" or "webp"'),
+    "strength": (lambda value: _is_number(value) and 0 < value <= 1, "a number, 0 < strength <= 1"),
     "loras": (lambda value: isinstance(value, list), 'an array of {"name" | "url", "scale"?}'),
 }
 
@@ -143,10 +157,11 @@ def to_request(
     references: list[Any],
     options: dict[str, Any],
     loras: tuple[LoraChoice, ...] = (),
+    mask: Image.Image | None = None,
 ) -> GenerateRequest:
-    """The internal request, with the adapters of `options["loras"]` (AdapterSource.choices); `steps`/
-    `guidance` apply only where the loaded variant leaves them free, as on the gateway's hosted klein
-    (`fixed_by_variant`)."""
+    """The internal request, with the adapters of `options["loras"]` (AdapterSource.choices) and `mask` in
+    kleinserve's convention (an "L" image, or None); `steps`/`guidance` apply only where the loaded variant
+    leaves them free, as on the gateway's hosted klein (`fixed_by_variant`)."""
     prompt = check_prompt(body.get("prompt"))
     n = body.get("n", 1)
     if not _is_int(n) or not 1 <= n <= 4:
@@ -155,7 +170,11 @@ def to_request(
     if seed is not None and (not _is_int(seed) or seed < 0):
         raise InvalidInput(f"seed {seed!r}", param="seed", allowed="a non-negative integer")
     output_format = ImageFormat.parse(str(options.get("output_format", "png")))
-    width, height = _size(body)
+    width, height, size_param = _size(body)
+    strength = options.get("strength")
+    if mask is not None or strength is not None:
+        service.check_edited_size(references, width, height, size_param)
+        width = height = None  # the first file's own size, as the engine derives it
     return GenerateRequest(
         prompt=prompt,
         width=width,
@@ -169,7 +188,19 @@ def to_request(
         output_format=output_format,
         fixed_by_variant=True,
         loras=loras,
+        mask=mask,
+        strength=None if strength is None else float(strength),
     )
+
+
+async def _file_image(services: Services, file: Any, param: str) -> Image.Image:
+    """The image of one of the body's file objects: `{type: "url", url}` fetched (the fetcher's address
+    policy), `{type: "file", data: <base64 or data URL>}` decoded; InvalidInput naming `param` otherwise."""
+    if isinstance(file, dict) and file.get("type") == "url":
+        return await services.fetcher.image(str(file.get("url", "")), param)
+    if isinstance(file, dict) and isinstance(file.get("data"), str):
+        return await asyncio.to_thread(decode_base64_image, file["data"], param)
+    raise InvalidInput(f"{param} is neither a base64 file nor a URL", param=param)
 
 
 def error_type(exc: KleinError) -> str:
@@ -214,8 +245,6 @@ def build_router(services: Services) -> APIRouter:
         owner = service.caller(services, http_request)
         services.check_model(http_request.headers.get("ai-model-id"))
         body = await service.read_json_object(http_request)
-        if body.get("mask"):
-            raise InvalidInput("masks are not supported yet", param="mask")
         warnings: list[dict[str, str]] = []
         options = provider_options(body, warnings)
         files = body.get("files") or []
@@ -223,16 +252,13 @@ def build_router(services: Services) -> APIRouter:
             raise InvalidInput("files must be an array", param="files", allowed="a list of 0-4 files")
         if len(files) > 4:
             raise InvalidInput(f"{len(files)} files given", param="files", allowed="at most 4")
-        references = []
-        for index, file in enumerate(files):
-            param = f"files[{index}]"
-            if isinstance(file, dict) and file.get("type") == "url":
-                references.append(await services.fetcher.image(str(file.get("url", "")), param))
-            elif isinstance(file, dict) and isinstance(file.get("data"), str):
-                references.append(await asyncio.to_thread(decode_base64_image, file["data"], param))
-            else:
-                raise InvalidInput(f"{param} is neither a base64 file nor a URL", param=param)
-        request = to_request(body, references, options, await services.loras.choices(options.get("loras")))
+        references = [await _file_image(services, file, f"files[{i}]") for i, file in enumerate(files)]
+        mask = None
+        if body.get("mask") is not None:
+            given = await _file_image(services, body["mask"], "mask")
+            mask = await asyncio.to_thread(service.either_mask, given, "mask")
+        loras = await services.loras.choices(options.get("loras"))
+        request = to_request(body, references, options, loras, mask)
         completed = await service.generate(services, http_request, owner, request)
         return {
             "images": [base64_text(data) for data in completed.images],

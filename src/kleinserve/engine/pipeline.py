@@ -5,10 +5,11 @@
     result.images[0].image.save("out.png")
 
 A batch is any list of resolved requests (engine/resolve.py) sharing size, steps, guidance, text length and
-reference geometry (`ResolvedRequest.batch_key`); their prompts, seeds, reference pixels and LoRA adapters
-may differ. Each image is the image its seed gives alone: image i of a request with seed s uses seed s + i
-(guarded by tests/engine/test_batching.py), with its request's adapters as diffusers applies them to that
-request alone (engine/lora_layers.py; tests/engine/test_lora.py).
+reference geometry (`ResolvedRequest.batch_key`); their prompts, seeds, reference pixels, LoRA adapters, masks
+and strengths may differ (inpainting and image-to-image: engine/inpaint.py). Each image is the image its seed
+gives alone: image i of a request with seed s uses seed s + i (guarded by tests/engine/test_batching.py), with
+its request's adapters as diffusers applies them to that request alone (engine/lora_layers.py;
+tests/engine/test_lora.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
 
 from kleinserve.engine import latents as L
 from kleinserve.engine import spec as limits
+from kleinserve.engine.inpaint import KnownLatents
 from kleinserve.engine.loading import ModelComponents
 from kleinserve.engine.lora import AdapterLibrary, LoadedAdapter
 from kleinserve.engine.lora_layers import AdapterRows, RowRouting, plan_rows, wrap_layers
@@ -119,12 +121,15 @@ class Pipeline:
                 embeds = torch.cat([embeds, self.prompts.encode(negatives, length, self.device)])
         with self._timed(timings, "reference_encoding"), self._resident(components.vae):
             reference_tokens = self._encode_references(resolved)  # (B, N_ref, C) or None
-        if first.use_cfg and reference_tokens is not None:
-            reference_tokens = torch.cat([reference_tokens, reference_tokens])  # the [cond | uncond] batch
-
         with self._timed(timings, "preparation"):
             channels = components.transformer.config.in_channels
             noise = L.pack(L.draw_noise(seeds, channels, h, w)).to(self.device, self.dtype)  # (B, h*w, C)
+            scheduler = make_scheduler(components.scheduler_config, first.steps, image_seq_len=h * w)
+            known = None
+            if first.edit is not None and reference_tokens is not None:  # the edited image: reference 0
+                known = self._known_latents(resolved, reference_tokens[:, : h * w], noise, scheduler.sigmas)
+            if first.use_cfg and reference_tokens is not None:
+                reference_tokens = torch.cat([reference_tokens, reference_tokens])  # [cond | uncond]
             ids = torch.cat([L.image_ids(h, w), L.reference_ids([r.grid for r in first.references])])
             forward = partial(
                 self.velocity,
@@ -134,7 +139,6 @@ class Pipeline:
                 txt_ids=L.text_ids(length).to(self.device),
             )
             velocity = ClassifierFreeGuidance(forward, first.guidance) if first.use_cfg else forward
-            scheduler = make_scheduler(components.scheduler_config, first.steps, image_seq_len=h * w)
             copies = 2 if first.use_cfg else 1
             adapter_rows = self._adapter_rows(resolved, copies)
 
@@ -152,7 +156,11 @@ class Pipeline:
             self._resident(components.transformer),
             self._routing.active(adapter_rows, batch=len(seeds) * copies),
         ):
-            packed = denoise(velocity, noise, scheduler, step_hook, cancelled)
+            if known is None:
+                packed = denoise(velocity, noise, scheduler, step_hook, cancelled)
+            else:
+                start, correct = known.first_step, known.after_step
+                packed = denoise(velocity, known.initial(), scheduler, step_hook, cancelled, start, correct)
         timings["denoising"] -= caller_seconds
 
         with self._timed(timings, "vae_decode"), self._resident(components.vae):
@@ -190,6 +198,32 @@ class Pipeline:
         layers = {name for chosen in per_image for adapter, _ in chosen for name in adapter.factors}
         wrap_layers(self.components.transformer, sorted(layers), self._routing)
         return plan_rows(per_image, copies, self.dtype, self.device)
+
+    def _known_latents(
+        self,
+        resolved: Sequence[ResolvedRequest],
+        clean: torch.Tensor,
+        noise: torch.Tensor,
+        sigmas: torch.Tensor,
+    ) -> KnownLatents:
+        """An edit batch's known latents: `clean` (B, h*w, C) the edited images' tokens (each image's first
+        reference), `noise` (B, h*w, C) its noise; masks and start steps per image from its request."""
+        h, w = resolved[0].height // limits.SIZE_MULTIPLE, resolved[0].width // limits.SIZE_MULTIPLE
+        masks: list[torch.Tensor] = []
+        starts: list[int] = []
+        for r in resolved:
+            assert r.edit is not None  # the batch key keeps edits apart from other requests
+            tokens = r.edit.mask_tokens(h, w)
+            mask = torch.ones((1, h * w, 1)) if tokens is None else tokens
+            masks.extend(mask for _ in r.seeds)
+            starts.extend(r.edit.start_step(r.steps) for _ in r.seeds)
+        return KnownLatents(
+            clean=clean,
+            noise=noise,
+            mask=torch.cat(masks).to(self.device, self.dtype),
+            starts=torch.tensor(starts, device=self.device),
+            sigmas=sigmas.to(self.device),
+        )
 
     def _encode_references(self, resolved: Sequence[ResolvedRequest]) -> torch.Tensor | None:
         """(B, N_ref, C) reference tokens, each image carrying its own request's references; None without."""

@@ -53,6 +53,15 @@ class PreparedReference:
 
 def prepare_reference(image: Image.Image, index: int = 0) -> PreparedReference:
     """Check, resize and crop one reference image (any PIL mode; converted to RGB first)."""
+    check_reference(image, index)
+    # Conversion before resizing: diffusers converts after, which is the same for RGB input and makes
+    # palette/CMYK/16-bit images resize as colours rather than as indices or raw channels.
+    source = to_rgb(image)
+    return _prepared(source, source)
+
+
+def check_reference(image: Image.Image, index: int) -> None:
+    """InvalidInput naming `reference_images[index]` unless both sides are >= 64 px and the aspect <= 8."""
     width, height = image.size
     param = f"reference_images[{index}]"
     if min(width, height) < MIN_REFERENCE_SIDE:
@@ -63,10 +72,6 @@ def prepare_reference(image: Image.Image, index: int = 0) -> PreparedReference:
         raise InvalidInput(
             f"reference image {index} is {width}x{height}", param=param, allowed="aspect ratio up to 8:1"
         )
-    # Conversion before resizing: diffusers converts after, which is the same for RGB input and makes
-    # palette/CMYK/16-bit images resize as colours rather than as indices or raw channels.
-    source = to_rgb(image)
-    return _prepared(source, source)
 
 
 def restore_reference(image: Image.Image) -> PreparedReference:
@@ -88,9 +93,15 @@ def _prepared(rgb: Image.Image, source: Image.Image) -> PreparedReference:
     height -= height % SIZE_MULTIPLE
     # The crop diffusers' preprocess(resize_mode="crop") makes, done here so that the image stored is the
     # one the pixels come from; preprocess then crops nothing more.
-    image = _processor._resize_and_crop(image, width, height)
+    return reference_from_image(_processor._resize_and_crop(image, width, height), source)
+
+
+def reference_from_image(image: Image.Image, source: Image.Image | None = None) -> PreparedReference:
+    """The reference whose prepared image is `image` (8-bit RGB, sides multiples of 16), made from `source`
+    (default: `image` itself)."""
+    width, height = image.size
     pixels = _processor.preprocess(image, height=height, width=width, resize_mode="crop")
-    return PreparedReference(pixels=pixels, source=source, image=image)
+    return PreparedReference(pixels=pixels, source=image if source is None else source, image=image)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -13,6 +13,7 @@ import secrets
 from dataclasses import dataclass, replace
 
 from kleinserve.engine import spec as limits
+from kleinserve.engine.inpaint import EditPlan, plan_edit
 from kleinserve.engine.lora import MAX_LORA_SCALE, MAX_LORAS, AdapterLibrary
 from kleinserve.engine.references import PreparedReference, prepare_reference, restore_reference
 from kleinserve.engine.spec import ModelSpec
@@ -39,13 +40,16 @@ class ResolvedRequest:
     max_sequence_length: int
     references: tuple[PreparedReference, ...]
     use_cfg: bool
+    edit: EditPlan | None = None  # inpainting / image-to-image: references[0] is the image edited
 
     @property
     def batch_key(self) -> tuple[object, ...]:
-        """Requests with equal keys can run as one batch; their LoRA adapters may differ."""
+        """Requests with equal keys can run as one batch; their LoRA adapters, masks and strengths may
+        differ (edits batch with edits only: their first reference is also their starting point)."""
         guidance = self.guidance if self.use_cfg else None
         grids = tuple(r.grid for r in self.references)
-        return (self.width, self.height, self.steps, guidance, self.max_sequence_length, grids)
+        edit = self.edit is not None
+        return (self.width, self.height, self.steps, guidance, self.max_sequence_length, grids, edit)
 
     @property
     def stored(self) -> GenerateRequest:
@@ -59,6 +63,7 @@ class ResolvedRequest:
             seed=self.seeds[0],
             max_sequence_length=self.max_sequence_length,
             reference_images=tuple(reference.image for reference in self.references),
+            mask=None if self.edit is None else self.edit.mask_image,
         )
 
 
@@ -98,10 +103,17 @@ def resolve_request(
     _check_loras(request.loras, adapters)
     length = request.max_sequence_length or spec.max_sequence_length
     _check_range(length, 1, limits.MAX_SEQUENCE_LENGTH, "max_sequence_length", "tokens")
-    references = tuple(prepare_reference(img, i) for i, img in enumerate(request.reference_images))
+    references, edit = _prepared(request)
     default_width, default_height = references[0].size if references else (spec.default_side,) * 2
     width = _floor_side(request.width, "width") if request.width is not None else default_width
     height = _floor_side(request.height, "height") if request.height is not None else default_height
+    if edit is not None and (width, height) != (default_width, default_height):
+        raise InvalidInput(
+            f"an edit with a mask or strength has its image's size, {default_width}x{default_height}, "
+            f"not {width}x{height}",
+            param="width" if width != default_width else "height",
+            allowed=f"{default_width}x{default_height} or no size",
+        )
     steps_asked = None if spec.steps_fixed and request.fixed_by_variant else request.steps
     steps = spec.default_steps if steps_asked is None else steps_asked
     _check_range(steps, *spec.steps_range, "steps", "steps")
@@ -128,7 +140,16 @@ def resolve_request(
         max_sequence_length=length,
         references=references,
         use_cfg=_uses_cfg(spec, guidance),
+        edit=edit,
     )
+
+
+def _prepared(request: GenerateRequest) -> tuple[tuple[PreparedReference, ...], EditPlan | None]:
+    """The request's references, prepared (engine/references.py; for an edit, engine/inpaint.py), and its
+    edit plan (None without a mask or strength)."""
+    if request.mask is None and request.strength is None:
+        return tuple(prepare_reference(img, i) for i, img in enumerate(request.reference_images)), None
+    return plan_edit(request.reference_images, request.mask, request.strength)
 
 
 def _check_loras(loras: tuple[LoraChoice, ...], adapters: AdapterLibrary | None) -> None:
@@ -159,9 +180,14 @@ def _check_loras(loras: tuple[LoraChoice, ...], adapters: AdapterLibrary | None)
 def restore_request(stored: GenerateRequest, spec: ModelSpec) -> ResolvedRequest:
     """The resolution whose `ResolvedRequest.stored` form `stored` is (a job's request, read back on the
     engine thread or after a restart), rebuilt without checking or preparing anything again: its values were
-    checked when it was resolved, its references prepared (`restore_reference`). EngineError if a resolved
-    value is missing: `stored` did not come from `ResolvedRequest.stored`."""
+    checked when it was resolved, its references prepared (`restore_reference`; an edit's are prepared again,
+    which leaves prepared images as they are). EngineError if a resolved value is missing: `stored` did not
+    come from `ResolvedRequest.stored`."""
     guidance = spec.default_guidance if stored.guidance is None else float(stored.guidance)
+    references = tuple(restore_reference(image) for image in stored.reference_images)
+    edit = None
+    if stored.mask is not None or stored.strength is not None:
+        references, edit = plan_edit(stored.reference_images, stored.mask, stored.strength)
     seed = _resolved(stored.seed, "seed")
     return ResolvedRequest(
         request=stored,
@@ -171,8 +197,9 @@ def restore_request(stored: GenerateRequest, spec: ModelSpec) -> ResolvedRequest
         guidance=guidance,
         seeds=tuple(seed + i for i in range(stored.num_images)),
         max_sequence_length=_resolved(stored.max_sequence_length, "max_sequence_length"),
-        references=tuple(restore_reference(image) for image in stored.reference_images),
+        references=references,
         use_cfg=_uses_cfg(spec, guidance),
+        edit=edit,
     )
 
 

@@ -50,6 +50,9 @@ VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # Called after each step with (step from 1, total steps, estimate of the clean latents (B, N, C), the step's
 # seconds).
 StepHook = Callable[[int, int, torch.Tensor, float], None]
+# Inpainting's correction after each step: (step index into the schedule, x before the step, x after it) ->
+# the x to go on with (engine/inpaint.py: KnownLatents.after_step).
+AfterStep = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -73,8 +76,12 @@ def denoise(
     scheduler: FlowMatchEulerDiscreteScheduler,
     on_step: StepHook | None = None,
     cancelled: CancelCheck | None = None,
+    first_step: int = 0,
+    after_step: AfterStep | None = None,
 ) -> torch.Tensor:
-    """Integrate from packed noise (B, N, C) to clean packed latents (B, N, C).
+    """Integrate from packed noise (B, N, C) to clean packed latents (B, N, C), over the schedule's timesteps
+    from `first_step` on (image-to-image starts later: diffusers' set_begin_index), `after_step` correcting x
+    after each step (inpainting).
 
     The model gets t = sigma (scheduler timesteps / 1000, as diffusers passes them). Cancellation is checked
     before every step, so a cancelled request stops within one step. The clean estimate handed to `on_step`
@@ -82,17 +89,21 @@ def denoise(
     step's own seconds (model call and scheduler step).
     """
     x = noise
-    total = len(scheduler.timesteps)
-    for index, timestep in enumerate(scheduler.timesteps):
+    scheduler.set_begin_index(first_step)
+    timesteps = scheduler.timesteps[first_step:]
+    total = len(timesteps)
+    for offset, timestep in enumerate(timesteps):
         if cancelled is not None and cancelled():
-            raise Cancelled(f"cancelled before step {index + 1} of {total}")
+            raise Cancelled(f"cancelled before step {offset + 1} of {total}")
         start = time.perf_counter()
+        index = first_step + offset
         t = timestep.expand(x.shape[0]).to(x.dtype) / 1000
         v = velocity(x, t)
         sigma = scheduler.sigmas[index]
         if on_step is not None:
             estimate = x.float() - sigma * v.float()
-        x = scheduler.step(v, timestep, x, return_dict=False)[0]
+        stepped = scheduler.step(v, timestep, x, return_dict=False)[0]
+        x = stepped if after_step is None else after_step(index, x, stepped)
         if on_step is not None:
-            on_step(index + 1, total, estimate, time.perf_counter() - start)
+            on_step(offset + 1, total, estimate, time.perf_counter() - start)
     return x

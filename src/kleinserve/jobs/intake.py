@@ -25,7 +25,7 @@ from kleinserve.engine.protocol import ModelSpec, ResolvedRequest
 from kleinserve.errors import KleinError, StoreUnavailable, Unavailable
 from kleinserve.jobs.coordination import Coordination, Outcome
 from kleinserve.jobs.metrics import Metrics
-from kleinserve.jobs.record import JobParams
+from kleinserve.jobs.record import JobParams, stored_images
 from kleinserve.jobs.store import Job, JobStatus, JobStore, SubmitLimits, new_job_id
 from kleinserve.jobs.writes import EngineWrites
 from kleinserve.media import ReferenceStore
@@ -111,19 +111,20 @@ class Intake:
         if self.writes.refusal is not None:  # at once, rather than after the store's busy timeout
             raise StoreUnavailable(f"the job store is not taking writes ({self.writes.refusal})")
         resolved = self.resolver.resolve(request)  # the job's one resolution: the engine side restores it
+        files = stored_images(resolved.stored)
         job = Job(
             id=new_job_id(),
             owner=owner,
             status=JobStatus.QUEUED,
             params=JobParams.from_resolved(resolved),
-            reference_count=len(request.reference_images),
+            reference_count=len(files),
             batch_key=repr(resolved.batch_key),
             created=time.time(),
             model=self.resolver.spec.name,
             **job_fields,
         )
-        try:  # prepared (RGB, resized, cropped): stored losslessly as PNG, and never prepared again
-            self.references.save(job.id, resolved.stored.reference_images)
+        try:  # prepared (RGB, resized, cropped; a mask binarised): stored losslessly as PNG
+            self.references.save(job.id, files)
         except (OSError, StoreUnavailable) as exc:
             self.references.remove(job.id, job.reference_count)
             reason = exc.strerror if isinstance(exc, OSError) else exc.message

@@ -2,7 +2,8 @@
 (`JobUsage`), as typed values, and the one JSON codec between them and the store's columns.
 
     params = JobParams.from_resolved(resolved)             # at submit, from the one resolution
-    stored = params.to_request(references)                 # on the engine thread: engine.restore(stored)
+    files = stored_images(resolved.stored)                 # kept beside the row (media.ReferenceStore)
+    stored = params.to_request(files)                      # on the engine thread: engine.restore(stored)
     result = JobResult.from_result(generated, media_names)  # once the images are saved
     from_json(JobParams, to_json(params)) == params
 
@@ -42,7 +43,8 @@ class JobParams(GenerateRequest):
     the values used, so that a re-run after a restart is identical; `guidance` is as honoured (None: the
     variant's default, which a distilled variant always uses). `reference_sizes` are the (width, height) of
     each reference as prepared; the images themselves are files beside the row (media.ReferenceStore), never
-    in it (`reference_images` is always empty here).
+    in it (`reference_images` is always empty here, and so is `mask`: `masked` says whether the last file is
+    the mask; `stored_images` lists the files).
 
     A subclass, so that a field added to GenerateRequest is stored, read back and handed to the engine with no
     line here (tests/jobs/test_record.py::test_every_request_field_but_the_images_is_recorded)."""
@@ -53,22 +55,32 @@ class JobParams(GenerateRequest):
     seed: int
     max_sequence_length: int
     reference_images: tuple[Image.Image, ...] = field(default=(), metadata={STORED: False})
+    mask: Image.Image | None = field(default=None, metadata={STORED: False})
     reference_sizes: tuple[tuple[int, int], ...] = ()
+    masked: bool = False
 
     @classmethod
     def from_resolved(cls, resolved: ResolvedRequest) -> JobParams:
-        """The record of a resolved request; its references (`resolved.stored.reference_images`) are kept
-        apart, as files."""
+        """The record of a resolved request; its images (`stored_images(resolved.stored)`) are kept apart, as
+        files."""
         stored = resolved.stored
         values = {name: getattr(stored, name) for name in _request_fields()}
         sizes = tuple(reference.size for reference in resolved.references)
-        return cls(**values, reference_sizes=sizes)
+        return cls(**values, reference_sizes=sizes, masked=stored.mask is not None)
 
-    def to_request(self, references: Sequence[Image.Image]) -> GenerateRequest:
-        """The stored request (`ResolvedRequest.stored` as it was) with its prepared `references` read back,
-        for `Engine.restore`."""
+    def to_request(self, files: Sequence[Image.Image]) -> GenerateRequest:
+        """The stored request (`ResolvedRequest.stored` as it was) with its images read back (`files`, as
+        `stored_images` listed them: the prepared references, then the mask if `masked`), for
+        `Engine.restore`."""
         values = {name: getattr(self, name) for name in _request_fields()}
-        return GenerateRequest(**values, reference_images=tuple(references))
+        references, mask = (files[:-1], files[-1]) if self.masked else (files, None)
+        return GenerateRequest(**values, reference_images=tuple(references), mask=mask)
+
+
+def stored_images(stored: GenerateRequest) -> tuple[Image.Image, ...]:
+    """The images a job keeps as files beside its row (`stored`: `ResolvedRequest.stored`): its prepared
+    references, then its mask (an edit's, at the output size)."""
+    return stored.reference_images + (() if stored.mask is None else (stored.mask,))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -182,4 +194,7 @@ def _hints(kind: type) -> dict[str, Any]:
 @functools.cache
 def _request_fields() -> tuple[str, ...]:
     """GenerateRequest's fields but its images: what JobParams carries from and to a request by name."""
-    return tuple(field.name for field in fields(GenerateRequest) if field.name != "reference_images")
+    return tuple(field.name for field in fields(GenerateRequest) if field.name not in _IMAGE_FIELDS)
+
+
+_IMAGE_FIELDS = ("reference_images", "mask")  # files beside the row (stored_images), not JSON

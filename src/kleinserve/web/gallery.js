@@ -1,5 +1,5 @@
 // The result cards: one per job, shown at once as a placeholder that takes the step previews, then the image
-// with its seed and parameters, a download link and "use as reference".
+// with its seed and parameters (and the mask it was painted through), a download link and "use as reference".
 
 const element = (tag, properties = {}) => Object.assign(document.createElement(tag), properties);
 
@@ -47,9 +47,10 @@ export function showFailure(card, message) {
 }
 
 // `job` is GET /v1/jobs/{id}'s answer (its wire model: JobBody in api/jobs.py); `blob` its image, shown from
-// an object URL that lives as long as the page (the signed media URL expires). `onReuse(file)` adds the image
-// to the references.
-export async function showResult(card, blob, job, prompt, onReuse) {
+// an object URL that lives as long as the page (the signed media URL expires). The fourth argument is what
+// the page sent: the prompt and the mask (mask.js's mask(): {white, strength}, or null). `onReuse(file)` adds
+// the image to the references.
+export async function showResult(card, blob, job, { prompt, mask }, onReuse) {
   const { width, height, steps, guidance } = job.result;
   const seed = job.result.images[0].seed;
   const references = job.params?.reference_sizes?.length ?? 0;
@@ -62,8 +63,13 @@ export async function showResult(card, blob, job, prompt, onReuse) {
   reuse.addEventListener("click", () => onReuse(new File([blob], name, { type: blob.type })));
   const links = element("span", { className: "links" });
   links.append(element("a", { href: url, download: name, textContent: "Download" }), reuse);
+  if (mask) {
+    const title = "Mask: white was repainted";
+    links.append(element("img", { className: "mask-thumb", src: mask.white, alt: "Mask", title }));
+  }
   const parts = [`seed ${seed}`, `${width}×${height}`, `${steps} steps`, `guidance ${decimal(guidance)}`];
   if (references) parts.push(`${references} reference${references > 1 ? "s" : ""}`);
+  if (mask) parts.push(`masked, strength ${(mask.strength ?? 1).toFixed(2)}`);
   if (adapters.length) {
     parts.push(`LoRA ${adapters.map((lora) => `${lora.name} ×${decimal(lora.scale)}`).join(", ")}`);
   }

@@ -3,10 +3,13 @@
 // /v1/jobs/{id}. The BFL endpoint is used because it answers with the job id at once (the OpenAI ones answer
 // when the images are done); it takes references as data URLs (input_image, input_image_2, ...),
 // steps/guidance on base variants only, and the chosen LoRA adapters as `loras` (left out when none is).
+// With a painted mask (mask.js) the first reference becomes `image_prompt`, the image edited, beside `mask`
+// and `strength` (kleinserve's extension of the body), and the others move up to input_image, ...
 
 import * as api from "./api.js";
 import { decimal, Gallery, showFailure, showPreview, showResult } from "./gallery.js";
 import { LoraPicker } from "./loras.js";
+import { MaskPainter } from "./mask.js";
 import { MODEL, SNIPPETS } from "./snippets.js";
 
 const MAX_REFERENCES = 4;
@@ -21,6 +24,7 @@ const ui = Object.fromEntries(
 
 const gallery = new Gallery(ui.gallery, ui.empty);
 const loras = new LoraPicker(ui.loras, ui.loraList, ui.addLora, refreshSnippet);
+const painter = new MaskPainter(ui.mask, onMaskChange);
 const state = {
   references: [], // {name, dataUrl}
   variant: null, // {tunable, steps, guidance}: what GET /v1/models/{id} says of the loaded variant
@@ -102,6 +106,7 @@ async function loadVariant() {
 // --- settings ----------------------------------------------------------------------------------------
 
 function chosenSize() {
+  if (painter.mask()) return null; // a masked edit has the size of the image it edits
   if (ui.size.value === "auto") return null; // the first reference's size, else the model's default
   if (ui.size.value === "custom") return { width: Number(ui.width.value), height: Number(ui.height.value) };
   const [width, height] = ui.size.value.split("x").map(Number);
@@ -126,6 +131,7 @@ function settings() {
     guidance: variant?.tunable ? unlessDefault(ui.guidance, variant.guidance.default) : null,
     references: state.references.map((ref) => ref.name),
     loras: loras.chosen(),
+    mask: painter.mask(),
     hasKey: api.apiKey() !== "",
   };
 }
@@ -141,6 +147,13 @@ function problem(current) {
     return "The seed must be a whole number, 0 or more.";
   }
   return null;
+}
+
+// A mask fixes the size (the edited image's): the size controls are disabled while one is painted.
+function onMaskChange() {
+  const masked = painter.mask() !== null;
+  for (const input of [ui.size, ui.width, ui.height]) input.disabled = masked;
+  refreshSnippet();
 }
 
 function onSizeChange() {
@@ -190,6 +203,7 @@ function renderReferences() {
     return item;
   });
   ui.refs.replaceChildren(...items);
+  painter.setImage(state.references[0] ?? null); // a new first image clears the mask painted on the old one
   refreshSnippet();
 }
 
@@ -200,7 +214,13 @@ function bflBody(current, seed) {
   if (current.steps !== null) body.steps = current.steps;
   if (current.guidance !== null) body.guidance = current.guidance;
   if (current.loras.length) body.loras = current.loras;
-  state.references.forEach((ref, index) => (body[REFERENCE_FIELDS[index]] = ref.dataUrl));
+  let references = state.references;
+  if (current.mask) {
+    [body.image_prompt, body.mask] = [references[0].dataUrl, current.mask.white];
+    if (current.mask.strength !== null) body.strength = current.mask.strength;
+    references = references.slice(1);
+  }
+  references.forEach((ref, index) => (body[REFERENCE_FIELDS[index]] = ref.dataUrl));
   return body;
 }
 
@@ -229,6 +249,7 @@ async function generate(event) {
   const seed = current.seed ?? Math.floor(Math.random() * 2 ** 32);
   if (current.seed === null) ui.seed.value = seed;
   const size = chosenSize();
+  const aspect = size ? size.width / size.height : ((current.mask && painter.aspect()) ?? 1);
   state.jobs = [];
   gallery.startBatch();
   setBusy(true);
@@ -238,19 +259,19 @@ async function generate(event) {
     for (let index = 0; index < current.count; index++) {
       const body = bflBody(current, seed + index);
       const answer = await api.request(`/v1/${MODEL}`, { method: "POST", json: body });
-      const card = gallery.add(current.prompt, size ? size.width / size.height : 1);
+      const card = gallery.add(current.prompt, aspect);
       state.jobs.push({ id: answer.id, card, progress: 0, done: false });
     }
   } catch (error) {
     showError(describe(error));
   }
-  await Promise.all(state.jobs.map((job) => follow(job, current.prompt)));
+  await Promise.all(state.jobs.map((job) => follow(job, current)));
   const made = state.jobs.filter((job) => !job.failed).length;
   updateProgress(made === state.jobs.length ? "Done" : `${made} of ${state.jobs.length} made`);
   setBusy(false);
 }
 
-async function follow(job, prompt) {
+async function follow(job, { prompt, mask }) {
   const onEvent = (event) => {
     if (event.type === "queued") updateProgress(`Queued (position ${event.position})`);
     if (event.type === "running") {
@@ -273,7 +294,7 @@ async function follow(job, prompt) {
     if (final.type !== "succeeded") throw new Error(final.error || final.type);
     const body = await api.request(`/v1/jobs/${encodeURIComponent(job.id)}`);
     const blob = await api.fetchImage(body.result.images[0].url);
-    await showResult(job.card, blob, body, prompt, (file) => addReferences([file]));
+    await showResult(job.card, blob, body, { prompt, mask }, (file) => addReferences([file]));
   } catch (error) {
     job.failed = true;
     const message = error instanceof api.ApiError ? describe(error) : `Generation failed: ${error.message}.`;

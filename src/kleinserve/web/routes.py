@@ -20,6 +20,7 @@ ASSETS = {
     "snippets.js": "text/javascript",
     "gallery.js": "text/javascript",
     "loras.js": "text/javascript",
+    "mask.js": "text/javascript",
     "playground.css": "text/css",
 }
 # The page runs only its own scripts and talks only to this server; images may also be data: and blob: URLs

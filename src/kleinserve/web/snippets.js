@@ -2,10 +2,13 @@
 // server, in three clients (curl on the OpenAI endpoints, the openai Python SDK, the Vercel AI SDK).
 //
 // `settings`: {prompt, size: "WxH" | null (auto), count, seed: number | null (random), steps, guidance (null:
-// the variant's default), references: [file names], loras: [{name, scale}] (none: []), hasKey}. The
-// playground submits one BFL job per image with seeds seed, seed+1, ...; the OpenAI endpoints do the same for
-// n images, so the snippets use n. The API key is never written out: the snippets read KLEINSERVE_API_KEY
-// from the environment when the user has one. Without adapters there is no `loras` in any snippet.
+// the variant's default), references: [file names], loras: [{name, scale}] (none: []), mask: {file,
+// strength} | null, hasKey}. The playground submits one BFL job per image with seeds seed, seed+1, ...; the
+// OpenAI endpoints do the same for n images, so the snippets use n. The API key is never written out: the
+// snippets read KLEINSERVE_API_KEY from the environment when the user has one. Without adapters there is no
+// `loras` in any snippet. With a mask (then size is null: the edited image's), each client sends it as
+// OpenAI's `mask` file beside the first image, the one edited: `mask.file`, the playground's "Download mask"
+// (OpenAI's form: transparent = repaint), and its `strength` as an extra field unless it is the default.
 
 export const MODEL = "flux-2-klein-4b";
 
@@ -16,6 +19,7 @@ function extras(settings) {
   if (settings.steps !== null) fields.num_inference_steps = settings.steps;
   if (settings.guidance !== null) fields.guidance_scale = settings.guidance;
   if (settings.loras.length) fields.loras = settings.loras;
+  if (settings.mask && settings.mask.strength !== null) fields.strength = settings.mask.strength;
   return fields;
 }
 
@@ -70,6 +74,7 @@ export function curl(settings, origin) {
       return `--form-string ${shellQuote(`${name}=${text}`)}`;
     }),
     ...settings.references.map((name) => `-F ${shellQuote(`image[]=@${name}`)}`),
+    ...(settings.mask ? [`-F ${shellQuote(`mask=@${settings.mask.file}`)}`] : []),
   ];
   return lines.join(" \\\n  ");
 }
@@ -84,6 +89,7 @@ export function python(settings, origin) {
     const files = refs.map((name) => `open(${literal(name)}, "rb")`);
     args.push(`image=${refs.length === 1 ? files[0] : `[${files.join(", ")}]`}`);
   }
+  if (settings.mask) args.push(`mask=open(${literal(settings.mask.file)}, "rb")`);
   args.push(`prompt=${literal(settings.prompt)}`);
   if (settings.size) args.push(`size=${literal(settings.size)}`);
   if (settings.count > 1) args.push(`n=${settings.count}`);
@@ -117,7 +123,8 @@ export function javascript(settings, origin) {
     : `apiKey: "unused", // this server needs no API key`;
   const files = refs.map((name) => `readFileSync(${literal(name)})`).join(", ");
   const text = literal(settings.prompt);
-  const prompt = refs.length ? `{ text: ${text}, images: [${files}] }` : text;
+  const mask = settings.mask ? `, mask: readFileSync(${literal(settings.mask.file)})` : "";
+  const prompt = refs.length ? `{ text: ${text}, images: [${files}]${mask} }` : text;
   const args = [`model: kleinserve.imageModel(${literal(MODEL)})`, `prompt: ${prompt}`];
   if (settings.count > 1) args.push(`n: ${settings.count}`);
   if (settings.size) args.push(`size: ${literal(settings.size)}`);
