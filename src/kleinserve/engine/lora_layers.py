@@ -8,9 +8,11 @@
 
 An adapted layer computes, for the rows i of the batch that use adapter j at scale s_ij,
 `y_i = base(x_i) + sum_j s_ij * scaling_j * (x_i A_j^T) B_j^T`: PEFT's `lora_B(lora_A(x)) * scaling` added
-adapter after adapter, over the rows that use the adapter only (rows without adapters pay nothing; a batch
-without adapters pays one check per adapted layer). The base layer stays whatever `precision.place_modules`
-made of it (packed, widened, int8) and its weights are never changed: nothing is merged or unmerged.
+adapter after adapter (the scale applied at rank width, before B: the same product, rounded in another
+order, within the fidelity tests' 1/255), over the rows that use the adapter only (rows without adapters pay
+nothing; a batch without adapters pays one check per adapted layer). The base layer stays whatever
+`precision.place_modules` made of it (packed, widened, int8) and its weights are never changed: nothing is
+merged or unmerged.
 Every transformer Linear this wraps takes the batch on dim 0 ((B, L, C) tokens or (B, C) embeddings), so a
 row is an image; under CFG the batch is [cond | uncond] and an image's adapters apply to both of its rows.
 """
@@ -122,14 +124,17 @@ class AdaptedLinear(nn.Module):
                 continue
             a, b = pair
             rows = group.rows
-            delta = F.linear(F.linear(x if rows is None else x.index_select(0, rows), a), b)
-            delta *= group.scales.view(broadcast) * group.adapter.scaling.get(self.name, 1.0)
-            # In place: `y` is the base layer's fresh output, and a copy of it per adapter would cost more
-            # than the adapter's own matmuls at low rank.
-            if rows is None:
-                y += delta
+            low = F.linear(x if rows is None else x.index_select(0, rows), a)  # (k, ..., rank)
+            # Scaled at rank width, before B: a pass over (k, ..., rank) rather than over the output.
+            low = low * (group.scales.view(broadcast) * group.adapter.scaling.get(self.name, 1.0))
+            # Into `y` in place (the base layer's fresh output): a copy of it per adapter, or a separate
+            # delta pass, would cost more than the adapter's own matmuls at low rank.
+            if rows is None and y.is_contiguous():
+                y.view(-1, y.shape[-1]).addmm_(low.reshape(-1, low.shape[-1]), b.t())
+            elif rows is None:
+                y += F.linear(low, b)
             else:
-                y.index_add_(0, rows, delta)
+                y.index_add_(0, rows, F.linear(low, b))
         return y
 
 
