@@ -18,6 +18,7 @@ Errors kleinserve expects (bad input, unusable model) print one line and exit 2;
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from collections.abc import Sequence
@@ -87,10 +88,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--out", type=Path, required=True, help="directory to write (diffusers layout)")
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument(
+        "--stage",
+        choices=["all", "inpaint"],
+        default="all",
+        help="inpaint: only the last stage (masked edits), on the model of --from",
+    )
+    train.add_argument("--from", dest="source", type=Path, help="with --stage inpaint: the model to continue")
+    train.add_argument("--inpaint-steps", type=int, help="stage 5's steps (default: the committed weights')")
     evaluate = toy.add_parser("eval", help="score colour, position and edits on held-out captions")
     evaluate.add_argument("--model", default="flux-2-klein-toy", help="the toy model's directory or name")
     evaluate.add_argument("--count", type=int, default=48, help="held-out captions to render")
     evaluate.add_argument("--edits", type=int, default=24, help="recolouring edits to render")
+    evaluate.add_argument("--inpaints", type=int, default=12, help="masked edits to render")
 
     serve = commands.add_parser("serve", help="the HTTP server (OpenAI, Cloudflare, Vercel dialects)")
     options.add_server_options(serve)
@@ -214,25 +224,40 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _toy(args: argparse.Namespace) -> int:
     if args.toy_command == "train":
-        from kleinserve.toy.train import TrainConfig, train
+        from kleinserve.toy.train import TrainConfig, continue_training, train
 
-        print(train(args.out, TrainConfig(seed=args.seed), log=lambda line: print(line, flush=True)))
+        config, log = TrainConfig(seed=args.seed), lambda line: print(line, flush=True)
+        if args.inpaint_steps is not None:
+            config = dataclasses.replace(config, inpaint_steps=args.inpaint_steps)
+        if args.stage == "inpaint":
+            if args.source is None:
+                raise InvalidInput("--stage inpaint needs --from DIR", param="from", allowed="a toy model")
+            print(continue_training(args.source, args.out, config, log=log))
+        else:
+            print(train(args.out, config, log=log))
         return 0
     from kleinserve.engine import load_pipeline
     from kleinserve.toy.evaluate import TARGETS, evaluate
 
     # fp32: the figures should not depend on whether this CPU has bf16.
-    score = evaluate(load_pipeline(args.model, dtype="float32"), count=args.count, edits=args.edits)
+    pipeline = load_pipeline(args.model, dtype="float32")
+    score = evaluate(pipeline, count=args.count, edits=args.edits, inpaints=args.inpaints)
     rows = [
         ("colour", score.colour, f">= {TARGETS['colour']:.0%}"),
         ("position", score.position, f">= {TARGETS['position']:.0%}"),
         ("background", score.background, ""),
         ("edit colour", score.edit_colour, f">= {TARGETS['edit_colour']:.0%}"),
         ("edit position", score.edit_position, ""),
+        ("masked colour", score.inpaint_colour, f">= {TARGETS['inpaint_colour']:.0%}"),
+        ("masked kept", score.inpaint_kept, f">= {TARGETS['inpaint_kept']:.0%}"),
     ]
-    print(f"{score.text_count} held-out captions, {score.edit_count} recolouring edits (128 and 256 px)")
+    print(
+        f"{score.text_count} held-out captions, {score.edit_count} recolouring edits, {score.inpaint_count}"
+        " masked edits (128 and 256 px)"
+    )
     for name, value, target in rows:
         print(f"{name:<14} {value:6.1%}  {target}")
+    print(f"masked edits: mean |output - scene| outside the mask {score.inpaint_difference:.2f} / 255")
     return 0 if score.meets_targets() else 1
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
+import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
 from kleinserve.toy import scenes
-from kleinserve.toy.evaluate import analyse, colour_shares
+from kleinserve.toy.evaluate import analyse, check_inpaint, colour_shares
 from kleinserve.toy.model import UNKNOWN, make_word_tokenizer
 
 
@@ -74,6 +76,53 @@ def test_edits_change_only_what_the_prompt_names() -> None:
     assert compose.target.background == compose.references[1].background
 
 
+@pytest.mark.parametrize("side", [128, 256])
+def test_an_inpainting_mask_holds_the_new_shape_and_spares_the_old_one(side: int) -> None:
+    rng = random.Random(side)
+    for _ in range(100):
+        example = scenes.inpaint_example(rng)
+        (before,), (old, new) = example.references, example.target.shapes
+        assert before.shapes == (old,) and before.background == example.target.background
+        assert new.position != old.position and new.colour != old.colour
+        assert new.colour in example.prompt and new.kind in example.prompt
+        repaint = np.asarray(scenes.inpaint_mask(example, side)) >= 128
+        background = np.array(scenes.PALETTE[before.background])
+        drawn = {
+            shape: (
+                np.asarray(scenes.render(scenes.Scene((shape,), before.background), side)) != background
+            ).any(axis=-1)
+            for shape in (old, new)
+        }
+        assert repaint[drawn[new]].all(), example  # every pixel of the new shape is repainted
+        assert not repaint[drawn[old]].any(), example  # none of the old one
+        assert 0.08 < repaint.mean() < 0.11  # a square of side 0.31
+
+
+def test_the_masked_edit_check_passes_the_target_and_fails_what_misses_it() -> None:
+    rng = random.Random(4)
+    for index in range(30):
+        example = scenes.inpaint_example(rng, held_out=True)
+        side = (128, 256)[index % 2]
+        target = check_inpaint(example, scenes.render(example.target, side))
+        assert (target.colour, target.kept, target.difference) == (True, True, 0.0), example
+        unchanged = check_inpaint(example, scenes.render(example.references[0], side))
+        assert (unchanged.colour, unchanged.kept) == (False, True)  # nothing painted
+        old, new = example.target.shapes
+        moved = scenes.Scene((replace(old, position=new.position), new), example.target.background)
+        assert not check_inpaint(example, scenes.render(moved, side)).kept  # the old shape did not stay
+        pixels = np.asarray(scenes.render(example.target, side)).astype(np.int16)
+        off = Image.fromarray((pixels + np.where(pixels < 128, 10, -10)).astype(np.uint8))
+        off_check = check_inpaint(example, off)  # every pixel 10 levels off: the analyser alone would pass it
+        assert not off_check.kept and off_check.difference == 10.0
+
+
+def test_inpainting_evaluation_paints_held_out_combinations() -> None:
+    rng = random.Random(2)
+    new = [scenes.inpaint_example(rng, held_out=True).target.shapes[-1] for _ in range(50)]
+    assert all(scenes.is_held_out(shape) for shape in new)
+    assert not any(scenes.is_held_out(scenes.inpaint_example(rng).target.shapes[-1]) for _ in range(50))
+
+
 def test_held_out_combinations_never_reach_training_captions() -> None:
     rng = random.Random(0)
     held = {scenes.random_shape(rng, held_out=True) for _ in range(2000)}
@@ -95,6 +144,7 @@ def test_every_caption_word_is_in_the_tokenizer() -> None:
         scenes.recolour_example,
         scenes.background_example,
         scenes.compose_example,
+        scenes.inpaint_example,
     ):
         prompt = make(rng).prompt
         assert unknown not in tokenizer(prompt)["input_ids"], prompt

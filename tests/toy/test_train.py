@@ -8,7 +8,7 @@ from pathlib import Path
 
 from kleinserve.cli import main
 from kleinserve.engine import load_pipeline
-from kleinserve.toy.train import TrainConfig, train
+from kleinserve.toy.train import TrainConfig, continue_training, train
 from kleinserve.types import GenerateRequest
 
 # A few steps of each stage: enough to exercise every batch kind's code path, small enough for CI.
@@ -20,6 +20,7 @@ SHORT = TrainConfig(
     transformer_steps=6,
     decoder_steps=2,
     warmup_steps=2,
+    inpaint_steps=4,  # with inpaint_share 0.5, seed 0 draws inpaint and other batches
 )
 
 
@@ -29,13 +30,20 @@ def _files(directory: Path) -> dict[str, bytes]:
     }
 
 
+def _weights(directory: Path) -> dict[str, bytes]:
+    return {name: data for name, data in _files(directory).items() if name.endswith(".safetensors")}
+
+
+def _training(directory: Path) -> dict:
+    return json.loads((directory / "model_index.json").read_text())["_kleinserve_training"]
+
+
 def test_same_seed_same_bytes_and_the_loader_serves_the_result(tmp_path: Path) -> None:
     first = train(tmp_path / "a", SHORT, log=lambda _: None)
     second = train(tmp_path / "b", SHORT, log=lambda _: None)
     other = train(tmp_path / "c", TrainConfig(**{**SHORT.__dict__, "seed": 1}), log=lambda _: None)
     assert _files(first) == _files(second)
-    written = json.loads((first / "model_index.json").read_text())["_kleinserve_training"]
-    assert written == dataclasses.asdict(SHORT)
+    assert _training(first) == dataclasses.asdict(SHORT)
     for weights in ("transformer/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
         assert _files(first)[weights] != _files(other)[weights]
     pipeline = load_pipeline(str(first), dtype="float32")
@@ -44,9 +52,30 @@ def test_same_seed_same_bytes_and_the_loader_serves_the_result(tmp_path: Path) -
     assert image.image.size == (64, 64)
 
 
+def test_the_inpaint_stage_alone_continues_a_model_to_the_same_bytes(tmp_path: Path) -> None:
+    """`kleinserve toy train --stage inpaint --from DIR` on stages 1-4 writes what the whole run writes (how
+    the committed weights were made: stage 5 run on the previously committed model)."""
+    whole = train(tmp_path / "whole", SHORT, log=lambda _: None)
+    before = train(tmp_path / "before", dataclasses.replace(SHORT, inpaint_steps=0), log=lambda _: None)
+    continued = continue_training(before, tmp_path / "continued", SHORT, log=lambda _: None)
+    # Every weight and the training configuration (configs also record the directory a model was loaded from)
+    assert _weights(continued) == _weights(whole)
+    assert _training(continued) == _training(whole) == dataclasses.asdict(SHORT)
+    transformer = "transformer/diffusion_pytorch_model.safetensors"
+    assert _weights(before)[transformer] != _weights(whole)[transformer]
+    assert _weights(before).keys() == _weights(whole).keys() and len(_weights(whole)) == 3
+
+
+def test_cli_inpaint_stage_needs_a_model_to_continue(capsys) -> None:
+    assert main(["toy", "train", "--stage", "inpaint", "--out", "/nonexistent"]) == 2
+    assert "--from" in capsys.readouterr().err
+
+
 def test_cli_eval_scores_a_model_and_reports_the_targets(tmp_path: Path, capsys) -> None:
     model = train(tmp_path / "toy", SHORT, log=lambda _: None)
-    status = main(["toy", "eval", "--model", str(model), "--count", "2", "--edits", "2"])
+    arguments = ["--count", "2", "--edits", "2", "--inpaints", "2"]
+    status = main(["toy", "eval", "--model", str(model), *arguments])
     out = capsys.readouterr().out
     assert "colour" in out and ">= 90%" in out and "edit colour" in out
+    assert "masked colour" in out and "masked kept" in out and "outside the mask" in out
     assert status == 1  # six training steps draw nothing recognisable: the targets are not met

@@ -13,7 +13,10 @@ A wrong hue still counts as wrong: a pink haze around a red shape is pink, not a
 (tests/toy/test_scenes.py guards both).
 
 Targets (issue 5): colour correct >= 90 %, position correct >= 80 % on captions whose (shape, colour,
-position) combination never occurs in training; edit colour changes >= 80 %.
+position) combination never occurs in training; edit colour changes >= 80 %. Masked edits (issue 18,
+scenes.inpaint_example: paint a new shape into the empty square of a one-shape scene): outside the mask the
+scene is kept in every edit (the analyser reads its background and shape there, and the mean absolute
+difference over the kept pixels is at most KEPT_DIFFERENCE), and inside it the new colour is right >= 80 %.
 """
 
 from __future__ import annotations
@@ -24,13 +27,15 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from kleinserve.engine.inpaint import MASK_THRESHOLD
 from kleinserve.engine.pipeline import Pipeline
 from kleinserve.toy import scenes
 from kleinserve.types import GenerateRequest
 
 FOREGROUND_DISTANCE = 60.0
 MIN_FOREGROUND = 0.01  # of the image's pixels; less is "nothing drawn"
-TARGETS = {"colour": 0.90, "position": 0.80, "edit_colour": 0.80}
+KEPT_DIFFERENCE = 8.0  # mean |output - scene| over the pixels a mask keeps, in 0-255 levels
+TARGETS = {"colour": 0.90, "position": 0.80, "edit_colour": 0.80, "inpaint_colour": 0.80, "inpaint_kept": 1.0}
 _ROWS, _COLUMNS = ("top", "", "bottom"), ("left", "", "right")
 
 
@@ -106,28 +111,68 @@ class Score:
     background: float
     edit_colour: float
     edit_position: float
+    inpaint_colour: float  # masked edits whose new shape has the prompt's colour inside the mask
+    inpaint_kept: float  # masked edits that kept the scene outside the mask (module docstring)
+    inpaint_difference: float  # mean |output - scene| over kept pixels, 0-255 levels, averaged over edits
     text_count: int
     edit_count: int
+    inpaint_count: int
 
     def meets_targets(self) -> bool:
         return all(getattr(self, name) >= target for name, target in TARGETS.items())
 
 
-def _render_request(example: scenes.Example, side: int, seed: int) -> GenerateRequest:
-    references = tuple(scenes.render(scene, side) for scene in example.references)
-    return GenerateRequest(
-        prompt=example.prompt, width=side, height=side, seed=seed, reference_images=references
+@dataclass(frozen=True)
+class InpaintCheck:
+    colour: bool  # the prompt's colour inside the mask
+    kept: bool  # the scene outside it: background and shape as before, difference <= KEPT_DIFFERENCE
+    difference: float  # mean |output - scene| over the kept pixels, 0-255 levels
+
+
+def check_inpaint(example: scenes.Example, image: Image.Image) -> InpaintCheck:
+    """Score a masked edit of an inpainting example (scenes.inpaint_example) drawn at `image`'s size. Each
+    side of the mask is analysed alone: outside, the output with the scene put back inside the mask; inside,
+    the output's mask region over a plain background of the scene's colour."""
+    side = image.width
+    (scene,) = example.references
+    before, mask = scenes.render(scene, side), scenes.inpaint_mask(example, side)
+    keep = np.asarray(mask) < MASK_THRESHOLD
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float64)
+    difference = float(np.abs(pixels - np.asarray(before, dtype=np.float64))[keep].mean())
+    outside = analyse(Image.composite(before, image, mask))
+    (shape,) = scene.shapes
+    found = (outside.background, outside.colour, outside.position)
+    kept = found == (scene.background, shape.colour, shape.position)
+    plain = scenes.render(scenes.Scene((), scene.background), side)
+    inside = analyse(Image.composite(image, plain, mask))
+    return InpaintCheck(
+        colour=inside.colour == example.target.shapes[-1].colour,
+        kept=kept and difference <= KEPT_DIFFERENCE,
+        difference=difference,
     )
 
 
-def evaluate(pipeline: Pipeline, count: int = 48, edits: int = 24, seed: int = 1234) -> Score:
-    """Score `count` held-out captions and `edits` recolouring edits, alternating 128 and 256 px."""
+def _generate(pipeline: Pipeline, example: scenes.Example, side: int, seed: int) -> Image.Image:
+    """The example drawn at side x side (references drawn at that size; an inpainting example's mask too)."""
+    references = tuple(scenes.render(scene, side) for scene in example.references)
+    mask = scenes.inpaint_mask(example, side) if example.kind == "inpaint" else None
+    request = GenerateRequest(
+        prompt=example.prompt, width=side, height=side, seed=seed, reference_images=references, mask=mask
+    )
+    return pipeline.generate(request).images[0].image
+
+
+def evaluate(
+    pipeline: Pipeline, count: int = 48, edits: int = 24, inpaints: int = 12, seed: int = 1234
+) -> Score:
+    """Score `count` held-out captions, `edits` recolouring edits and `inpaints` masked edits (new shapes of
+    held-out combinations), alternating 128 and 256 px."""
     rng = random.Random(seed)
     colour = position = background = 0
     for index in range(count):
         example = scenes.text_example(rng, held_out=True)
         side = (128, 256)[index % 2]
-        image = pipeline.generate(_render_request(example, side, seed + index)).images[0].image
+        image = _generate(pipeline, example, side, seed + index)
         found, expected = analyse(image), example.target.shapes[0]
         colour += found.colour == expected.colour
         position += found.position == expected.position
@@ -136,16 +181,25 @@ def evaluate(pipeline: Pipeline, count: int = 48, edits: int = 24, seed: int = 1
     for index in range(edits):
         example = scenes.recolour_example(rng)
         side = (128, 256)[index % 2]
-        image = pipeline.generate(_render_request(example, side, seed + index)).images[0].image
+        image = _generate(pipeline, example, side, seed + index)
         found, expected = analyse(image), example.target.shapes[0]
         edit_colour += found.colour == expected.colour
         edit_position += found.position == expected.position
+    checks = []
+    for index in range(inpaints):
+        example = scenes.inpaint_example(rng, held_out=True)
+        image = _generate(pipeline, example, (128, 256)[index % 2], seed + index)
+        checks.append(check_inpaint(example, image))
     return Score(
         colour=colour / count,
         position=position / count,
         background=background / count,
         edit_colour=edit_colour / edits,
         edit_position=edit_position / edits,
+        inpaint_colour=sum(check.colour for check in checks) / inpaints,
+        inpaint_kept=sum(check.kept for check in checks) / inpaints,
+        inpaint_difference=sum(check.difference for check in checks) / inpaints,
         text_count=count,
         edit_count=edits,
+        inpaint_count=inpaints,
     )

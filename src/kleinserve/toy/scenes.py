@@ -169,6 +169,9 @@ _COMPOSE_TEMPLATES = (
     "put the shape from image 1 on the background of image 2",
     "place the shape of image 1 onto the background of image 2",
 )
+# What to paint inside a mask: no position (the mask says where) and only words the tokenizer already has, so
+# that the committed text encoder reads them.
+_INPAINT_TEMPLATES = ("a {c} {s}", "draw a {c} {s}", "a {s} coloured {c}")
 
 
 def caption(scene: Scene, rng: random.Random) -> str:
@@ -214,7 +217,7 @@ class Example:
     prompt: str
     target: Scene
     references: tuple[Scene, ...] = ()
-    kind: str = "text"  # text | recolour | background | compose
+    kind: str = "text"  # text | recolour | background | compose | inpaint
 
 
 def is_held_out(shape: Shape) -> bool:
@@ -274,6 +277,41 @@ def compose_example(rng: random.Random) -> Example:
     second = Scene((other,), random_background(rng, {shape.colour, other.colour, first.background}))
     target = Scene((shape,), second.background)
     return Example(rng.choice(_COMPOSE_TEMPLATES), target, (first, second), "compose")
+
+
+# Half the side of an inpainting mask's square, as a fraction of the image side: the square holds a shape of
+# RADIUS (0.14) on its cell and stops short of a shape on the next cell (its edge 0.3 - RADIUS = 0.16 away).
+INPAINT_HALF = 0.155
+
+
+def inpaint_example(rng: random.Random, held_out: bool = False) -> Example:
+    """A scene of one shape (the reference) and the prompt to paint a new shape, of another colour, into the
+    square of an empty cell (`inpaint_mask`); the target is the scene with both. `held_out`: the new shape's
+    (shape, colour, position) is an evaluation combination, else a training one."""
+    shape = random_shape(rng, None)
+    position = rng.choice([p for p in POSITIONS if p != shape.position])
+    while True:
+        new = random_shape(rng, held_out, position)
+        if new.colour != shape.colour:
+            break
+    background = random_background(rng, {shape.colour, new.colour})
+    prompt = rng.choice(_INPAINT_TEMPLATES).format(c=new.colour, s=new.kind)
+    before = Scene((shape,), background)
+    return Example(prompt, replace(before, shapes=(shape, new)), (before,), "inpaint")
+
+
+def inpaint_mask(example: Example, side: int) -> Image.Image:
+    """The "L" mask of an inpainting example at side x side: cell_mask of its new (last) shape's cell."""
+    return cell_mask(example.target.shapes[-1].position, side)
+
+
+def cell_mask(position: str, side: int) -> Image.Image:
+    """An "L" mask (255: repaint, 0: keep) at side x side: the square of INPAINT_HALF around a position."""
+    x, y = POSITIONS[position]
+    mask = Image.new("L", (side, side), 0)
+    box = [round((c + sign * INPAINT_HALF) * side) for sign in (-1, 1) for c in (x, y)]
+    ImageDraw.Draw(mask).rectangle((box[0], box[1], box[2] - 1, box[3] - 1), fill=255)
+    return mask
 
 
 # What a prompt says, attribute by attribute: the text encoder learns to write this into the last prompt token
