@@ -30,7 +30,6 @@ from kleinserve.errors import InvalidInput, KleinError
 
 if TYPE_CHECKING:
     from kleinserve.engine.loading import ModelSource
-    from kleinserve.engine.pipeline import Pipeline
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -213,7 +212,7 @@ def _generate(args: argparse.Namespace) -> int:
     )
     # Resolved (checked) against the model's configs before spending minutes loading the weights.
     resolved = resolve_request(request, inspect_source(_source(args)).spec)
-    pipeline = load(args)
+    pipeline = options.model_options(args).load()
     with tqdm(total=resolved.steps, desc="denoising", unit="step", file=sys.stderr) as bar:
         result = pipeline.generate_batch([resolved], on_step=lambda _: bar.update())[0]
     for path, image in zip(_output_paths(args.output, len(result.images)), result.images, strict=True):
@@ -266,27 +265,6 @@ def _source(args: argparse.Namespace) -> ModelSource:
     from kleinserve.engine.loading import resolve_source
 
     return resolve_source(args.model, components=args.components, download=args.download)
-
-
-def load(
-    args: argparse.Namespace, lora_dir: Path | None = None, lora_downloads: Path | None = None
-) -> Pipeline:
-    """The model of `args`'s model flags; with `lora_dir`/`lora_downloads` it applies LoRA adapters (`serve`:
-    ServerSettings.lora_downloads)."""
-    from kleinserve.engine import load_pipeline
-
-    return load_pipeline(
-        args.model,
-        components=args.components,
-        download=args.download,
-        device=args.device,
-        dtype=args.dtype,
-        quantize=args.quantize,
-        offload=args.offload,
-        memory_budget_gib=args.memory_budget,
-        lora_dir=lora_dir,
-        lora_downloads=lora_downloads,
-    )
 
 
 def _keys(args: argparse.Namespace) -> int:

@@ -7,6 +7,10 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the engine loads torch: only when a command runs
+    from kleinserve.engine import ModelOptions
 
 DEFAULT_MODEL = os.environ.get("KLEINSERVE_MODEL", "flux-2-klein-toy")
 
@@ -62,6 +66,22 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--quantize", choices=["int8"], help="CPU: int8 dynamic quantization (faster, drifts)")
     group.add_argument("--offload", action="store_true", help="CUDA: keep idle components on the CPU")
     group.add_argument("--memory-budget", type=float, metavar="GIB", help="RAM the weights may use")
+
+
+def model_options(args: argparse.Namespace) -> ModelOptions:
+    """The model and its loading options that `add_model_options`'s flags name."""
+    from kleinserve.engine import ModelOptions
+
+    return ModelOptions(
+        args.model,
+        components=args.components,
+        download=args.download,
+        device=args.device,
+        dtype=args.dtype,
+        quantize=args.quantize,
+        offload=args.offload,
+        memory_budget_gib=args.memory_budget,
+    )
 
 
 def add_database_url(parser: argparse.ArgumentParser) -> None:

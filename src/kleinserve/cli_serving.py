@@ -18,8 +18,7 @@ import threading
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from kleinserve.cli import load
-from kleinserve.cli_options import CONNECTION_FLAGS
+from kleinserve.cli_options import CONNECTION_FLAGS, model_options
 from kleinserve.logs import configure
 
 if TYPE_CHECKING:  # the server and the scale-out modules load torch and psycopg: only when a command runs
@@ -54,7 +53,8 @@ def _serve(args: argparse.Namespace) -> int:
     from kleinserve.api.server import serve
 
     settings = server_settings(args, max_batch=args.max_batch)
-    serve(settings, lambda: load(args, settings.lora_dir, settings.lora_downloads))
+    model = model_options(args)
+    serve(settings, lambda: model.load(lora_dir=settings.lora_dir, lora_downloads=settings.lora_downloads))
     return 0
 
 
@@ -97,14 +97,7 @@ def _worker(args: argparse.Namespace, scale: Scale) -> int:
 
     config = WorkerConfig(
         scale,
-        model=args.model,
-        dtype=args.dtype,
-        device=args.device,
-        quantize=args.quantize,
-        offload=args.offload,
-        memory_budget_gib=args.memory_budget,
-        components=args.components,
-        download=args.download,
+        model_options(args),
         lora_dir=args.lora_dir,
         max_batch=args.max_batch,
         threads=args.threads,

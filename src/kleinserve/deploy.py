@@ -28,7 +28,7 @@ from ray import serve
 from ray.serve import Application, Deployment
 from ray.serve.config import AutoscalingConfig, AutoscalingContext, AutoscalingPolicy
 
-from kleinserve.engine import inspect_model
+from kleinserve.engine import ModelOptions, inspect_model
 from kleinserve.errors import InvalidInput, StoreUnavailable, Unavailable
 from kleinserve.jobs.store import LEASE_S
 from kleinserve.scale import Scale
@@ -178,10 +178,7 @@ def worker_application(args: WorkerArgs) -> Application:
         )
     config = WorkerConfig(
         scale=Scale(args.database_url, args.media_url, args.data_dir, args.lease_s),
-        model=args.model,
-        components=args.components,
-        download=args.download,
-        dtype=args.dtype,
+        model=ModelOptions(args.model, components=args.components, download=args.download, dtype=args.dtype),
         max_batch=args.max_batch,
         threads=args.threads,
     )

@@ -65,7 +65,7 @@ def test_the_serve_config_builds_the_worker_application() -> None:
     assert deployment.ray_actor_options == {"num_gpus": 1, "num_cpus": args.num_cpus}
     worker_config, drain_timeout_s = deployment.init_args
     assert worker_config.scale == Scale(args.database_url, args.media_url, args.data_dir, args.lease_s)
-    assert (worker_config.model, worker_config.download, worker_config.max_batch) == (
+    assert (worker_config.model.model, worker_config.model.download, worker_config.max_batch) == (
         args.model,
         args.download,
         args.max_batch,

@@ -8,6 +8,7 @@ The rest of kleinserve sees a loaded pipeline only as an `Engine` (engine/protoc
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from kleinserve.engine.loading import (
@@ -62,9 +63,37 @@ def load_pipeline(
     return Pipeline(loaded, PromptEmbeddingCache(prompt_cache_bytes), adapters)
 
 
+@dataclass(frozen=True)
+class ModelOptions:
+    """A model and how to load it: `load_pipeline`'s model arguments in one value, as the command line's
+    model flags give them (cli_options.model_options) and as a scaled-out worker is configured
+    (scale/worker.WorkerConfig)."""
+
+    model: str
+    components: str | None = None
+    download: bool = False
+    device: str | None = None
+    dtype: str | None = None
+    quantize: str | None = None
+    offload: bool = False
+    memory_budget_gib: float | None = None
+
+    def load(
+        self,
+        lora_dir: Path | None = None,
+        lora_downloads: Path | None = None,
+        lora_shared: ObjectStore | None = None,
+    ) -> Pipeline:
+        """`load_pipeline` with these options and the given LoRA arguments."""
+        options = {field.name: getattr(self, field.name) for field in fields(self) if field.name != "model"}
+        return load_pipeline(
+            self.model, **options, lora_dir=lora_dir, lora_downloads=lora_downloads, lora_shared=lora_shared
+        )
+
+
 def inspect_model(model: str, *, components: str | None = None, download: bool = False) -> SpecResolver:
     """`model`'s variant and request checks from its configs and weight headers, loading no weights."""
     return SpecResolver(inspect_source(resolve_source(model, components=components, download=download)).spec)
 
 
-__all__ = ["ModelComponents", "Pipeline", "SpecResolver", "inspect_model", "load_pipeline"]
+__all__ = ["ModelComponents", "ModelOptions", "Pipeline", "SpecResolver", "inspect_model", "load_pipeline"]

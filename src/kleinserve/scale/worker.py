@@ -11,6 +11,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kleinserve.engine.protocol import LORA_DOWNLOADS, Engine
 from kleinserve.jobs.events import EventHub
@@ -23,6 +24,9 @@ from kleinserve.media import ReferenceStore
 from kleinserve.scale import Scale, coordination_for, media_store
 from kleinserve.scale.housekeeping import Housekeeper
 
+if TYPE_CHECKING:  # loading (kleinserve.engine: diffusers' pipelines) happens on the engine thread only
+    from kleinserve.engine import ModelOptions
+
 log = logging.getLogger(__name__)
 PART_STOP_S = 15.0  # how long one part of a draining worker may take to stop (drain())
 
@@ -30,14 +34,7 @@ PART_STOP_S = 15.0  # how long one part of a draining worker may take to stop (d
 @dataclass(frozen=True)
 class WorkerConfig:
     scale: Scale
-    model: str = "tiny-random"  # and how to load it: as `kleinserve serve`'s flags (engine.load_pipeline)
-    dtype: str | None = None
-    device: str | None = None
-    quantize: str | None = None
-    offload: bool = False
-    memory_budget_gib: float | None = None
-    components: str | None = None
-    download: bool = False
+    model: ModelOptions  # the model and how to load it, as `kleinserve serve`'s model flags say
     lora_dir: Path | None = None  # named LoRA adapters; downloaded ones come from the shared media
     max_batch: int = WorkerSettings.max_batch
     threads: int | None = None  # torch's CPU threads (None: torch's default)
@@ -111,8 +108,6 @@ class WorkerNode:
         self.loop.run_engine()
 
     def _build(self) -> EngineLoop:
-        from kleinserve.engine import load_pipeline
-
         config, scale = self.config, self.config.scale
         if config.threads is not None:
             import torch
@@ -121,15 +116,7 @@ class WorkerNode:
         store = PostgresJobStore(scale.database_url)
         self._parts.append(store.close)
         media = media_store(scale, store, ttl_s=0)
-        engine: Engine = load_pipeline(
-            config.model,
-            components=config.components,
-            download=config.download,
-            device=config.device,
-            dtype=config.dtype,
-            quantize=config.quantize,
-            offload=config.offload,
-            memory_budget_gib=config.memory_budget_gib,
+        engine: Engine = config.model.load(
             lora_dir=config.lora_dir,
             # Always a library: an API process with --allow-lora-urls may send any worker an adapter by hash.
             lora_downloads=scale.data_dir / LORA_DOWNLOADS,
