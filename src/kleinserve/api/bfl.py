@@ -142,9 +142,9 @@ def to_request(
     _check_webhook_url(wire.webhook_url)
     check_prompt(wire.prompt)
     width, height = _side(wire.width, "width"), _side(wire.height, "height")
-    if mask is not None or wire.strength is not None:
-        service.check_edited_size(references, width, height, "width" if width else "height")
-        width = height = None  # the size of image_prompt, as the engine derives it
+    editing = mask is not None or wire.strength is not None
+    param = "width" if width else "height"
+    width, height = service.requested_size(references, width, height, param, editing)
     return GenerateRequest(
         prompt=wire.prompt,
         width=width,

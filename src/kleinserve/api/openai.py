@@ -73,9 +73,8 @@ def to_request(
     if wire.n is not None and wire.num_images is not None and wire.n != wire.num_images:
         raise InvalidInput("n and num_images disagree", param="n")
     width, height, size_param = _size(wire)
-    if mask is not None or wire.strength is not None:
-        service.check_edited_size(references, width, height, size_param)
-        width = height = None  # the image edited's own size, as the engine derives it
+    editing = mask is not None or wire.strength is not None
+    width, height = service.requested_size(references, width, height, size_param, editing)
     return GenerateRequest(
         prompt=wire.prompt,
         width=width,

@@ -252,24 +252,31 @@ def either_mask(image: Image.Image, param: str) -> Image.Image:
     return transparent_mask(image, param) if transparent else white_mask(image, param)
 
 
-def check_edited_size(
-    references: Sequence[Image.Image], width: int | None, height: int | None, param: str
-) -> None:
-    """With a mask or strength the output has the size of the image edited (`references[0]`): a size asked
-    for (`width` x `height` pixels, either None where not asked, given as the dialect's `param`) must be that
-    one, both floored to multiples of SIZE_MULTIPLE as every size is. No references: the engine refuses the
+def requested_size(
+    references: Sequence[Image.Image],
+    width: int | None,
+    height: int | None,
+    param: str,
+    editing: bool,
+) -> tuple[int | None, int | None]:
+    """The (width, height) a dialect passes on: as asked (pixels; None where not asked) unless `editing`
+    (a mask or strength), whose output has the size of the image edited (`references[0]`): a size asked for
+    must be that one, both floored to multiples of SIZE_MULTIPLE as every size is, or InvalidInput names the
+    dialect's `param`; then (None, None), the engine's own derivation. No references: the engine refuses the
     request itself (a mask without an image)."""
-    if not references or (width is None and height is None):
-        return
-    edited_width, edited_height = references[0].size
-    asked = (width or edited_width, height or edited_height)
-    if _floored(asked) != _floored((edited_width, edited_height)):
-        raise InvalidInput(
-            f"{param}: {width or 'auto'}x{height or 'auto'} differs from the image edited, "
-            f"{edited_width}x{edited_height} (with a mask or strength the output has its size)",
-            param=param,
-            allowed="no size: the image's own",
-        )
+    if not editing:
+        return width, height
+    if references and (width is not None or height is not None):
+        edited_width, edited_height = references[0].size
+        asked = (width or edited_width, height or edited_height)
+        if _floored(asked) != _floored((edited_width, edited_height)):
+            raise InvalidInput(
+                f"{param}: {width or 'auto'}x{height or 'auto'} differs from the image edited, "
+                f"{edited_width}x{edited_height} (with a mask or strength the output has its size)",
+                param=param,
+                allowed="no size: the image's own",
+            )
+    return None, None
 
 
 def _floored(size: tuple[int, int]) -> tuple[int, int]:

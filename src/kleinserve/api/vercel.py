@@ -172,9 +172,8 @@ def to_request(
     output_format = ImageFormat.parse(str(options.get("output_format", "png")))
     width, height, size_param = _size(body)
     strength = options.get("strength")
-    if mask is not None or strength is not None:
-        service.check_edited_size(references, width, height, size_param)
-        width = height = None  # the first file's own size, as the engine derives it
+    editing = mask is not None or strength is not None
+    width, height = service.requested_size(references, width, height, size_param, editing)
     return GenerateRequest(
         prompt=prompt,
         width=width,

@@ -180,12 +180,12 @@ class AdapterLibrary:
         """Check a downloaded adapter file and keep it as downloads/<sha256>.safetensors (once per content;
         and in `shared`); returns its name, "sha256:<hex>". InvalidInput naming the problem if unusable."""
         digest = hashlib.sha256(data).hexdigest()
-        name = HASH_PREFIX + digest
-        if not (self.downloads / f"{digest}{_SUFFIX}").is_file():
-            self._keep(digest, data, check=True)
+        if (self.downloads / f"{digest}{_SUFFIX}").is_file():
+            return HASH_PREFIX + digest  # kept (and shared) when first added: no second upload
+        self._keep(digest, data, check=True)
         if self.shared is not None:
             self.shared.put(_shared_key(digest), data)
-        return name
+        return HASH_PREFIX + digest
 
     def _keep(self, digest: str, data: bytes, check: bool) -> Path:
         """Write `data` as downloads/<digest>.safetensors, read and checked first where `check`."""

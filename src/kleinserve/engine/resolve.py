@@ -184,10 +184,10 @@ def restore_request(stored: GenerateRequest, spec: ModelSpec) -> ResolvedRequest
     which leaves prepared images as they are). EngineError if a resolved value is missing: `stored` did not
     come from `ResolvedRequest.stored`."""
     guidance = spec.default_guidance if stored.guidance is None else float(stored.guidance)
-    references = tuple(restore_reference(image) for image in stored.reference_images)
-    edit = None
     if stored.mask is not None or stored.strength is not None:
         references, edit = plan_edit(stored.reference_images, stored.mask, stored.strength)
+    else:
+        references, edit = tuple(restore_reference(image) for image in stored.reference_images), None
     seed = _resolved(stored.seed, "seed")
     return ResolvedRequest(
         request=stored,
