@@ -21,7 +21,7 @@ from kleinserve.api.server import ServerSettings
 from kleinserve.engine import Pipeline, load_pipeline
 from kleinserve.engine.loading import TOY_DIR, TOY_NAME
 from kleinserve.toy import scenes
-from kleinserve.toy.evaluate import TARGETS, analyse, check_inpaint, colour_shares, evaluate
+from kleinserve.toy.evaluate import analyse, check_inpaint, colour_shares, evaluate
 from kleinserve.toy.train import TrainConfig
 from kleinserve.types import GenerateRequest
 from tests.api.conftest import RunningServer, serve_in_thread
@@ -59,13 +59,15 @@ def test_the_committed_weights_are_what_toy_train_makes_by_default() -> None:
 
 
 def test_the_committed_weights_meet_the_issue_targets(toy: Pipeline) -> None:
-    # What `kleinserve toy eval` prints (measured: colour 93.8 %, position 100 %, edit colour 100 %, masked
-    # edits kept outside 100 %), on the same fp32 pipeline; a change to the engine that draws the toy's scenes
-    # worse fails here. Issue 18's masked colour (>= 80 %) is not met yet: the committed weights paint
-    # nothing in a mask (0 %; toy/train.py, stage 5).
+    # What `kleinserve toy eval` prints (measured: colour 93.8 % (95.8 % at 128 px, 91.7 % at 256 px),
+    # position 100 % at both, edit colour 100 %, masked edits kept outside 100 %), on the same fp32 pipeline;
+    # a change to the engine that draws the toy's scenes worse fails here. Not met yet: issue 18's masked
+    # colour (>= 80 %; the committed weights paint nothing in a mask, 0 %: toy/train.py, stage 5) and issue
+    # 20's shape and one clean shape (>= 85 % at each side; shape 45.8 % at 128 px, 12.5 % at 256 px, one
+    # clean shape 70.8 % and 33.3 %: the weights are not retrained for it yet).
     score = evaluate(toy)
-    missed = {name for name, target in TARGETS.items() if getattr(score, name) < target}
-    assert missed <= {"inpaint_colour"}, score
+    missed = {"inpaint_colour", "shape@128", "shape@256", "clean@128", "clean@256"}
+    assert score.missed() <= missed, score
 
 
 def test_engine_matches_diffusers_on_the_toy_weights(toy: Pipeline) -> None:
