@@ -26,7 +26,7 @@ Sizes:
   `Flux2Transformer2DModel` at the real klein-4B widths with `--blocks D,S` of its 5 double and 20 single
   blocks, random weights, one forward at 256x256 (256 image + 512 text tokens, random prompt embeddings of
   the real width). kleinserve's side is a copy with its Linear layers placed as the engine places them
-  (`precision.place_modules`) and wrapped by `lora_layers.wrap_layers`, its rows routed by `plan_rows`;
+  (`precision.Placer`) and wrapped by `lora_layers.wrap_layers`, its rows routed by `plan_rows`;
   diffusers' side is the plain module with `load_lora_adapter` / `set_adapters` / `unload_lora`. Each request
   runs ONE forward, counted 4 times (the 4 steps are identical forwards), plus its adapter switching once.
   The blocks of each kind are identical, so per-block costs and ratios carry over to the full model; the

@@ -23,7 +23,7 @@ from kleinserve.engine import Pipeline, load_pipeline
 from kleinserve.engine import latents as L
 from kleinserve.engine.lora import AdapterLibrary, ModelLayers
 from kleinserve.engine.lora_layers import AdaptedLinear, RowRouting, linear_shapes, plan_rows, wrap_layers
-from kleinserve.engine.precision import choose_placement, place_modules
+from kleinserve.engine.precision import Placer, choose_placement
 from kleinserve.engine.tiny import create_tiny
 from kleinserve.engine.tiny_lora import lora_projections, random_lora, write_lora
 from kleinserve.types import GenerateRequest, LoraChoice
@@ -226,12 +226,10 @@ class TransformerBench(Bench):
         write_adapters(self.folder, linear_shapes(self.stock))
         # kleinserve's copy: its Linear layers as the engine places them (packed for oneDNN where it can).
         self.placed = copy.deepcopy(self.stock)
-        place_modules(
-            choose_placement(dtype=dtype_name),
-            text_encoder=nn.Module(),
-            transformer=self.placed,
-            vae=nn.Module(),
-        )
+        stored = sum(p.numel() * p.element_size() for p in self.placed.parameters())
+        placer = Placer(choose_placement(dtype=dtype_name).with_budget_now(), stored)
+        placer.module(self.placed, "transformer")
+        placer.finish()
         self.dtype, self.device = dtype, torch.device("cpu")
         layers = ModelLayers(linear_shapes(self.placed), dtype, self.device)
         self.library = AdapterLibrary(self.folder, work / "downloads", model=layers)

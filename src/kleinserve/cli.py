@@ -4,10 +4,11 @@
     kleinserve generate "make it blue" --ref fox.png --model DIR
     kleinserve model create-tiny DIR
     kleinserve model info DIR
+    kleinserve model prepare DIR
     kleinserve toy train --out DIR
     kleinserve toy eval
-    kleinserve serve --model DIR --port 8000
     kleinserve toy grid --out docs/toy-grid.png
+    kleinserve serve --model DIR --port 8000
     kleinserve api --database-url postgresql://... --media-url s3://bucket/prefix --port 8000
     kleinserve worker --database-url postgresql://... --media-url s3://bucket/prefix --model DIR
     kleinserve keys create --name alice
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kleinserve import cli_options as options
-from kleinserve.errors import InvalidInput, KleinError
+from kleinserve.errors import InvalidInput, KleinError, ModelLoadError
 
 if TYPE_CHECKING:
     from kleinserve.engine.loading import ModelSource
@@ -79,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     info = model.add_parser("info", help="variant, parameters, dtype and memory of a model")
     info.add_argument("model")
     options.add_source_options(info)
+    prepare = model.add_parser(
+        "prepare",
+        help="compute the int8 weights a --quantize int8 load reads, and keep them beside the model",
+    )
+    prepare.add_argument("model")
+    options.add_source_options(prepare)
 
     toy = commands.add_parser("toy", help="the embedded toy model").add_subparsers(
         dest="toy_command", required=True
@@ -101,13 +108,6 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--count", type=int, default=48, help="held-out captions to render")
     evaluate.add_argument("--edits", type=int, default=24, help="recolouring edits to render")
     evaluate.add_argument("--inpaints", type=int, default=12, help="masked edits to render")
-
-    serve = commands.add_parser("serve", help="the HTTP server (OpenAI, Cloudflare, Vercel dialects)")
-    options.add_server_options(serve)
-    serve.add_argument("--max-batch", type=int, default=4, help="images per engine call")
-    options.add_model_options(serve)
-
-    api = commands.add_parser("api", help="scaled out: a stateless API process (no model loaded)")
     grid = toy.add_parser("grid", help="one PNG of held-out captions as the toy model draws them")
     grid.add_argument("--model", default="flux-2-klein-toy", help="the toy model's directory or name")
     grid.add_argument("--out", type=Path, default=Path("docs/toy-grid.png"), help="the PNG to write")
@@ -115,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--side", type=int, action="append", help="image side in px, repeatable (default: 128 and 256)"
     )
     grid.add_argument("--count", type=int, default=12, help="held-out captions to draw")
+
+    serve = commands.add_parser("serve", help="the HTTP server (OpenAI, Cloudflare, Vercel dialects)")
+    options.add_server_options(serve)
+    serve.add_argument("--max-batch", type=int, default=4, help="images per engine call")
+    options.add_model_options(serve)
+
+    api = commands.add_parser("api", help="scaled out: a stateless API process (no model loaded)")
     options.add_server_options(api)
     options.add_scale_options(api)
     api.add_argument(
@@ -173,10 +180,29 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             print(create_tiny(args.directory, seed=args.seed, distilled=not args.base))
             return 0
+        if args.model_command == "prepare":
+            return _prepare(args)
         return _info(args)
     except KleinError as exc:
         print(f"kleinserve: error: {exc.message}", file=sys.stderr)
         return 2
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    """Load the model in int8 once: the load writes its prepared weights (engine/prepared.py)."""
+    from kleinserve.engine import load_pipeline
+
+    start = time.perf_counter()
+    loaded = load_pipeline(
+        args.model, components=args.components, download=args.download, device="cpu", quantize="int8"
+    )
+    kept = loaded.components.prepared_weights
+    if kept is None:
+        raise ModelLoadError(f"{args.model}: the int8 weights could not be written (see the warning above)")
+    done = "written" if kept.written else "already prepared, and intact"
+    size = kept.path.stat().st_size / 1e9
+    print(f"{kept.path}: int8 weights {done} ({size:.2f} GB; {time.perf_counter() - start:.1f} s)")
+    return 0
 
 
 def _output_paths(output: Path, count: int) -> list[Path]:
@@ -248,6 +274,14 @@ def _toy(args: argparse.Namespace) -> int:
 
     # fp32: the figures (and the grid's pixels) should not depend on whether this CPU has bf16.
     pipeline = load_pipeline(args.model, dtype="float32")
+    if args.toy_command == "grid":
+        from kleinserve.toy.grid import draw_grid
+
+        image = draw_grid(pipeline, count=args.count, sides=tuple(args.side or SIDES))
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        image.save(args.out, optimize=True)
+        print(f"{args.out}\t{image.width}x{image.height}")
+        return 0
     score = evaluate(pipeline, count=args.count, edits=args.edits, inpaints=args.inpaints)
     print(
         f"{score.text_count} held-out captions, {score.edit_count} recolouring edits, {score.inpaint_count}"
@@ -284,14 +318,6 @@ def _source(args: argparse.Namespace) -> ModelSource:
 
     return resolve_source(args.model, components=args.components, download=args.download)
 
-    if args.toy_command == "grid":
-        from kleinserve.toy.grid import draw_grid
-
-        image = draw_grid(pipeline, count=args.count, sides=tuple(args.side or SIDES))
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        image.save(args.out, optimize=True)
-        print(f"{args.out}\t{image.width}x{image.height}")
-        return 0
 
 def _keys(args: argparse.Namespace) -> int:
     from kleinserve.api.auth import DATABASE_NAME, KeyStore, SqliteKeyStore

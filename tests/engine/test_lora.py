@@ -19,9 +19,10 @@ from diffusers import Flux2KleinPipeline
 from safetensors.torch import save_file
 
 from kleinserve.engine import Pipeline, load_pipeline
+from kleinserve.engine.int8 import Int8Linear
 from kleinserve.engine.lora import MAX_LORA_RANK, AdapterLibrary, LoadedAdapter, ModelLayers
 from kleinserve.engine.lora_layers import AdaptedLinear, RowRouting, linear_shapes, plan_rows
-from kleinserve.engine.precision import PackedLinear, WidenedLinear, _quantized, can_pack
+from kleinserve.engine.precision import PackedLinear, WidenedLinear, can_pack
 from kleinserve.engine.tiny_lora import lora_projections, random_lora, write_lora
 from kleinserve.errors import EngineError, InvalidInput
 from kleinserve.types import GenerateRequest, LoraChoice
@@ -164,7 +165,7 @@ def test_adapted_layer_adds_each_rows_deltas_to_any_base(kind):
     base = {
         "packed": lambda: PackedLinear(linear, torch.float32),
         "widened": lambda: WidenedLinear(linear.to(torch.bfloat16)),
-        "int8": lambda: _quantized(linear),
+        "int8": lambda: Int8Linear.quantize(linear),
     }[kind]()
     routing = RowRouting()
     layer = AdaptedLinear(base, "layer", routing)

@@ -12,9 +12,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
 
 from kleinserve.engine import Pipeline, choose_placement, load_pipeline
+from kleinserve.engine.int8 import Int8Linear, Prepacker
 from kleinserve.engine.loading import inspect_source, resolve_source
 from kleinserve.engine.precision import Placement, can_pack, choose_load_dtype
 from kleinserve.errors import InvalidInput
@@ -202,10 +202,10 @@ def test_int8_quantizes_block_linears_and_drift_is_bounded(tiny_dir: Path, pipel
     quantized = load_pipeline(str(tiny_dir), quantize="int8")
     assert quantized.components.placement.quantize == "int8"
     blocks = block_modules(quantized)
-    dynamic = [m for block in blocks for m in block.modules() if isinstance(m, DynamicQuantizedLinear)]
+    dynamic = [m for block in blocks for m in block.modules() if isinstance(m, Int8Linear)]
     # tiny: 1 double block (12 Linear), 2 single blocks (2 each), 27 Qwen3 layers (7 each).
     assert len(dynamic) == 12 + 2 * 2 + 27 * 7
-    assert all(m.weight().dtype == torch.qint8 for m in dynamic)
+    assert all(m.weight_and_bias()[0].dtype == torch.qint8 for m in dynamic)
     assert not any(linears(block) for block in blocks)  # no float Linear left in any block
 
     size = GenerateRequest(prompt=REQUEST.prompt, width=96, height=64, seed=REQUEST.seed)
@@ -224,6 +224,31 @@ def test_int8_quantizes_block_linears_and_drift_is_bounded(tiny_dir: Path, pipel
         )
     assert all(value >= 44 for value in values), values
     assert any(value < float("inf") for value in values), "int8 gave bit-identical pixels: not quantized?"
+
+
+@pytest.mark.filterwarnings(QUANTIZED_DTYPE_WARNING)
+@pytest.mark.parametrize("bias", [True, False])
+def test_int8_linear_matches_torch_ao(bias: bool) -> None:
+    """Int8Linear is torch.ao's dynamic quantization without its module (whose constructor prepacks a zero
+    weight first, doubling the packing time at load): the same int8 weight and scale, the same outputs."""
+    generator = torch.Generator().manual_seed(3)
+    linear = nn.Linear(96, 40, bias=bias).to(torch.bfloat16)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(40, 96, generator=generator) / 10)
+    ours = Int8Linear.quantize(linear)
+    widened = nn.Linear(96, 40, bias=bias)
+    widened.load_state_dict({key: value.float() for key, value in linear.state_dict().items()})
+    widened.qconfig = torch.ao.quantization.default_dynamic_qconfig  # type: ignore[assignment]
+    reference = torch.ao.nn.quantized.dynamic.Linear.from_float(widened)
+    weight = ours.weight_and_bias()[0]
+    assert torch.equal(weight.int_repr(), reference.weight().int_repr())
+    assert weight.q_scale() == reference.weight().q_scale()
+    x = torch.randn(3, 7, 96, generator=generator)
+    assert torch.equal(ours(x), reference(x))
+    packer = Prepacker(threads=2)
+    in_background = Int8Linear.quantize(linear, packer)
+    packer.finish()
+    assert torch.equal(in_background(x), reference(x))
 
 
 # --- choose_placement -------------------------------------------------------------------------------------

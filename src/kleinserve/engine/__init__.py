@@ -11,13 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from kleinserve.engine.loading import (
-    ModelComponents,
-    cache_dir,
-    inspect_source,
-    load_components,
-    resolve_source,
-)
+from kleinserve.engine.components import ModelComponents, load_components
+from kleinserve.engine.loading import cache_dir, inspect_source, resolve_source
 from kleinserve.engine.lora import DEFAULT_LORA_CACHE_BYTES, AdapterLibrary, ModelLayers
 from kleinserve.engine.lora_layers import linear_shapes
 from kleinserve.engine.pipeline import Pipeline
@@ -44,17 +39,17 @@ def load_pipeline(
     lora_shared: ObjectStore | None = None,
 ) -> Pipeline:
     """Resolve `model` (directory, BFL file, HF repo id or `tiny-random`), load it, wrap it in a Pipeline.
-    Also tunes the process's allocator for the engine (precision.keep_freed_memory).
+    Also tunes the process's allocator for the engine, once loaded (precision.keep_freed_memory).
 
     With `lora_dir` (named adapters) or `lora_downloads` (where `AdapterLibrary.add` keeps downloaded ones;
     default: kleinserve's cache), requests may apply LoRA adapters (engine/lora.py), whose factors are cached
     up to `lora_cache_bytes`; scaled out, `lora_shared` is the deployment's object store, where the API
     processes put the adapters they download (AdapterLibrary)."""
-    keep_freed_memory()
     source = resolve_source(model, components=components, download=download)
     placement = choose_placement(device, dtype, quantize, offload, memory_budget_gib)
     check_runnable(placement)  # before reading any weight
     loaded = load_components(source, placement)
+    keep_freed_memory()
     adapters = None
     if lora_dir is not None or lora_downloads is not None:
         layers = ModelLayers(linear_shapes(loaded.transformer), placement.dtype, placement.device)

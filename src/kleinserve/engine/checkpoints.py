@@ -31,6 +31,17 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
     Checked against the file size, so that a truncated or corrupt file fails here, naming the file, before any
     tensor is read.
     """
+    return read_safetensors_table(path)[1]
+
+
+def read_safetensors_metadata(path: Path) -> dict[str, str]:
+    """The `__metadata__` strings of a safetensors file (checked as read_safetensors_header says)."""
+    return read_safetensors_table(path)[2]
+
+
+def read_safetensors_table(path: Path) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """(offset of the data section in bytes, tensor table, metadata) of a safetensors file, checked as
+    read_safetensors_header says; `data_offsets` count from the data section."""
     try:
         size = path.stat().st_size
         with path.open("rb") as handle:
@@ -42,14 +53,14 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
         raise ModelLoadError(f"{path}: file not found") from None
     except (OSError, ValueError, struct.error, UnicodeDecodeError) as exc:
         raise ModelLoadError(f"{path}: not a readable safetensors file ({exc})") from None
-    header.pop("__metadata__", None)
+    metadata = header.pop("__metadata__", None) or {}
     data_end = max((entry["data_offsets"][1] for entry in header.values()), default=0)
     if 8 + header_len + data_end > size:
         raise ModelLoadError(
             f"{path}: truncated safetensors file "
             f"({size} bytes, the header describes {8 + header_len + data_end})"
         )
-    return header
+    return 8 + header_len, header, metadata
 
 
 def count_parameters(header: dict[str, Any]) -> tuple[int, int]:

@@ -1,4 +1,5 @@
-"""Model sources -> loaded components, through one code path.
+"""Model sources: what the user names -> files on local disk, checked before any weight is read
+(engine/components.py then loads them).
 
 Accepted sources (`resolve_source`):
 - a directory in the diffusers layout (`model_index.json`, `scheduler/`, `text_encoder/`, `tokenizer/`,
@@ -18,20 +19,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
-from diffusers.utils import logging as diffusers_logging
-from safetensors.torch import load
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen3Model
-from transformers.utils import logging as transformers_logging
-
 from kleinserve.engine import checkpoints
-from kleinserve.engine.precision import Placement, choose_load_dtype, place_modules
 from kleinserve.engine.spec import TEXT_ENCODER_LAYERS, ModelSpec, detect_spec
 from kleinserve.engine.tiny import TINY_NAME, create_tiny
 from kleinserve.errors import ModelLoadError
@@ -44,7 +36,7 @@ _COMPONENT_CONFIGS = {
 }
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 # The embedded default model, trained here by `kleinserve toy train` (src/kleinserve/toy) and shipped with
-# the package: a real FLUX.2 [klein] at toy size that draws the shapes it is asked for.
+# the package: a real FLUX.2 [klein] at toy size, trained on flat shapes (README: what it gets right).
 TOY_NAME = "flux-2-klein-toy"
 TOY_DIR = Path(__file__).resolve().parents[1] / "models" / TOY_NAME
 _TINY_VERSION = 1  # bump when create_tiny changes what it writes
@@ -56,19 +48,6 @@ class ModelSource:
 
     directory: Path
     transformer_file: Path | None = None
-
-
-@dataclass
-class ModelComponents:
-    """The loaded model. `text_encoder` is Qwen3 trimmed to the last layer the transformer reads."""
-
-    spec: ModelSpec
-    tokenizer: PreTrainedTokenizerBase
-    text_encoder: Qwen3Model
-    transformer: Flux2Transformer2DModel
-    vae: AutoencoderKLFlux2
-    scheduler_config: dict[str, Any]
-    placement: Placement
 
 
 def cache_dir() -> Path:
@@ -274,111 +253,3 @@ def inspect_source(source: ModelSource) -> SourceInfo:
 def _common_dtype(header: dict[str, Any]) -> str:
     dtypes = [entry["dtype"] for entry in header.values()]
     return max(set(dtypes), key=dtypes.count)
-
-
-def load_components(source: ModelSource, placement: Placement) -> ModelComponents:
-    """Load every component of `source` and place it as `placement` says."""
-    placement = placement.with_budget_now()
-    info = inspect_source(source)
-    directory = source.directory
-    # Per component, so that no fp32-stored weight is ever read as bf16; the VAE is small: always fp32.
-    te_dtype = choose_load_dtype(placement, info.fp32_bytes, info.stored_16bit("text_encoder"))
-    dit_dtype = choose_load_dtype(placement, info.fp32_bytes, info.stored_16bit("transformer"))
-    vae_dtype = choose_load_dtype(placement, info.fp32_bytes, stored_16bit=False)
-    # disable_mmap everywhere: a memory-mapped checkpoint stays mapped, and counted in RSS, while any tensor
-    # still points into it; at 4B that kept ~7 GiB of pages resident next to the packed copies (22.5 GiB
-    # peak against 15.3 GiB without mmap, same pixels; bench/engine.py).
-    with _quiet_library_logs():
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(directory / "tokenizer")
-        except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"{directory / 'tokenizer'}: cannot load the tokenizer ({exc})") from None
-        text_encoder = _load(
-            directory / "text_encoder",
-            lambda p: Qwen3Model.from_pretrained(
-                p,
-                num_hidden_layers=max(TEXT_ENCODER_LAYERS),
-                dtype=te_dtype,
-                output_loading_info=True,
-                disable_mmap=True,
-            ),
-        )
-        # The last hidden state a Qwen3Model returns has gone through the final RMSNorm. With the model cut
-        # at layer 27 that would corrupt h27, so the norm becomes the identity (model.md section 4).
-        text_encoder.norm = torch.nn.Identity()
-        vae = _load(
-            directory / "vae",
-            lambda p: AutoencoderKLFlux2.from_pretrained(
-                p, torch_dtype=vae_dtype, output_loading_info=True, disable_mmap=True
-            ),
-        )
-        if source.transformer_file is None:
-            transformer = _load(
-                directory / "transformer",
-                lambda p: Flux2Transformer2DModel.from_pretrained(
-                    p, torch_dtype=dit_dtype, output_loading_info=True, disable_mmap=True
-                ),
-            )
-        else:
-            transformer = _load_bfl_transformer(source.transformer_file, info.transformer_config, dit_dtype)
-    for module in (text_encoder, vae, transformer):
-        module.eval().requires_grad_(False)
-    place_modules(placement, text_encoder=text_encoder, transformer=transformer, vae=vae)
-    return ModelComponents(
-        spec=info.spec,
-        tokenizer=tokenizer,
-        text_encoder=text_encoder,
-        transformer=transformer,
-        vae=vae,
-        scheduler_config=read_config(directory / "scheduler" / "scheduler_config.json"),
-        placement=placement,
-    )
-
-
-def _load(folder: Path, loader: Any) -> Any:
-    """Run a library `from_pretrained(..., output_loading_info=True)`; any missing or mismatched weight is an
-    error (the libraries would leave it randomly initialised or on the meta device)."""
-    try:
-        model, report = loader(folder)
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        raise ModelLoadError(f"{folder}: cannot load weights ({exc})") from None
-    missing = list(report.get("missing_keys", [])) + [str(k) for k in report.get("mismatched_keys", [])]
-    if missing:
-        shown = ", ".join(sorted(missing)[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        raise ModelLoadError(f"{folder}: weights missing or of the wrong shape for {shown}")
-    return model
-
-
-def _load_bfl_transformer(file: Path, config: dict[str, Any], dtype: torch.dtype) -> Flux2Transformer2DModel:
-    """Build on the meta device, then assign the converted tensors: no second copy of the weights."""
-    # Read, not mapped (see load_components).
-    state = checkpoints.bfl_to_diffusers_transformer(load(file.read_bytes()))
-    with torch.device("meta"):
-        transformer = Flux2Transformer2DModel.from_config(config)
-    state = {key: value.to(dtype) for key, value in state.items()}
-    try:
-        transformer.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as exc:
-        raise ModelLoadError(f"{file}: tensors do not fit the FLUX.2 transformer ({exc})") from None
-    return transformer
-
-
-class _quiet_library_logs:
-    """Loading a trimmed Qwen3 makes transformers print a table of the unused layers; that is expected.
-    diffusers' disable_mmap reads with `open(path).read()` and never closes the file (the ResourceWarning is
-    theirs; CPython closes it at once)."""
-
-    def __enter__(self) -> None:
-        self._warnings = warnings.catch_warnings()
-        self._warnings.__enter__()
-        warnings.simplefilter("ignore", ResourceWarning)
-        self._levels = (transformers_logging.get_verbosity(), diffusers_logging.get_verbosity())
-        transformers_logging.set_verbosity_error()
-        diffusers_logging.set_verbosity_error()
-        transformers_logging.disable_progress_bar()
-
-    def __exit__(self, *exc: Any) -> None:
-        transformers_logging.set_verbosity(self._levels[0])
-        diffusers_logging.set_verbosity(self._levels[1])
-        transformers_logging.enable_progress_bar()
-        self._warnings.__exit__(*exc)

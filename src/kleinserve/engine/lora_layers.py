@@ -11,7 +11,7 @@ An adapted layer computes, for the rows i of the batch that use adapter j at sca
 adapter after adapter (the scale applied at rank width, before B: the same product, rounded in another
 order, within the fidelity tests' 1/255), over the rows that use the adapter only (rows without adapters pay
 nothing; a batch without adapters pays one check per adapted layer). The base layer stays whatever
-`precision.place_modules` made of it (packed, widened, int8) and its weights are never changed: nothing is
+`precision.Placer` made of it (packed, widened, int8) and its weights are never changed: nothing is
 merged or unmerged.
 Every transformer Linear this wraps takes the batch on dim 0 ((B, L, C) tokens or (B, C) embeddings), so a
 row is an image; under CFG the batch is [cond | uncond] and an image's adapters apply to both of its rows.
@@ -27,15 +27,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kleinserve.engine.int8 import Int8Linear
 from kleinserve.engine.lora import LoadedAdapter
 from kleinserve.engine.precision import PackedLinear, WidenedLinear
 from kleinserve.errors import EngineError
 
-_LINEARS = (nn.Linear, PackedLinear, WidenedLinear, torch.ao.nn.quantized.dynamic.Linear)
+_LINEARS = (nn.Linear, PackedLinear, WidenedLinear, Int8Linear)
 
 
 def linear_shapes(module: nn.Module) -> dict[str, tuple[int, int]]:
-    """Every Linear below `module` (as loaded or as place_modules made it): name -> (in, out) features."""
+    """Every Linear below `module` (as loaded or as precision.Placer made it): name -> (in, out) features."""
     return {
         name: (child.in_features, child.out_features)
         for name, child in module.named_modules()
@@ -101,7 +102,7 @@ def plan_rows(
 
 
 class AdaptedLinear(nn.Module):
-    """A base Linear (any of place_modules' kinds) plus the per-row LoRA of the routing's active groups."""
+    """A base Linear (any kind precision.Placer makes) plus the per-row LoRA of the active groups."""
 
     def __init__(self, base: nn.Module, name: str, routing: RowRouting) -> None:
         super().__init__()

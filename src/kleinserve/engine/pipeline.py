@@ -24,8 +24,8 @@ from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
 
 from kleinserve.engine import latents as L
 from kleinserve.engine import spec as limits
+from kleinserve.engine.components import ModelComponents
 from kleinserve.engine.inpaint import KnownLatents
-from kleinserve.engine.loading import ModelComponents
 from kleinserve.engine.lora import AdapterLibrary, LoadedAdapter
 from kleinserve.engine.lora_layers import AdapterRows, RowRouting, plan_rows, wrap_layers
 from kleinserve.engine.protocol import EngineStats

@@ -11,17 +11,19 @@ matmul in fp32 and in bf16 (README, Performance), where this CPU's oneDNN can pa
 Storage: the published checkpoints are bf16, so a weight kept in bf16 and widened when used computes exactly
 what the fp32 weight computes. When the packed weights would not fit the memory budget, the remaining Linear
 layers keep their bf16 weights and widen them at each use (transformer layers are packed first: they run
-once per step, the text encoder once per prompt).
+once per step, the text encoder once per prompt). `Placer` applies this block by block while the loader
+reads (engine/weights.py), so no block's stored weights outlive their packed copies.
 
 Allocator (glibc): by default every buffer over 128 KiB-32 MiB (the threshold adapts) is a fresh mmap whose
 pages fault in one by one on first touch, and freed heap memory over 128 KiB is handed back to the OS.
-`keep_freed_memory()` keeps buffers up to 32 MiB in the heap and freed memory in the process, so the next
-step, request or image reuses warm pages (the page faults saved: README, Performance;
-tests/engine/test_allocator.py).
+`keep_freed_memory()`, called once the model is loaded, keeps buffers up to 32 MiB in the heap and freed
+memory in the process, so the next step, request or image reuses warm pages (the page faults saved: README,
+Performance; tests/engine/test_allocator.py). Loading at 4B under either setting ends at the same peak RSS.
 
-`--quantize int8` (CPU) replaces the Linear layers of the transformer and the text encoder by dynamically
-quantized int8 ones (torch.ao with fbgemm's VNNI kernels); pixels drift from full precision, and
-bench/engine.py reports by how much (PSNR).
+`--quantize int8` (CPU) replaces the Linear layers of the transformer's and the text encoder's blocks by
+`Int8Linear` (fbgemm's dynamic int8 kernels, as torch.ao's dynamic quantization); pixels drift from full
+precision, and bench/engine.py reports by how much (PSNR). The int8 weights are kept on disk after the first
+load (engine/prepared.py).
 """
 
 from __future__ import annotations
@@ -33,17 +35,23 @@ import functools
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import psutil
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kleinserve.engine.int8 import Int8Linear, Int8Source, Prepacker
+from kleinserve.engine.weights import BLOCK_LISTS
 from kleinserve.errors import InvalidInput
 
 _GIB = 1 << 30
 _HEADROOM_BYTES = 2 * _GIB  # activations, allocator slack, Python
-_MAX_RAM_FRACTION = 0.75
+# The automatic budget leaves 40 % of RAM to the rest of the machine. At 4B on a 24 GiB AVX2 machine
+# (fp32 compute, bf16 weights), 75 % packed 2.2 B more weights as fp32 copies: peak RSS 18.8 GiB for
+# 157 s per image, against 15.1 GiB for 167 s with a 14 GiB budget (README, Performance).
+_MAX_RAM_FRACTION = 0.6
 _DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -81,7 +89,7 @@ class Placement:
 
     def with_budget_now(self) -> Placement:
         """This placement with its automatic budget measured now. The loader calls it before reading any
-        weight: measured after, the available memory no longer counts the loaded weights, which place_modules
+        weight: measured after, the available memory no longer counts the loaded weights, which the Placer
         subtracts again (at 4B that left no spare memory, and no Linear was packed: bench/engine.py)."""
         if self.memory_budget is not None:
             return self
@@ -95,6 +103,10 @@ _TRIM_THRESHOLD_BYTES = 256 << 20  # free memory kept at the heap's top before i
 
 def keep_freed_memory() -> bool:
     """Tune glibc's malloc for a long-running engine (module docstring); False where it is not glibc."""
+    return _mallopt(_MMAP_THRESHOLD_BYTES, _TRIM_THRESHOLD_BYTES)
+
+
+def _mallopt(mmap_threshold: int, trim_threshold: int) -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -102,8 +114,17 @@ def keep_freed_memory() -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):  # not glibc (musl has no mallopt)
         return False
-    mmap_set = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
-    return bool(mmap_set and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES))
+    mmap_set = mallopt(_M_MMAP_THRESHOLD, mmap_threshold)
+    return bool(mmap_set and mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+
+
+def cpu_flags() -> set[str]:
+    """This CPU's instruction-set flags as Linux names them (/proc/cpuinfo); empty elsewhere."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return set()
+    return next((set(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), set())
 
 
 def native_cpu_bf16() -> bool:
@@ -186,37 +207,104 @@ def choose_load_dtype(placement: Placement, fp32_bytes: int, stored_16bit: bool)
     return torch.float32
 
 
-def place_modules(
-    placement: Placement, *, text_encoder: nn.Module, transformer: nn.Module, vae: nn.Module
-) -> None:
-    """Move and convert the loaded modules in place (see the module docstring for the policy)."""
-    if not placement.on_cpu:
-        if not placement.offload:
-            for module in (text_encoder, transformer, vae):
-                module.to(placement.device)
-        return
-    if any(p.dtype != placement.dtype for p in vae.parameters()):
-        vae.to(placement.dtype)
-    modules = (transformer, text_encoder)
-    if placement.quantize == "int8":
-        # Only the repeated blocks: the embedders, modulation and output projections are a few % of the
-        # weights, but quantizing them costs far more PSNR than all the blocks do (README, Performance).
-        for module in modules:
-            for block in _blocks(module):
-                for parent, name, linear in _linears(block):
-                    setattr(parent, name, _quantized(linear))
-    for module in modules:
-        _convert_other_parameters(module, placement.dtype)
-    spare = placement.budget() - sum(_nbytes(m) for m in (*modules, vae))
-    for module in modules:
-        for parent, name, linear in _linears(module):
-            extra = linear.weight.numel() * (placement.dtype.itemsize - linear.weight.element_size())
+class Placer:
+    """Places a model's weights as weights.fill reads them: each repeated block as soon as it is in
+    (`block`), then the rest of its module (`rest`), then the VAE (`vae`). The loader reads the transformer
+    before the text encoder, so that when the memory budget runs short it is the transformer's layers, run at
+    every step, that are packed (the text encoder runs once per prompt).
+
+    `weight_bytes` is what every weight takes as read (before any packing or quantization): the budget's
+    spare is what remains, and each packed copy larger than what it replaces is paid from it. With
+    `quantize == "int8"`, `int8_weights` supplies each block Linear's int8 weight by name (prepared.Int8Cache:
+    computed once, kept on disk), and fbgemm packs them in the background (int8.Prepacker): the layers are
+    usable once `finish()` returned.
+    """
+
+    def __init__(
+        self, placement: Placement, weight_bytes: int, int8_weights: Int8Source | None = None
+    ) -> None:
+        self.placement = placement
+        self.spare = placement.budget() - weight_bytes
+        self._int8 = int8_weights
+        self._packer = Prepacker() if placement.on_cpu and placement.quantize == "int8" else None
+
+    def provided(self, name: str) -> bool:
+        """Whether the weight `name` (e.g. "transformer.transformer_blocks.0.attn.to_q.weight") comes from
+        the int8 source, so that the loader need not read it."""
+        if self._int8 is None or not name.endswith(".weight"):
+            return False
+        return self._int8.has(name.removesuffix(".weight"))
+
+    def block(self, block: nn.Module, name: str) -> None:
+        """Place one repeated block (`name`: its state-dict prefix with the component, e.g.
+        "transformer.transformer_blocks.0"). Only the blocks are quantized: the embedders, modulation and
+        output projections are a few % of the weights, but quantizing them costs far more PSNR than all the
+        blocks do (README, Performance)."""
+        if not self.placement.on_cpu:
+            if not self.placement.offload:
+                block.to(self.placement.device)
+            return
+        if self._packer is not None:
+            for parent, attr, linear in _linears(block):
+                before = _nbytes(linear)
+                if self._int8 is None:
+                    quantized = Int8Linear.quantize(linear, self._packer)
+                else:
+                    path = f"{name}.{_path(block, parent, attr)}"
+                    quantized = self._int8.int8_linear(path, linear, self._packer)
+                setattr(parent, attr, quantized)
+                self.spare += before - quantized.nbytes
+        self._compute_dtype(block)
+
+    def module(self, module: nn.Module, component: str) -> None:
+        """Place a module already in memory as the loader places one it reads: its blocks, then the rest
+        (`component`: "transformer" or "text_encoder", as the names given to `block` begin)."""
+        for list_name in BLOCK_LISTS:
+            for index, block in enumerate(getattr(module, list_name, [])):
+                self.block(block, f"{component}.{list_name}.{index}")
+        self.rest(module)
+
+    def finish(self) -> None:
+        """Wait for the background packing (int8); the placed modules are usable once it returned."""
+        if self._packer is not None:
+            self._packer.finish()
+
+    def rest(self, module: nn.Module) -> None:
+        """Place what is outside `module`'s blocks (embedders, norms, projections)."""
+        if not self.placement.on_cpu:
+            if not self.placement.offload:
+                module.to(self.placement.device)
+            return
+        self._compute_dtype(module)
+
+    def vae(self, vae: nn.Module) -> None:
+        if not self.placement.on_cpu:
+            if not self.placement.offload:
+                vae.to(self.placement.device)
+        elif any(p.dtype != self.placement.dtype for p in vae.parameters()):
+            vae.to(self.placement.dtype)
+
+    def _compute_dtype(self, module: nn.Module) -> None:
+        """Every Linear still plain below `module` packed (or widened when the packed copy does not fit the
+        spare budget); the other parameters converted to the compute dtype."""
+        dtype = self.placement.dtype
+        _convert_other_parameters(module, dtype)
+        for parent, attr, linear in _linears(module):
+            extra = linear.weight.numel() * (dtype.itemsize - linear.weight.element_size())
             # extra == 0: the packed weight replaces the stored one, so it always fits.
-            if (extra == 0 or extra <= spare) and can_pack(placement.dtype):
-                setattr(parent, name, PackedLinear(linear, placement.dtype))
-                spare -= extra
+            if (extra == 0 or extra <= self.spare) and can_pack(dtype):
+                setattr(parent, attr, PackedLinear(linear, dtype))
+                self.spare -= extra
             else:
-                setattr(parent, name, WidenedLinear(linear))
+                setattr(parent, attr, WidenedLinear(linear))
+
+
+def _path(root: nn.Module, parent: nn.Module, attr: str) -> str:
+    """The dotted name of `parent.attr` below `root`."""
+    for name, module in root.named_modules():
+        if module is parent:
+            return f"{name}.{attr}" if name else attr
+    raise ValueError(f"{attr} is not below the given module")
 
 
 class PackedLinear(nn.Module):
@@ -249,22 +337,6 @@ class WidenedLinear(nn.Module):
         return F.linear(x, self.weight.to(x.dtype), bias)
 
 
-def _quantized(linear: nn.Linear) -> nn.Module:
-    """An int8 dynamic Linear with the same weights. Built directly with `from_float`: `quantize_dynamic` on
-    a wrapper leaves the fp32 copy in a reference cycle, freed only when the garbage collector runs (at the
-    4B size that alone exhausted the memory while quantizing)."""
-    linear.float()
-    # torch.ao reads the attribute; nn.Module's typing knows only tensors and modules as attributes.
-    linear.qconfig = torch.ao.quantization.default_dynamic_qconfig  # type: ignore[assignment]
-    return torch.ao.nn.quantized.dynamic.Linear.from_float(linear)
-
-
-def _blocks(module: nn.Module) -> list[nn.Module]:
-    """The repeated blocks that hold nearly all weights: transformer blocks or Qwen3 decoder layers."""
-    names = ("transformer_blocks", "single_transformer_blocks", "layers")
-    return [block for name in names for block in getattr(module, name, [])]
-
-
 def _linears(module: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Linear]]:
     """(parent, attribute name, Linear) for every nn.Linear below `module`, in module order.
 
@@ -282,7 +354,7 @@ def _convert_other_parameters(module: nn.Module, dtype: torch.dtype) -> None:
     embedding table under fp32 compute, which stays 16-bit and has only its looked-up rows widened (the Qwen3
     table is 0.4 B values; widening the rows used is exact)."""
     for submodule in module.modules():
-        if type(submodule) is nn.Linear:
+        if isinstance(submodule, _LINEAR_KINDS):  # placed by the caller (a placed one is not touched again)
             continue
         if isinstance(submodule, nn.Embedding) and submodule.weight.dtype != dtype:
             if dtype == torch.float32 and submodule.weight.dtype in (torch.bfloat16, torch.float16):
@@ -291,6 +363,9 @@ def _convert_other_parameters(module: nn.Module, dtype: torch.dtype) -> None:
         for name, param in list(submodule.named_parameters(recurse=False)):
             if param.dtype != dtype:
                 setattr(submodule, name, nn.Parameter(param.detach().to(dtype), requires_grad=False))
+
+
+_LINEAR_KINDS = (nn.Linear, PackedLinear, WidenedLinear, Int8Linear)
 
 
 def _nbytes(module: nn.Module) -> int:

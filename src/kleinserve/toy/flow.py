@@ -13,8 +13,8 @@ import torch
 from diffusers import Flux2KleinPipeline
 
 from kleinserve.engine import latents as L
+from kleinserve.engine.components import ModelComponents
 from kleinserve.engine.inpaint import MASK_THRESHOLD, EditPlan
-from kleinserve.engine.loading import ModelComponents
 from kleinserve.engine.pipeline import Pipeline
 from kleinserve.engine.precision import Placement
 from kleinserve.engine.references import encode_references, prepare_reference, vae_latents
