@@ -140,3 +140,17 @@ def test_model_prepare_command(model: Path) -> None:
     assert again.returncode == 0 and "already prepared, and intact" in again.stdout, (
         again.stdout + again.stderr
     )
+
+
+def test_another_cpu_or_torch_gets_its_own_file(model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The key holds the CPU's flags and torch's version: int8 weights prepared on one machine (or torch) are
+    never read on another, whose file is written beside them."""
+    load_pipeline(str(model), quantize="int8")
+    (first,) = prepared_files(model)
+    monkeypatch.setattr("kleinserve.engine.prepared.cpu_flags", lambda: {"avx2", "avx512_bf16"})
+    other = load_pipeline(str(model), quantize="int8").components.prepared_weights
+    assert other is not None and other.written and other.path != first
+    assert not first.exists()  # one machine's file at a time: the other's is stale here
+    monkeypatch.setattr(torch, "__version__", "9.9.9")
+    newer = load_pipeline(str(model), quantize="int8").components.prepared_weights
+    assert newer is not None and newer.written and newer.path not in (first, other.path)

@@ -142,15 +142,7 @@ def _load_transformer(
         where = source.transformer_file
         # Read, not mapped: a mapped file stays resident while any tensor points into it.
         tensors = weights.StateDict(checkpoints.bfl_to_diffusers_transformer(load(where.read_bytes())))
-    weights.fill(
-        transformer,
-        tensors,
-        dtype,
-        where,
-        after_block=lambda block, name: placer.block(block, f"transformer.{name}"),
-        after_rest=placer.rest,
-        skip=lambda name: placer.provided(f"transformer.{name}"),
-    )
+    _fill(transformer, "transformer", tensors, dtype, where, placer)
     return transformer
 
 
@@ -166,16 +158,28 @@ def _load_text_encoder(folder: Path, dtype: torch.dtype, placer: Placer) -> Qwen
     # at layer 27 that would corrupt h27, so the norm becomes the identity (model.md section 4).
     text_encoder.norm = torch.nn.Identity()
     tensors = weights.SafetensorsFiles(weight_files(folder), rename=lambda key: key.removeprefix("model."))
+    _fill(text_encoder, "text_encoder", tensors, dtype, folder, placer)
+    return text_encoder
+
+
+def _fill(
+    model: torch.nn.Module,
+    component: str,
+    tensors: weights.TensorSource,
+    dtype: torch.dtype,
+    where: Path,
+    placer: Placer,
+) -> None:
+    """weights.fill with `placer` placing each block, the names it sees prefixed with `component`."""
     weights.fill(
-        text_encoder,
+        model,
         tensors,
         dtype,
-        folder,
-        after_block=lambda block, name: placer.block(block, f"text_encoder.{name}"),
+        where,
+        after_block=lambda block, name: placer.block(block, f"{component}.{name}"),
         after_rest=placer.rest,
-        skip=lambda name: placer.provided(f"text_encoder.{name}"),
+        skip=lambda name: placer.provided(f"{component}.{name}"),
     )
-    return text_encoder
 
 
 def _load(folder: Path, loader: Any) -> Any:
@@ -189,8 +193,7 @@ def _load(folder: Path, loader: Any) -> Any:
         raise ModelLoadError(f"{folder}: cannot load weights ({exc})") from None
     missing = list(report.get("missing_keys", [])) + [str(k) for k in report.get("mismatched_keys", [])]
     if missing:
-        shown = ", ".join(sorted(missing)[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        raise ModelLoadError(f"{folder}: weights missing or of the wrong shape for {shown}")
+        raise weights.missing_weights(folder, missing)
     return model
 
 

@@ -173,5 +173,10 @@ def _read(
         else:
             owner._buffers[attr] = value
     if wrong:
-        shown = ", ".join(sorted(wrong)[:3]) + (f" and {len(wrong) - 3} more" if len(wrong) > 3 else "")
-        raise ModelLoadError(f"{where}: weights missing or of the wrong shape for {shown}")
+        raise missing_weights(where, wrong)
+
+
+def missing_weights(where: Path, names: list[str]) -> ModelLoadError:
+    """The error for weights a checkpoint lacks or holds in another shape, naming up to three."""
+    shown = ", ".join(sorted(names)[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return ModelLoadError(f"{where}: weights missing or of the wrong shape for {shown}")
