@@ -7,7 +7,7 @@ NODE_DIR := tests/node
 NODE_STAMP := $(NODE_DIR)/node_modules/.installed
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: setup node-setup browser-setup postgres-setup test lint serve bench clean
+.PHONY: setup node-setup browser-setup postgres-setup test lint serve bench gpu-wheels clean
 
 setup: $(STAMP)
 
@@ -56,6 +56,29 @@ serve: setup
 
 bench: setup
 	$(BIN)/python bench/engine.py
+
+# Every wheel a GPU machine with a CUDA torch but no network needs for kleinserve and bench/gpu.py, kleinserve's
+# own included, into $(GPU_WHEELS) (git-ignored); there: `bash bench/gpu_setup.sh` (README, GPU). Binary wheels
+# only, for CPython $(GPU_PYTHON) on manylinux x86_64. Left out, to stay under the GPU machine's 64 MiB transfer
+# limit: torch and what torch requires, the packages of GPU_PRESENT (numpy: 16 MiB, in every CUDA torch image
+# seen; `make gpu-wheels GPU_PRESENT=` carries it too) and the embedded toy model (12 MiB; GPU runs name their
+# model). ~48 MiB.
+GPU_WHEELS := .gpu-wheels
+GPU_PYTHON ?= 3.11
+GPU_PRESENT ?= numpy
+GPU_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux_2_5_x86_64 \
+	manylinux1_x86_64 linux_x86_64
+gpu-wheels: setup
+	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)/tree
+	echo $(GPU_PYTHON) > $(GPU_WHEELS)/python-version
+	$(BIN)/python bench/gpu_requirements.py $(addprefix --present ,$(GPU_PRESENT)) > $(GPU_WHEELS)/requirements.txt
+	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) \
+		$(addprefix --platform ,$(GPU_PLATFORMS)) --dest $(GPU_WHEELS) -r $(GPU_WHEELS)/requirements.txt
+	tar -cf - --exclude=src/kleinserve/models --exclude=__pycache__ --exclude='*.egg-info' \
+		pyproject.toml README.md src | tar -xf - -C $(GPU_WHEELS)/tree
+	$(BIN)/python -m pip wheel --quiet --no-deps --wheel-dir $(GPU_WHEELS) $(GPU_WHEELS)/tree
+	rm -rf $(GPU_WHEELS)/tree
+	@du -sh $(GPU_WHEELS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info $(NODE_DIR)/node_modules

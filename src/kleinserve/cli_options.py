@@ -63,7 +63,16 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--dtype", help="compute dtype: float32, bfloat16, float16 (default: cuda bf16, cpu fp32)"
     )
-    group.add_argument("--quantize", choices=["int8"], help="CPU: int8 dynamic quantization (faster, drifts)")
+    group.add_argument(
+        "--quantize",
+        choices=["int8", "fp8"],
+        help="int8 (CPU) or fp8 (GPUs with float8 tensor cores) dynamic quantization (faster, drifts)",
+    )
+    group.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the transformer blocks (GPU; each new size compiles on its first request)",
+    )
     group.add_argument("--offload", action="store_true", help="CUDA: keep idle components on the CPU")
     group.add_argument("--memory-budget", type=float, metavar="GIB", help="RAM the weights may use")
 
@@ -81,6 +90,7 @@ def model_options(args: argparse.Namespace) -> ModelOptions:
         quantize=args.quantize,
         offload=args.offload,
         memory_budget_gib=args.memory_budget,
+        compile=args.compile,
     )
 
 

@@ -285,7 +285,7 @@ def test_choose_load_dtype() -> None:
         ({"device": "cuda", "quantize": "int8"}, "quantize", "CPU mode"),
         ({"device": "cuda:1", "quantize": "int8"}, "quantize", "CPU mode"),
         ({"device": "cpu", "quantize": "int4"}, "quantize", "unknown quantization 'int4'"),
-        ({"device": "cpu", "quantize": "fp8"}, "quantize", "unknown quantization 'fp8'"),
+        ({"device": "cpu", "quantize": "nf4"}, "quantize", "unknown quantization 'nf4'"),
     ],
 )
 def test_choose_placement_rejects(arguments: dict, param: str, words: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from kleinserve.engine.compiled import compile_blocks
 from kleinserve.engine.components import ModelComponents, load_components
 from kleinserve.engine.loading import cache_dir, inspect_source, resolve_source
 from kleinserve.engine.lora import DEFAULT_LORA_CACHE_BYTES, AdapterLibrary, ModelLayers
@@ -32,30 +33,47 @@ def load_pipeline(
     quantize: str | None = None,
     offload: bool = False,
     memory_budget_gib: float | None = None,
+    compile: bool = False,
     prompt_cache_bytes: int = DEFAULT_CACHE_BYTES,
     lora_dir: Path | None = None,
     lora_downloads: Path | None = None,
     lora_cache_bytes: int = DEFAULT_LORA_CACHE_BYTES,
     lora_shared: ObjectStore | None = None,
 ) -> Pipeline:
-    """Resolve `model` (directory, BFL file, HF repo id or `tiny-random`), load it, wrap it in a Pipeline.
-    Also tunes the process's allocator for the engine, once loaded (precision.keep_freed_memory).
+    """Resolve `model` (directory, BFL file, HF repo id or `tiny-random`), load it, wrap it in a Pipeline
+    (`pipeline_from_components`: `compile` compiles the transformer's blocks, engine/compiled.py). On the
+    CPU, also tunes the process's allocator for the engine, once loaded (precision.keep_freed_memory).
 
     With `lora_dir` (named adapters) or `lora_downloads` (where `AdapterLibrary.add` keeps downloaded ones;
     default: kleinserve's cache), requests may apply LoRA adapters (engine/lora.py), whose factors are cached
     up to `lora_cache_bytes`; scaled out, `lora_shared` is the deployment's object store, where the API
     processes put the adapters they download (AdapterLibrary)."""
     source = resolve_source(model, components=components, download=download)
-    placement = choose_placement(device, dtype, quantize, offload, memory_budget_gib)
+    placement = choose_placement(device, dtype, quantize, offload, memory_budget_gib, compile)
     check_runnable(placement)  # before reading any weight
     loaded = load_components(source, placement)
-    keep_freed_memory()
     adapters = None
     if lora_dir is not None or lora_downloads is not None:
         layers = ModelLayers(linear_shapes(loaded.transformer), placement.dtype, placement.device)
         downloads = lora_downloads or cache_dir() / "lora-downloads"
         adapters = AdapterLibrary(lora_dir, downloads, lora_cache_bytes, model=layers, shared=lora_shared)
-    return Pipeline(loaded, PromptEmbeddingCache(prompt_cache_bytes), adapters)
+    return pipeline_from_components(loaded, PromptEmbeddingCache(prompt_cache_bytes), adapters)
+
+
+def pipeline_from_components(
+    components: ModelComponents,
+    cache: PromptEmbeddingCache | None = None,
+    adapters: AdapterLibrary | None = None,
+) -> Pipeline:
+    """The Pipeline around loaded (and placed: precision.Placer) components, the last steps of
+    `load_pipeline`; bench/gpu.py calls it on components it built in memory. With `placement.compile`, the
+    transformer's blocks are compiled in place (each new input shape compiles at its first call). On a CPU
+    placement the allocator is tuned for a long-running engine; on CUDA nothing of the CPU's tuning runs."""
+    if components.placement.compile:
+        compile_blocks(components.transformer)
+    if components.placement.on_cpu:
+        keep_freed_memory()
+    return Pipeline(components, cache, adapters)
 
 
 @dataclass(frozen=True)
@@ -72,6 +90,7 @@ class ModelOptions:
     quantize: str | None = None
     offload: bool = False
     memory_budget_gib: float | None = None
+    compile: bool = False
 
     def load(
         self,
@@ -91,4 +110,12 @@ def inspect_model(model: str, *, components: str | None = None, download: bool =
     return SpecResolver(inspect_source(resolve_source(model, components=components, download=download)).spec)
 
 
-__all__ = ["ModelComponents", "ModelOptions", "Pipeline", "SpecResolver", "inspect_model", "load_pipeline"]
+__all__ = [
+    "ModelComponents",
+    "ModelOptions",
+    "Pipeline",
+    "SpecResolver",
+    "inspect_model",
+    "load_pipeline",
+    "pipeline_from_components",
+]

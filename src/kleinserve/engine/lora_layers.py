@@ -27,12 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kleinserve.engine.fp8 import Float8Linear
 from kleinserve.engine.int8 import Int8Linear
 from kleinserve.engine.lora import LoadedAdapter
 from kleinserve.engine.precision import PackedLinear, WidenedLinear
 from kleinserve.errors import EngineError
 
-_LINEARS = (nn.Linear, PackedLinear, WidenedLinear, Int8Linear)
+_LINEARS = (nn.Linear, PackedLinear, WidenedLinear, Int8Linear, Float8Linear)
 
 
 def linear_shapes(module: nn.Module) -> dict[str, tuple[int, int]]:

@@ -20,6 +20,9 @@ pages fault in one by one on first touch, and freed heap memory over 128 KiB is 
 memory in the process, so the next step, request or image reuses warm pages (the page faults saved: README,
 Performance; tests/engine/test_allocator.py). Loading at 4B under either setting ends at the same peak RSS.
 
+`--quantize fp8`: the transformer blocks' Linears become `Float8Linear` (engine/fp8.py; GPUs; CPU: tests).
+On CUDA, `Placer` only moves modules (and quantizes fp8): no oneDNN packing, int8 or malloc tuning there.
+
 `--quantize int8` (CPU) replaces the Linear layers of the transformer's and the text encoder's blocks by
 `Int8Linear` (fbgemm's dynamic int8 kernels, as torch.ao's dynamic quantization); pixels drift from full
 precision, and bench/engine.py reports by how much (PSNR). The int8 weights are kept on disk after the first
@@ -42,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kleinserve.engine.fp8 import Float8Linear, can_quantize
 from kleinserve.engine.int8 import Int8Linear, Int8Source, Prepacker
 from kleinserve.engine.weights import BLOCK_LISTS
 from kleinserve.errors import InvalidInput
@@ -60,6 +64,7 @@ _DTYPES = {
     "float16": torch.float16,
     "fp16": torch.float16,
 }
+QUANTIZATIONS = (None, "int8", "fp8")
 _PACK_HINT_ROWS = 1024  # oneDNN's blocking hint: tokens per call are in the hundreds to thousands
 
 
@@ -67,8 +72,11 @@ _PACK_HINT_ROWS = 1024  # oneDNN's blocking hint: tokens per call are in the hun
 class Placement:
     """Device and precision of a loaded model.
 
-    `dtype` is the compute dtype; `quantize` is None or "int8" (CPU only); `offload` keeps idle components on
-    the CPU between uses (CUDA only); `memory_budget` is the bytes the weights may take (None: automatic).
+    `dtype` is the compute dtype; `quantize` is None, "int8" (CPU only) or "fp8" (GPUs with float8 tensor
+    cores; the CPU for tests); `offload` keeps idle components on the CPU between uses (CUDA only);
+    `memory_budget` is the bytes the weights may take (None: automatic); `compile`: the transformer's blocks
+    are compiled (on the CPU their Linears then stay unpacked: Inductor could not lower oneDNN's packed
+    Linear, "LoweringException: mkldnn._linear_pointwise", and packs weights its own way).
     """
 
     device: torch.device
@@ -76,6 +84,7 @@ class Placement:
     quantize: str | None = None
     offload: bool = False
     memory_budget: int | None = None
+    compile: bool = False  # the transformer's blocks compiled (engine/compiled.py)
 
     @property
     def on_cpu(self) -> bool:
@@ -138,6 +147,7 @@ def choose_placement(
     quantize: str | None = None,
     offload: bool = False,
     memory_budget_gib: float | None = None,
+    compile: bool = False,
 ) -> Placement:
     """Automatic choice (CUDA -> bf16; CPU -> its fastest dtype) with the user's overrides applied. Whether
     this machine can run it is `check_runnable`'s question."""
@@ -149,17 +159,18 @@ def choose_placement(
         ) from None
     if dtype is not None and dtype not in _DTYPES:
         raise InvalidInput(f"unknown dtype {dtype!r}", param="dtype", allowed=", ".join(sorted(_DTYPES)))
-    if quantize not in (None, "int8"):
-        raise InvalidInput(f"unknown quantization {quantize!r}", param="quantize", allowed="int8")
-    if quantize and resolved.type != "cpu":
+    if quantize not in QUANTIZATIONS:
+        allowed = ", ".join(q for q in QUANTIZATIONS if q)
+        raise InvalidInput(f"unknown quantization {quantize!r}", param="quantize", allowed=allowed)
+    if quantize == "int8" and resolved.type != "cpu":
         raise InvalidInput("--quantize int8 is a CPU mode", param="quantize", allowed="with --device cpu")
     if resolved.type != "cpu":
         default = torch.bfloat16
     else:
         # int8 keeps fp32 activations; otherwise the CPU's fastest dtype.
-        default = torch.bfloat16 if native_cpu_bf16() and not quantize else torch.float32
+        default = torch.bfloat16 if native_cpu_bf16() and quantize != "int8" else torch.float32
     budget = None if memory_budget_gib is None else int(memory_budget_gib * _GIB)
-    return Placement(resolved, _DTYPES[dtype] if dtype else default, quantize, offload, budget)
+    return Placement(resolved, _DTYPES[dtype] if dtype else default, quantize, offload, budget, compile)
 
 
 def check_runnable(placement: Placement) -> None:
@@ -240,10 +251,16 @@ class Placer:
         "transformer.transformer_blocks.0"). Only the blocks are quantized: the embedders, modulation and
         output projections are a few % of the weights, but quantizing them costs far more PSNR than all the
         blocks do (README, Performance)."""
+        float8 = self.placement.quantize == "fp8" and name.startswith("transformer.")
         if not self.placement.on_cpu:
             if not self.placement.offload:
                 block.to(self.placement.device)
+            if float8:  # on the GPU: quantizing there takes milliseconds, on the CPU seconds per GB
+                self._float8(block)
             return
+        if float8:
+            self._float8(block)
+        pack = not (self.placement.compile and name.startswith("transformer."))
         if self._packer is not None:
             for parent, attr, linear in _linears(block):
                 before = _nbytes(linear)
@@ -254,7 +271,18 @@ class Placer:
                     quantized = self._int8.int8_linear(path, linear, self._packer)
                 setattr(parent, attr, quantized)
                 self.spare += before - quantized.nbytes
-        self._compute_dtype(block)
+        self._compute_dtype(block, pack)
+
+    def _float8(self, block: nn.Module) -> None:
+        """Every Linear of `block` that suits the float8 GEMM to Float8Linear, quantized where it is; the
+        biases in the compute dtype."""
+        dtype = self.placement.dtype
+        for parent, attr, linear in _linears(block):
+            if can_quantize(linear):
+                quantized = Float8Linear.quantize(linear)
+                if quantized.bias is not None:
+                    quantized.bias = quantized.bias.to(dtype)
+                setattr(parent, attr, quantized)
 
     def module(self, module: nn.Module, component: str) -> None:
         """Place a module already in memory as the loader places one it reads: its blocks, then the rest
@@ -284,15 +312,15 @@ class Placer:
         elif any(p.dtype != self.placement.dtype for p in vae.parameters()):
             vae.to(self.placement.dtype)
 
-    def _compute_dtype(self, module: nn.Module) -> None:
+    def _compute_dtype(self, module: nn.Module, pack: bool = True) -> None:
         """Every Linear still plain below `module` packed (or widened when the packed copy does not fit the
-        spare budget); the other parameters converted to the compute dtype."""
+        spare budget, or `pack` is False); the other parameters converted to the compute dtype."""
         dtype = self.placement.dtype
         _convert_other_parameters(module, dtype)
         for parent, attr, linear in _linears(module):
             extra = linear.weight.numel() * (dtype.itemsize - linear.weight.element_size())
             # extra == 0: the packed weight replaces the stored one, so it always fits.
-            if (extra == 0 or extra <= self.spare) and can_pack(dtype):
+            if pack and (extra == 0 or extra <= self.spare) and can_pack(dtype):
                 setattr(parent, attr, PackedLinear(linear, dtype))
                 self.spare -= extra
             else:
@@ -365,7 +393,7 @@ def _convert_other_parameters(module: nn.Module, dtype: torch.dtype) -> None:
                 setattr(submodule, name, nn.Parameter(param.detach().to(dtype), requires_grad=False))
 
 
-_LINEAR_KINDS = (nn.Linear, PackedLinear, WidenedLinear, Int8Linear)
+_LINEAR_KINDS = (nn.Linear, PackedLinear, WidenedLinear, Int8Linear, Float8Linear)
 
 
 def _nbytes(module: nn.Module) -> int:
