@@ -33,6 +33,9 @@ from kleinserve.errors import InvalidInput, KleinError, ModelLoadError
 if TYPE_CHECKING:
     from kleinserve.engine.loading import ModelSource
 
+# `kleinserve toy train --stage`: toy/train.py's STAGES (importing it here would load torch for every command)
+TOY_STAGES = ["all", "transformer", "decoder", "refine", "inpaint"]
+
 
 def _size(text: str) -> tuple[int, int]:
     try:
@@ -97,11 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument(
         "--stage",
-        choices=["all", "inpaint"],
+        choices=TOY_STAGES,
         default="all",
-        help="inpaint: only the last stage (masked edits), on the model of --from",
+        help="continue the model of --from (written with 0 steps of this stage and the later ones) from "
+        "stage 3 (transformer), 4 (decoder), 4b (refine: the transformer on its own samples) or 5 (inpaint)",
     )
-    train.add_argument("--from", dest="source", type=Path, help="with --stage inpaint: the model to continue")
+    train.add_argument("--from", dest="source", type=Path, help="with --stage: the model to continue")
     train.add_argument("--inpaint-steps", type=int, help="stage 5's steps (default: the committed weights')")
     evaluate = toy.add_parser("eval", help="score colour, position, shape and edits on held-out captions")
     evaluate.add_argument("--model", default="flux-2-klein-toy", help="the toy model's directory or name")
@@ -262,10 +266,12 @@ def _toy(args: argparse.Namespace) -> int:
         config, log = TrainConfig(seed=args.seed), lambda line: print(line, flush=True)
         if args.inpaint_steps is not None:
             config = dataclasses.replace(config, inpaint_steps=args.inpaint_steps)
-        if args.stage == "inpaint":
+        if args.stage != "all":
             if args.source is None:
-                raise InvalidInput("--stage inpaint needs --from DIR", param="from", allowed="a toy model")
-            print(continue_training(args.source, args.out, config, log=log))
+                raise InvalidInput(
+                    f"--stage {args.stage} needs --from DIR", param="from", allowed="a toy model"
+                )
+            print(continue_training(args.source, args.out, config, log=log, stage=args.stage))
         else:
             print(train(args.out, config, log=log))
         return 0

@@ -6,9 +6,11 @@ import dataclasses
 import json
 from pathlib import Path
 
-from kleinserve.cli import main
+import pytest
+
+from kleinserve.cli import TOY_STAGES, main
 from kleinserve.engine import load_pipeline
-from kleinserve.toy.train import TrainConfig, continue_training, train
+from kleinserve.toy.train import STAGES, TrainConfig, continue_training, train
 from kleinserve.types import GenerateRequest
 
 # A few steps of each stage: enough to exercise every batch kind's code path, small enough for CI.
@@ -21,6 +23,8 @@ SHORT = TrainConfig(
     decoder_steps=2,
     warmup_steps=2,
     inpaint_steps=4,  # with inpaint_share 0.5, seed 0 draws inpaint and other batches
+    refine_steps=2,
+    refine_share=1.0,  # every batch from the sampler's own steps (the other kind is stage 3's)
 )
 
 
@@ -66,7 +70,26 @@ def test_the_inpaint_stage_alone_continues_a_model_to_the_same_bytes(tmp_path: P
     assert _weights(before).keys() == _weights(whole).keys() and len(_weights(whole)) == 3
 
 
+@pytest.mark.parametrize("stage", ["transformer", "decoder", "refine"])
+def test_a_run_continues_from_a_later_stage_to_the_same_bytes(tmp_path: Path, stage: str) -> None:
+    """`kleinserve toy train --stage STAGE --from DIR` on a model written with 0 steps of that stage and the
+    later ones writes what the whole run writes (how the committed weights were made)."""
+    whole = train(tmp_path / "whole", SHORT, log=lambda _: None)
+    zero = {f"{name}_steps": 0 for name in STAGES[STAGES.index(stage) :]}
+    # The earlier stages' settings come from the model continued, the later ones from the configuration.
+    parts = train(tmp_path / "parts", dataclasses.replace(SHORT, **zero), log=lambda _: None)
+    other_earlier = dataclasses.replace(SHORT, vae_lr=1.0)
+    continued = continue_training(
+        parts, tmp_path / "continued", other_earlier, log=lambda _: None, stage=stage
+    )
+    assert _weights(continued) == _weights(whole)
+    assert _training(continued) == _training(whole) == dataclasses.asdict(SHORT)
+    with pytest.raises(ValueError, match="inpaint_steps not 0"):
+        continue_training(whole, tmp_path / "y", SHORT, stage=stage)
+
+
 def test_cli_inpaint_stage_needs_a_model_to_continue(capsys) -> None:
+    assert TOY_STAGES == ["all", *STAGES]
     assert main(["toy", "train", "--stage", "inpaint", "--out", "/nonexistent"]) == 2
     assert "--from" in capsys.readouterr().err
 
