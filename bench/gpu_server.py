@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 import statistics
 import tempfile
 import threading
@@ -20,18 +19,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from serve import free_port, load, percentile  # bench/serve.py (the script's folder is on sys.path)
+
 SERVER_START_S = 60.0
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
 def warm_batches(pipeline: Any, side: int, max_batch: int) -> float:
@@ -47,39 +37,6 @@ def warm_batches(pipeline: Any, side: int, max_batch: int) -> float:
         ]
         pipeline.generate_batch([pipeline.resolve(r) for r in requests])
     return time.perf_counter() - start
-
-
-def check(answer: Any) -> None:
-    """An answer other than 200 is an error naming the server's own message."""
-    if answer.status_code != 200:
-        raise RuntimeError(f"the server answered {answer.status_code}: {answer.text[:500]}")
-
-
-async def send(base_url: str, clients: int, requests: int, side: int) -> tuple[float, list[float]]:
-    """(wall seconds, latencies) of `clients` clients sending `requests` requests each, one after the other,
-    after a warm-up of one request per client at once."""
-    import httpx
-
-    def body(index: int) -> dict[str, Any]:
-        return {"prompt": f"a koi pond in autumn, request {index}", "size": f"{side}x{side}", "seed": index}
-
-    latencies: list[float] = []
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits) as client:
-
-        async def one_client(number: int) -> None:
-            for i in range(requests):
-                start = time.perf_counter()
-                answer = await client.post("/v1/images/generations", json=body(number * 1000 + i))
-                check(answer)
-                latencies.append(time.perf_counter() - start)
-
-        warm = [client.post("/v1/images/generations", json=body(900_000 + n)) for n in range(clients)]
-        for answer in await asyncio.gather(*warm):
-            check(answer)
-        start = time.perf_counter()
-        await asyncio.gather(*(one_client(n) for n in range(clients)))
-        return time.perf_counter() - start, latencies
 
 
 def serve_and_measure(
@@ -113,7 +70,7 @@ def serve_and_measure(
             time.sleep(0.05)
         try:
             base_url = f"http://127.0.0.1:{settings.port}"
-            wall, latencies = asyncio.run(send(base_url, args.clients, args.requests, side))
+            wall, latencies = asyncio.run(load(base_url, args.clients, args.requests, side))
         finally:
             server.should_exit = True
             thread.join(SERVER_START_S)

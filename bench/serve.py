@@ -124,8 +124,15 @@ def body(index: int, size: int) -> dict[str, Any]:
     return {"model": "flux-2-klein-4b", "prompt": prompt, "size": f"{size}x{size}", "seed": index}
 
 
+def check(answer: httpx.Response) -> None:
+    """An answer other than 200 is an error naming the server's own message."""
+    if answer.status_code != 200:
+        raise RuntimeError(f"the server answered {answer.status_code}: {answer.text[:500]}")
+
+
 async def load(base_url: str, clients: int, requests: int, size: int) -> tuple[float, list[float]]:
-    """(wall seconds, per-request latencies) of `clients` clients sending `requests` requests each."""
+    """(wall seconds, per-request latencies) of `clients` clients sending `requests` requests each
+    (bench/gpu_server.py measures through it too)."""
     latencies: list[float] = []
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits) as client:
@@ -134,14 +141,14 @@ async def load(base_url: str, clients: int, requests: int, size: int) -> tuple[f
             for i in range(requests):
                 start = time.perf_counter()
                 answer = await client.post("/v1/images/generations", json=body(number * 1000 + i, size))
-                answer.raise_for_status()
+                check(answer)
                 latencies.append(time.perf_counter() - start)
 
         # Warm-up: one request per client at once, so that every batch size the run will see has run once
         # (first calls of a shape pay one-time costs: oneDNN primitives, allocator growth).
         warm = [client.post("/v1/images/generations", json=body(990_000 + n, size)) for n in range(clients)]
         for answer in await asyncio.gather(*warm):
-            answer.raise_for_status()
+            check(answer)
         start = time.perf_counter()
         await asyncio.gather(*(one_client(n) for n in range(clients)))
         return time.perf_counter() - start, latencies

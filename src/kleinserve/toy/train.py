@@ -164,7 +164,6 @@ _LATER_FIELDS = {
     "refine": ("refine_steps", "refine_lr", "refine_share", "refine_share_256"),
     "inpaint": ("inpaint_steps", "inpaint_lr", "inpaint_share"),
 }  # fmt: skip
-_STEP_FIELDS = {stage: f"{stage}_steps" for stage in STAGES}
 
 
 def continue_training(
@@ -178,8 +177,9 @@ def continue_training(
     one `source` was written with."""
     previous = json.loads((source / "model_index.json").read_text())["_kleinserve_training"]
     later = STAGES[STAGES.index(stage) :]
-    # .get: a model written before a stage existed ran none of it
-    ran = [_STEP_FIELDS[name] for name in later if previous.get(_STEP_FIELDS[name])]
+    # Each stage's step count is TrainConfig's "<stage>_steps"; .get: a model written before a stage existed
+    # ran none of it.
+    ran = [f"{name}_steps" for name in later if previous.get(f"{name}_steps")]
     if ran:
         raise ValueError(f"{source} already ran stage {stage} or later ({', '.join(ran)} not 0)")
     fields = {field for name in later for field in _LATER_FIELDS[name]}
@@ -379,14 +379,13 @@ def sampled_input(
     done: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x, sigma (B,)): the Euler sampler's latents after its first `done` steps of `sigmas` from `noise`
-    (B, N, C), as engine/sampling.denoise computes them, without gradients."""
-    x = noise
+    (B, N, C), as engine/sampling.denoise computes them, without gradients; `done` < len(sigmas).
+    (denoise itself always runs to the end of its schedule.)"""
+    x, sigmas = noise, sigmas.float()
     with torch.no_grad():
-        for index in range(done):
-            sigma = sigmas[index].float()
-            following = sigmas[index + 1].float() if index + 1 < len(sigmas) else torch.tensor(0.0)
-            x = x + (following - sigma) * velocity(x, sigma.expand(len(x)))
-    return x, sigmas[done].float().expand(len(x))
+        for index in range(done):  # done < len(sigmas): the last step is the one trained
+            x = x + (sigmas[index + 1] - sigmas[index]) * velocity(x, sigmas[index].expand(len(x)))
+    return x, sigmas[done].expand(len(x))
 
 
 def train_inpaint(pipeline: Flux2KleinPipeline, config: TrainConfig, log: Log) -> None:
