@@ -28,8 +28,10 @@ import logging
 import os
 import struct
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from torch import nn
@@ -177,8 +179,8 @@ class _Digests:
 
     def save(self) -> None:
         if self.changed:
-            with contextlib.suppress(OSError):
-                _write_bytes_atomically(self.path, json.dumps(self.known, indent=1).encode())
+            with contextlib.suppress(OSError), _replacing(self.path) as handle:
+                handle.write(json.dumps(self.known, indent=1).encode())
 
 
 def _crc(weight: torch.Tensor, scale: torch.Tensor) -> str:
@@ -212,32 +214,34 @@ def _write_int8(path: Path, linears: list[tuple[str, Int8Linear]], metadata: dic
         return text + b" " * (-len(text) % 8)  # the data section starts 8-byte aligned
 
     first = encoded()
+    with _replacing(path) as handle:
+        handle.write(struct.pack("<Q", len(first)) + first)
+        for name, module in linears:
+            qweight = module.weight_and_bias()[0]
+            if qweight.q_zero_point() != 0:  # symmetric quantization: always 0
+                raise ValueError(f"{name}: int8 zero point {qweight.q_zero_point()}, expected 0")
+            weight = qweight.int_repr()
+            scale = torch.tensor([qweight.q_scale()], dtype=torch.float64)
+            crcs[name] = _crc(weight, scale)
+            handle.write(weight.view(torch.uint8).numpy().data)
+            handle.write(scale.numpy().tobytes())
+        final = encoded()
+        if len(final) != len(first):
+            raise AssertionError("the header changed length")  # fixed-width CRCs: cannot happen
+        handle.seek(8)
+        handle.write(final)
+
+
+@contextlib.contextmanager
+def _replacing(path: Path) -> Iterator[BinaryIO]:
+    """A new file that replaces `path` when the block ends without an exception, flushed and fsynced first;
+    written under a temporary name, so a crash or an error leaves `path` as it was and no partial file."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with temporary.open("wb") as handle:
-            handle.write(struct.pack("<Q", len(first)) + first)
-            for name, module in linears:
-                qweight = module.weight_and_bias()[0]
-                if qweight.q_zero_point() != 0:  # symmetric quantization: always 0
-                    raise ValueError(f"{name}: int8 zero point {qweight.q_zero_point()}, expected 0")
-                weight = qweight.int_repr()
-                scale = torch.tensor([qweight.q_scale()], dtype=torch.float64)
-                crcs[name] = _crc(weight, scale)
-                handle.write(weight.view(torch.uint8).numpy().data)
-                handle.write(scale.numpy().tobytes())
-            final = encoded()
-            if len(final) != len(first):
-                raise AssertionError("the header changed length")  # fixed-width CRCs: cannot happen
-            handle.seek(8)
-            handle.write(final)
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         temporary.replace(path)
     finally:
         temporary.unlink(missing_ok=True)
-
-
-def _write_bytes_atomically(path: Path, data: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_bytes(data)
-    temporary.replace(path)
