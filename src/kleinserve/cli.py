@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="toy_command", required=True
     )
     train = toy.add_parser(
-        "train", help="train the toy model from scratch (deterministic, ~60 min on 2 cores)"
+        "train", help="train the toy model from scratch (deterministic, ~90 min on 2 cores)"
     )
     train.add_argument("--out", type=Path, required=True, help="directory to write (diffusers layout)")
     train.add_argument("--seed", type=int, default=0)

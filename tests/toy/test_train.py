@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 from pathlib import Path
 
 import pytest
+import torch
+from diffusers import Flux2KleinPipeline
 
 from kleinserve.cli import TOY_STAGES, main
 from kleinserve.engine import load_pipeline
-from kleinserve.toy.train import STAGES, TrainConfig, continue_training, train
+from kleinserve.engine.loading import TOY_DIR
+from kleinserve.engine.sampling import make_scheduler
+from kleinserve.toy import scenes
+from kleinserve.toy.flow import LatentCache, known_latents, training_pipeline, velocity_fn
+from kleinserve.toy.train import STAGES, TrainConfig, continue_training, sampled_input, train
 from kleinserve.types import GenerateRequest
 
 # A few steps of each stage: enough to exercise every batch kind's code path, small enough for CI.
@@ -22,7 +29,8 @@ SHORT = TrainConfig(
     transformer_steps=6,
     decoder_steps=2,
     warmup_steps=2,
-    inpaint_steps=4,  # with inpaint_share 0.5, seed 0 draws inpaint and other batches
+    inpaint_steps=4,  # seed 0 draws inpaint and other batches
+    inpaint_decoder_steps=2,
     refine_steps=2,
     refine_share=1.0,  # every batch from the sampler's own steps (the other kind is stage 3's)
 )
@@ -65,8 +73,9 @@ def test_the_inpaint_stage_alone_continues_a_model_to_the_same_bytes(tmp_path: P
     # Every weight and the training configuration (configs also record the directory a model was loaded from)
     assert _weights(continued) == _weights(whole)
     assert _training(continued) == _training(whole) == dataclasses.asdict(SHORT)
-    transformer = "transformer/diffusion_pytorch_model.safetensors"
-    assert _weights(before)[transformer] != _weights(whole)[transformer]
+    for changed in ("transformer", "vae"):  # stage 5 fine-tunes the transformer, then the decoder
+        name = f"{changed}/diffusion_pytorch_model.safetensors"
+        assert _weights(before)[name] != _weights(whole)[name]
     assert _weights(before).keys() == _weights(whole).keys() and len(_weights(whole)) == 3
 
 
@@ -102,3 +111,23 @@ def test_cli_eval_scores_a_model_and_reports_the_targets(tmp_path: Path, capsys)
     assert "colour" in out and ">= 90%" in out and "edit colour" in out
     assert "masked colour" in out and "masked kept" in out and "outside the mask" in out
     assert status == 1  # six training steps draw nothing recognisable: the targets are not met
+
+
+def test_inpainting_batches_start_from_what_the_engine_keeps() -> None:
+    """Sampled inputs of an inpainting batch are corrected after each step as the engine corrects them:
+    outside the mask exactly the scene noised to the step's sigma, inside it the transformer's own steps."""
+    engine = training_pipeline(Flux2KleinPipeline.from_pretrained(TOY_DIR))
+    cache = LatentCache(engine)
+    rng = random.Random(3)
+    examples = [scenes.inpaint_example(rng) for _ in range(2)]
+    channels = engine.components.transformer.config.in_channels
+    noise = torch.randn((2, 64, channels), generator=torch.Generator().manual_seed(0))
+    sigmas = make_scheduler(engine.components.scheduler_config, 4, 64).sigmas
+    known = known_latents(cache, examples, 128, noise, sigmas)
+    velocity = velocity_fn(engine, cache, examples, 128)
+    x, sigma = sampled_input(velocity, noise, sigmas, 3, known)
+    assert torch.equal(sigma, sigmas[3].expand(2).float())
+    kept = (known.mask == 0).expand_as(x)
+    noised = sigmas[3] * noise + (1 - sigmas[3]) * known.clean
+    assert torch.equal(x[kept], noised[kept]) and kept.any()
+    assert (x[~kept] - noised[~kept]).abs().mean() > 0.1  # painted, not the scene

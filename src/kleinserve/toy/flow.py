@@ -14,7 +14,7 @@ from diffusers import Flux2KleinPipeline
 
 from kleinserve.engine import latents as L
 from kleinserve.engine.components import ModelComponents
-from kleinserve.engine.inpaint import MASK_THRESHOLD, EditPlan
+from kleinserve.engine.inpaint import MASK_THRESHOLD, EditPlan, KnownLatents
 from kleinserve.engine.pipeline import Pipeline
 from kleinserve.engine.precision import Placement
 from kleinserve.engine.references import encode_references, prepare_reference, vae_latents
@@ -101,13 +101,33 @@ def sample_latents(
     side: int,
     generator: torch.Generator,
 ) -> torch.Tensor:
-    """VAE latents (B, C, side/8, side/8) of klein's 4-step sampling for the examples, from fresh noise."""
+    """VAE latents (B, C, side/8, side/8) of klein's 4-step sampling for the examples, from fresh noise; an
+    inpainting batch's as the engine's inpainting makes them (the kept region put back after every step)."""
     grid = side // SIZE_MULTIPLE
     channels = engine.components.transformer.config.in_channels
     noise = torch.randn((len(examples), grid * grid, channels), generator=generator)
     scheduler = make_scheduler(engine.components.scheduler_config, 4, grid * grid)
-    packed = denoise(velocity_fn(engine, cache, examples, side), noise, scheduler)
+    known = None
+    if examples[0].kind == "inpaint":
+        known = known_latents(cache, examples, side, noise, scheduler.sigmas)
+    velocity = velocity_fn(engine, cache, examples, side)
+    packed = denoise(velocity, noise, scheduler, after_step=None if known is None else known.after_step)
     return vae_latents(packed, engine.components.vae, grid, grid)
+
+
+def known_latents(
+    cache: LatentCache, examples: list[scenes.Example], side: int, noise: torch.Tensor, sigmas: torch.Tensor
+) -> KnownLatents:
+    """What the engine's inpainting keeps of inpainting examples (scenes.inpaint_example) sampled from
+    `noise` (B, N, C) over `sigmas` (the schedule's N + 1): the scene (the reference) outside the mask of
+    the new shape's cell."""
+    return KnownLatents(
+        clean=cache.encode([example.references[0] for example in examples], side),
+        noise=noise,
+        mask=torch.cat([cell_tokens(example.target.shapes[-1].position, side) for example in examples]),
+        starts=torch.zeros(len(examples), dtype=torch.long),
+        sigmas=sigmas.float(),
+    )
 
 
 @functools.cache
@@ -122,20 +142,15 @@ def cell_tokens(position: str, side: int) -> torch.Tensor:
     return tokens
 
 
-def inpaint_latents(
-    cache: LatentCache, examples: list[scenes.Example], side: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x0, everywhere), each (B, N, C), of inpainting examples (scenes.inpaint_example):
-    - `x0`: the clean latents as the engine's inpainting ends with them: the edited scene (the reference)
-      outside the mask, put back after every step, and inside it the new shape alone on the background;
-    - `everywhere`: the edited scene with the new shape in every empty cell's square.
-    Built from one-shape scenes, which the cache keeps (encoding the two-shape target took 8x longer than the
-    training step)."""
-    x0, everywhere = [], []
+def painted_latents(cache: LatentCache, examples: list[scenes.Example], side: int) -> torch.Tensor:
+    """(B, N, C) latents of inpainting examples (scenes.inpaint_example) as the toy is taught to paint
+    them: the edited scene with the new shape in the square of every empty cell. The engine keeps only the
+    mask's (train.train_inpaint says why). Built from one-shape scenes, which the cache keeps (encoding the
+    many-shape scene took 8x longer than the training step)."""
+    painted_scenes = []
     for example in examples:
         (before,), new = example.references, example.target.shapes[-1]
-        kept = cache.encode([before], side)
-        painted = kept
+        painted = cache.encode([before], side)
         for position in scenes.POSITIONS:
             if position == before.shapes[0].position:
                 continue
@@ -143,7 +158,5 @@ def inpaint_latents(
             moved = dataclasses.replace(new, position=position)
             alone = cache.encode([scenes.Scene((moved,), before.background)], side)
             painted = mask * alone + (1 - mask) * painted
-            if position == new.position:
-                x0.append(mask * alone + (1 - mask) * kept)
-        everywhere.append(painted)
-    return torch.cat(x0), torch.cat(everywhere)
+        painted_scenes.append(painted)
+    return torch.cat(painted_scenes)

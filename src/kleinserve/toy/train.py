@@ -18,15 +18,8 @@ The squared error of tokens that show a shape weighs FOREGROUND_WEIGHT times mor
 tokens, and with uniform weights the model first learns backgrounds and draws shapes late (measured: after
 500 steps, a shape where the caption puts it 42 % of the time with uniform weights, 83 % with weight 5).
 Stage 4 polishes the VAE decoder (polish_decoder). Stage 4b refines the transformer on the inputs its own
-sampler gives it (train_on_samples). Stage 5 fine-tunes the transformer for masked edits
-(scenes.inpaint_example: paint a named shape into the empty square a mask marks), 35 % of its batches of that
-kind, the rest as stage 3. Klein has no mask input: the engine only puts the kept region back after every step
-(engine/inpaint.py), so the model has to find the mask in its input, and at the toy's first three sigmas
-(1.0, 0.95, 0.88) it cannot. Trained on the final latents alone, it drew a faint average of the shape over
-every empty cell (25-42 % right colours after 600 steps, also when trained on inputs made by its own earlier
-steps); taught instead to paint the shape in every empty cell at those noise levels (BLIND_SIGMA), it leaves
-a full shape in the mask for the last step to finish (67 % after 400 steps). Not yet in the committed weights
-(TrainConfig.inpaint_steps); `kleinserve toy train --stage inpaint --from DIR` runs it alone.
+sampler gives it (train_on_samples). Stage 5 fine-tunes the transformer, then the decoder, for masked edits
+(scenes.inpaint_example: paint a named shape into the empty square a mask marks; train_inpaint).
 
 Same seed, thread count and CPU, same weights: every random choice comes from a seeded `random.Random` or
 `torch.Generator`. Step counts are fixed, never time-based. Another CPU's kernels (or an earlier revision's
@@ -54,13 +47,15 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline
 
 from kleinserve.engine import latents as L
+from kleinserve.engine.inpaint import KnownLatents
 from kleinserve.engine.references import prepare_reference
 from kleinserve.engine.sampling import make_scheduler
 from kleinserve.engine.spec import SIZE_MULTIPLE
 from kleinserve.toy import scenes
 from kleinserve.toy.flow import (
     LatentCache,
-    inpaint_latents,
+    known_latents,
+    painted_latents,
     sample_latents,
     training_pipeline,
     velocity_fn,
@@ -97,11 +92,12 @@ class TrainConfig:
     refine_lr: float = 2e-4
     refine_share: float = 0.6  # fraction of stage-4b batches whose input is sampled; the rest as stage 3
     refine_share_256: float = 0.6  # fraction of stage-4b batches at 256 px
-    # Stage 5, fine-tuning the transformer for masked edits: 0 in the committed weights. 2,400 steps (19 min)
-    # reached 67 % / 73 % masked colours (12 / 48 edits) but dropped recolouring from 100 % to 88 %.
-    inpaint_steps: int = 0
+    # Stage 5, the transformer then the decoder fine-tuned for masked edits (train_inpaint).
+    inpaint_steps: int = 2400
     inpaint_lr: float = 2e-4
     inpaint_share: float = 0.35  # fraction of stage-5 batches of the "inpaint" kind; the rest as BATCH_KINDS
+    inpaint_decoder_steps: int = 500
+    inpaint_decoder_share: float = 0.7  # fraction of its sampled batches of the "inpaint" kind
 
 
 # Transformer batch kinds and their shares; a batch holds one kind so that its reference geometry is shared.
@@ -123,7 +119,6 @@ _MAKERS: dict[str, Callable[[random.Random], scenes.Example]] = {
     "inpaint": scenes.inpaint_example,
 }
 INPAINT_WARMUP = 50  # stage 5's warm-up steps: it starts from trained weights
-BLIND_SIGMA = 0.8  # noise level above which an inpainting input shows no mask (between 4-step sigmas 3 and 4)
 
 
 def random_kind(rng: random.Random, kinds: dict[str, float] = BATCH_KINDS) -> str:
@@ -162,7 +157,9 @@ _LATER_FIELDS = {
     ),
     "decoder": ("decoder_steps", "decoder_lr", "decoder_sampled_share"),
     "refine": ("refine_steps", "refine_lr", "refine_share", "refine_share_256"),
-    "inpaint": ("inpaint_steps", "inpaint_lr", "inpaint_share"),
+    "inpaint": (
+        "inpaint_steps", "inpaint_lr", "inpaint_share", "inpaint_decoder_steps", "inpaint_decoder_share",
+    ),
 }  # fmt: skip
 
 
@@ -250,11 +247,23 @@ def train_vae(pipeline: Flux2KleinPipeline, config: TrainConfig, log: Log) -> No
 
 
 def polish_decoder(pipeline: Flux2KleinPipeline, config: TrainConfig, log: Log) -> None:
-    """Stage 4: train the VAE decoder alone, weighting shape pixels up, on two kinds of batches:
+    """Stage 4: the VAE decoder polished (_polish_decoder) on samples of BATCH_KINDS."""
+    _polish_decoder(pipeline, config, log, BATCH_KINDS, config.decoder_steps, 5)
+
+
+def _polish_decoder(
+    pipeline: Flux2KleinPipeline,
+    config: TrainConfig,
+    log: Log,
+    kinds: dict[str, float],
+    steps: int,
+    seed_offset: int,
+) -> None:
+    """Train the VAE decoder alone for `steps` batches, weighting shape pixels up, on two kinds of batches:
     - captioned scenes encoded by the (frozen) encoder: after stage 1 the decoder drew some shapes in the
       wrong named colour (red on gray came out orange: L1 over whole images is dominated by the background);
     - (`decoder_sampled_share` of the batches) latents sampled by the trained transformer with klein's
-      4-step sampler for training captions and edits, decoded towards the scene the caption describes: the
+      4-step sampler for training examples of `kinds`, decoded towards the scene the prompt describes: the
       decoder learns to turn the transformer's slightly-off latents into flat colours.
     Measured with the same transformer (`kleinserve toy eval`, shape colour): 87.5 % after 600 steps on
     encoded scenes only (half of them busy, lr 1e-4), 91.7 % with half the batches sampled, 93.8 % with
@@ -263,17 +272,17 @@ def polish_decoder(pipeline: Flux2KleinPipeline, config: TrainConfig, log: Log) 
     vae = pipeline.vae.train()
     engine = training_pipeline(pipeline)
     cache = LatentCache(engine)
-    rng = random.Random(config.seed + 5)
-    generator = torch.Generator().manual_seed(config.seed + 5)
+    rng = random.Random(config.seed + seed_offset)
+    generator = torch.Generator().manual_seed(config.seed + seed_offset)
     decoder = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
     for parameter in decoder:
         parameter.requires_grad_(True)
     optimizer = torch.optim.AdamW(decoder, lr=config.decoder_lr, weight_decay=0.0)
     start = time.perf_counter()
-    for step in range(config.decoder_steps):
+    for step in range(steps):
         if rng.random() < config.decoder_sampled_share:
             side = 256 if rng.random() < 0.5 else 128
-            kind = random_kind(rng)
+            kind = random_kind(rng, kinds)
             examples = [random_example(kind, rng) for _ in range(2 if side == 256 else 8)]
             pixels = to_pixels([scenes.render(example.target, side) for example in examples])
             with torch.no_grad():
@@ -286,10 +295,9 @@ def polish_decoder(pipeline: Flux2KleinPipeline, config: TrainConfig, log: Log) 
         border = torch.cat([pixels[..., 0, :], pixels[..., -1, :]], dim=-1).median(dim=-1).values
         shape_pixels = (pixels - border[..., None, None]).abs().sum(dim=1, keepdim=True) > 0.25
         loss = _weighted_mean((decoded - pixels).abs(), 1 + (FOREGROUND_WEIGHT - 1) * shape_pixels.float())
-        _optimise(optimizer, loss, decoder, config.decoder_lr * _cosine(step, config.decoder_steps, 50))
-        if step % 100 == 0 or step == config.decoder_steps - 1:
-            elapsed = time.perf_counter() - start
-            log(f"decoder step {step}/{config.decoder_steps} l1 {loss.item():.4f} ({elapsed:.0f} s)")
+        _optimise(optimizer, loss, decoder, config.decoder_lr * _cosine(step, steps, 50))
+        if step % 100 == 0 or step == steps - 1:
+            log(f"decoder step {step}/{steps} l1 {loss.item():.4f} ({time.perf_counter() - start:.0f} s)")
     vae.eval().requires_grad_(False)
 
 
@@ -377,34 +385,56 @@ def sampled_input(
     noise: torch.Tensor,
     sigmas: torch.Tensor,
     done: int,
+    known: KnownLatents | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x, sigma (B,)): the Euler sampler's latents after its first `done` steps of `sigmas` from `noise`
-    (B, N, C), as engine/sampling.denoise computes them, without gradients; `done` < len(sigmas).
-    (denoise itself always runs to the end of its schedule.)"""
+    """(x, sigma (B,)): the Euler sampler's latents after its first `done` steps of `sigmas` (the schedule's
+    N + 1) from `noise` (B, N, C), as engine/sampling.denoise computes them, without gradients; `done` < N.
+    (denoise itself always runs to the end of its schedule.) With `known` (an inpainting batch), each step is
+    corrected as the engine's inpainting corrects it (KnownLatents.after_step)."""
     x, sigmas = noise, sigmas.float()
     with torch.no_grad():
-        for index in range(done):  # done < len(sigmas): the last step is the one trained
-            x = x + (sigmas[index + 1] - sigmas[index]) * velocity(x, sigmas[index].expand(len(x)))
+        for index in range(done):  # done < N: the last step is the one trained
+            stepped = x + (sigmas[index + 1] - sigmas[index]) * velocity(x, sigmas[index].expand(len(x)))
+            x = stepped if known is None else known.after_step(index, x, stepped)
     return x, sigmas[done].expand(len(x))
 
 
 def train_inpaint(pipeline: Flux2KleinPipeline, config: TrainConfig, log: Log) -> None:
-    """Stage 5: fine-tune the trained transformer for masked edits (module docstring), the other kinds
-    keeping their relative shares so that what stage 3 taught stays."""
-    share = config.inpaint_share
-    kinds = {"inpaint": share} | {kind: (1 - share) * weight for kind, weight in BATCH_KINDS.items()}
+    """Stage 5: fine-tune the trained transformer for masked edits, then the VAE decoder on what it paints.
+
+    Klein has no mask input: the engine puts the kept region back after every step (engine/inpaint.py), and
+    at the toy's first noise levels (1.0, 0.95, 0.88) nothing in the input shows where the mask is. So an
+    "inpaint" batch is taught to paint the new shape in the square of every empty cell (flow.painted_latents)
+    at every noise level, and the engine keeps the mask's; taught the finished edit at any level, the toy
+    painted faint, hazy shapes of a neighbouring hue (README, toy model, has the measurements). The other
+    kinds keep their stage-3 shares, and `refine_share` of all batches start from the sampler's own steps
+    (stage 4b's gains stay; an inpainting batch's steps corrected as the engine corrects them).
+
+    The decoder then learns to decode what the fine-tuned transformer paints (`inpaint_decoder_steps`,
+    `inpaint_decoder_share` of the sampled batches masked edits): with the new shape in the picture it had
+    shifted the colour of the kept shape (a purple triangle on gray came out blue)."""
     steps, lr = config.inpaint_steps, config.inpaint_lr
+    sides, sampled = config.refine_share_256, config.refine_share
+    kinds = _with_inpaint(config.inpaint_share)
     _fit_transformer(
-        pipeline, config, log, Fit("inpaint", kinds, steps, lr, INPAINT_WARMUP, 6, config.share_256)
+        pipeline, config, log, Fit("inpaint", kinds, steps, lr, INPAINT_WARMUP, 6, sides, sampled)
     )
+    if steps:  # without them nothing new is painted: the decoder stays as stage 4 left it
+        kinds = _with_inpaint(config.inpaint_decoder_share)
+        _polish_decoder(pipeline, config, log, kinds, config.inpaint_decoder_steps, 8)
+
+
+def _with_inpaint(share: float) -> dict[str, float]:
+    """Batch kinds: "inpaint" with `share`, the rest BATCH_KINDS in their proportions."""
+    return {"inpaint": share} | {kind: (1 - share) * weight for kind, weight in BATCH_KINDS.items()}
 
 
 @dataclass(frozen=True)
 class Fit:
     """One phase of transformer training (stages 3, 4b and 5): `steps` batches of `kinds` (kind -> share),
     `share_256` of them at 256 px, the learning rate `lr` on a cosine after `warmup`, every random choice from
-    `config.seed + seed_offset`; `sampled_share` of the batches (other than "inpaint") start from the
-    transformer's own sampling instead of a noised x0 (`sampled_input`)."""
+    `config.seed + seed_offset`; `sampled_share` of the batches start from the transformer's own sampling
+    instead of a noised x0 (`sampled_input`)."""
 
     name: str
     kinds: dict[str, float]
@@ -418,8 +448,7 @@ class Fit:
 
 def _fit_transformer(pipeline: Flux2KleinPipeline, config: TrainConfig, log: Log, fit: Fit) -> None:
     """Train `pipeline.transformer` in place as `fit` says; it ends holding the EMA weights. An "inpaint"
-    batch is noised from flow.inpaint_latents: the latents the engine's inpainting ends with, or above
-    BLIND_SIGMA the new shape painted in every empty cell."""
+    batch is taught flow.painted_latents (train_inpaint says why)."""
     steps, lr = fit.steps, fit.lr
     engine = training_pipeline(pipeline)
     transformer = pipeline.transformer.train().requires_grad_(True)
@@ -428,7 +457,7 @@ def _fit_transformer(pipeline: Flux2KleinPipeline, config: TrainConfig, log: Log
     generator = torch.Generator().manual_seed(config.seed + fit.seed_offset)
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=lr, weight_decay=0.01)
     schedules = {
-        side: make_scheduler(engine.components.scheduler_config, 4, (side // SIZE_MULTIPLE) ** 2).sigmas[:4]
+        side: make_scheduler(engine.components.scheduler_config, 4, (side // SIZE_MULTIPLE) ** 2).sigmas
         for side in (128, 256)
     }
     cache = LatentCache(engine)
@@ -439,7 +468,7 @@ def _fit_transformer(pipeline: Flux2KleinPipeline, config: TrainConfig, log: Log
         kind = random_kind(rng, fit.kinds)
         examples = [random_example(kind, rng) for _ in range(size)]
         if kind == "inpaint":
-            x0, everywhere = inpaint_latents(cache, examples, side)
+            x0 = painted_latents(cache, examples, side)
         else:
             x0 = cache.encode([e.target for e in examples], side)
         velocity = velocity_fn(engine, cache, examples, side)
@@ -447,21 +476,17 @@ def _fit_transformer(pipeline: Flux2KleinPipeline, config: TrainConfig, log: Log
         from_schedule = torch.rand(size, generator=generator) < config.schedule_share
         sigma = torch.where(
             from_schedule,
-            schedules[side][torch.randint(0, 4, (size,), generator=generator)].float(),
+            schedules[side][torch.randint(0, 4, (size,), generator=generator)].float(),  # not the last, 0
             torch.rand(size, generator=generator),
         )
         noise = torch.randn(x0.shape, generator=generator)
         s = sigma.view(-1, 1, 1)
-        if kind == "inpaint":
-            # Above BLIND_SIGMA, the inpainting model is taught to paint the new shape in every empty cell:
-            # no mask shows in a noised x0 there, so trained on x0 it drew the average over cells, a faint
-            # shape in each (1-3 of the toy's 4 steps, sigmas 1.0 / 0.95 / 0.88; 25-42 % right colours after
-            # 600 steps, also when trained on its own earlier steps); the denoise loop keeps only the mask's.
-            x0 = torch.where(s > BLIND_SIGMA, everywhere, x0)
         x_t, target = (1 - s) * x0 + s * noise, noise - x0
-        if fit.sampled_share and kind != "inpaint" and rng.random() < fit.sampled_share:
+        if fit.sampled_share and rng.random() < fit.sampled_share:
             done = int(torch.randint(1, 4, (), generator=generator))
-            x_t, sigma = sampled_input(velocity, noise, schedules[side], done)
+            sigmas = schedules[side]
+            known = known_latents(cache, examples, side, noise, sigmas) if kind == "inpaint" else None
+            x_t, sigma = sampled_input(velocity, noise, sigmas, done, known)
             target = (x_t - x0) / sigma.view(-1, 1, 1)  # the velocity that lands on x0 in one step
         predicted = velocity(x_t, sigma)
         loss = _weighted_mean((predicted - target) ** 2, foreground_weights(x0))
