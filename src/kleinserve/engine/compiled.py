@@ -17,10 +17,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kleinserve.engine.weights import BLOCK_LISTS
+
 # Entries per compiled code object before torch falls back to eager: one per (size, batch) served, per block
 # class, and again per precision. torch's default (8) runs out after a few sizes and batch sizes.
 RECOMPILE_LIMIT = 64
-TRANSFORMER_BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")  # Flux2's doubles, singles
 
 
 def compile_blocks(transformer: nn.Module) -> int:
@@ -31,8 +32,8 @@ def compile_blocks(transformer: nn.Module) -> int:
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
     setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
     count = 0
-    for list_name in TRANSFORMER_BLOCK_LISTS:
-        for block in getattr(transformer, list_name):
+    for list_name in BLOCK_LISTS:  # Flux2's double and single blocks (the text encoder's "layers": none)
+        for block in getattr(transformer, list_name, []):
             block.compile(fullgraph=True, dynamic=False)
             count += 1
     return count

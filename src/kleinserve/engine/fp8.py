@@ -60,10 +60,11 @@ class Float8Linear(nn.Module):
         self.register_buffer("bias", bias)
 
     @classmethod
-    def quantize(cls, linear: nn.Linear) -> Float8Linear:
-        """`linear` with its weight quantized per output row where it lives (device and all)."""
+    def quantize(cls, linear: nn.Linear, dtype: torch.dtype) -> Float8Linear:
+        """`linear` with its weight quantized per output row where it lives (device and all), its bias in
+        the compute `dtype`."""
         weight, scale = quantize_rows(linear.weight.detach())
-        bias = None if linear.bias is None else linear.bias.detach()
+        bias = None if linear.bias is None else linear.bias.detach().to(dtype)
         return cls(weight, scale, bias)
 
     @property

@@ -27,13 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kleinserve.engine.fp8 import Float8Linear
-from kleinserve.engine.int8 import Int8Linear
 from kleinserve.engine.lora import LoadedAdapter
-from kleinserve.engine.precision import PackedLinear, WidenedLinear
+from kleinserve.engine.precision import LINEAR_KINDS
 from kleinserve.errors import EngineError
-
-_LINEARS = (nn.Linear, PackedLinear, WidenedLinear, Int8Linear, Float8Linear)
 
 
 def linear_shapes(module: nn.Module) -> dict[str, tuple[int, int]]:
@@ -41,7 +37,7 @@ def linear_shapes(module: nn.Module) -> dict[str, tuple[int, int]]:
     return {
         name: (child.in_features, child.out_features)
         for name, child in module.named_modules()
-        if isinstance(child, _LINEARS)
+        if isinstance(child, LINEAR_KINDS)
     }
 
 

@@ -279,10 +279,7 @@ class Placer:
         dtype = self.placement.dtype
         for parent, attr, linear in _linears(block):
             if can_quantize(linear):
-                quantized = Float8Linear.quantize(linear)
-                if quantized.bias is not None:
-                    quantized.bias = quantized.bias.to(dtype)
-                setattr(parent, attr, quantized)
+                setattr(parent, attr, Float8Linear.quantize(linear, dtype))
 
     def module(self, module: nn.Module, component: str) -> None:
         """Place a module already in memory as the loader places one it reads: its blocks, then the rest
@@ -382,7 +379,7 @@ def _convert_other_parameters(module: nn.Module, dtype: torch.dtype) -> None:
     embedding table under fp32 compute, which stays 16-bit and has only its looked-up rows widened (the Qwen3
     table is 0.4 B values; widening the rows used is exact)."""
     for submodule in module.modules():
-        if isinstance(submodule, _LINEAR_KINDS):  # placed by the caller (a placed one is not touched again)
+        if isinstance(submodule, LINEAR_KINDS):  # placed by the caller (a placed one is not touched again)
             continue
         if isinstance(submodule, nn.Embedding) and submodule.weight.dtype != dtype:
             if dtype == torch.float32 and submodule.weight.dtype in (torch.bfloat16, torch.float16):
@@ -393,7 +390,8 @@ def _convert_other_parameters(module: nn.Module, dtype: torch.dtype) -> None:
                 setattr(submodule, name, nn.Parameter(param.detach().to(dtype), requires_grad=False))
 
 
-_LINEAR_KINDS = (nn.Linear, PackedLinear, WidenedLinear, Int8Linear, Float8Linear)
+# Every class a Linear may be once placed (lora_layers wraps any of them).
+LINEAR_KINDS = (nn.Linear, PackedLinear, WidenedLinear, Int8Linear, Float8Linear)
 
 
 def _nbytes(module: nn.Module) -> int:
