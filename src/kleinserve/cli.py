@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from kleinserve.engine.loading import ModelSource
 
 # `kleinserve toy train --stage`: toy/train.py's STAGES (importing it here would load torch for every command)
-TOY_STAGES = ["all", "transformer", "decoder", "refine", "inpaint"]
+TOY_STAGES = ["all", "transformer", "decoder", "refine", "inpaint", "shapes"]
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=TOY_STAGES,
         default="all",
         help="continue the model of --from (written with 0 steps of this stage and the later ones) from "
-        "stage 3 (transformer), 4 (decoder), 4b (refine: the transformer on its own samples) or 5 (inpaint)",
+        "stage 3 (transformer), 4 (decoder), 4b (refine: the transformer on its own samples), 5 (inpaint) or "
+        "6 (shapes: the transformer mostly on captions)",
     )
     train.add_argument("--from", dest="source", type=Path, help="with --stage: the model to continue")
     train.add_argument("--inpaint-steps", type=int, help="stage 5's steps (default: the committed weights')")

@@ -17,7 +17,14 @@ from kleinserve.engine.loading import TOY_DIR
 from kleinserve.engine.sampling import make_scheduler
 from kleinserve.toy import scenes
 from kleinserve.toy.flow import LatentCache, known_latents, training_pipeline, velocity_fn
-from kleinserve.toy.train import STAGES, TrainConfig, continue_training, sampled_input, train
+from kleinserve.toy.train import (
+    STAGES,
+    TrainConfig,
+    continue_training,
+    noise_levels,
+    sampled_input,
+    train,
+)
 from kleinserve.types import GenerateRequest
 
 # A few steps of each stage: enough to exercise every batch kind's code path, small enough for CI.
@@ -31,6 +38,7 @@ SHORT = TrainConfig(
     warmup_steps=2,
     inpaint_steps=4,  # seed 0 draws inpaint and other batches
     inpaint_decoder_steps=2,
+    shapes_steps=3,
     refine_steps=2,
     refine_share=1.0,  # every batch from the sampler's own steps (the other kind is stage 3's)
 )
@@ -68,7 +76,8 @@ def test_the_inpaint_stage_alone_continues_a_model_to_the_same_bytes(tmp_path: P
     """`kleinserve toy train --stage inpaint --from DIR` on stages 1-4 writes what the whole run writes (how
     the committed weights were made: stage 5 run on the previously committed model)."""
     whole = train(tmp_path / "whole", SHORT, log=lambda _: None)
-    before = train(tmp_path / "before", dataclasses.replace(SHORT, inpaint_steps=0), log=lambda _: None)
+    before_stage_5 = dataclasses.replace(SHORT, inpaint_steps=0, shapes_steps=0)
+    before = train(tmp_path / "before", before_stage_5, log=lambda _: None)
     continued = continue_training(before, tmp_path / "continued", SHORT, log=lambda _: None)
     # Every weight and the training configuration (configs also record the directory a model was loaded from)
     assert _weights(continued) == _weights(whole)
@@ -79,7 +88,7 @@ def test_the_inpaint_stage_alone_continues_a_model_to_the_same_bytes(tmp_path: P
     assert _weights(before).keys() == _weights(whole).keys() and len(_weights(whole)) == 3
 
 
-@pytest.mark.parametrize("stage", ["transformer", "decoder", "refine"])
+@pytest.mark.parametrize("stage", ["transformer", "decoder", "refine", "shapes"])
 def test_a_run_continues_from_a_later_stage_to_the_same_bytes(tmp_path: Path, stage: str) -> None:
     """`kleinserve toy train --stage STAGE --from DIR` on a model written with 0 steps of that stage and the
     later ones writes what the whole run writes (how the committed weights were made)."""
@@ -93,7 +102,7 @@ def test_a_run_continues_from_a_later_stage_to_the_same_bytes(tmp_path: Path, st
     )
     assert _weights(continued) == _weights(whole)
     assert _training(continued) == _training(whole) == dataclasses.asdict(SHORT)
-    with pytest.raises(ValueError, match="inpaint_steps not 0"):
+    with pytest.raises(ValueError, match="shapes_steps not 0"):
         continue_training(whole, tmp_path / "y", SHORT, stage=stage)
 
 
@@ -131,3 +140,17 @@ def test_inpainting_batches_start_from_what_the_engine_keeps() -> None:
     noised = sigmas[3] * noise + (1 - sigmas[3]) * known.clean
     assert torch.equal(x[kept], noised[kept]) and kept.any()
     assert (x[~kept] - noised[~kept]).abs().mean() > 0.1  # painted, not the scene
+
+
+def test_stage_5_trains_only_the_noise_levels_klein_samples_at() -> None:
+    # Stage 5 (TrainConfig.inpaint_schedule_share 1.0) spends every batch on the four levels the 4-step
+    # sampler visits; stage 3 (schedule_share 0.5) also trains uniform levels, which other step counts use.
+    config = dict(Flux2KleinPipeline.from_pretrained(TOY_DIR).scheduler.config)
+    schedule = make_scheduler(config, 4, 64).sigmas
+    generator = torch.Generator().manual_seed(0)
+    visited = set(schedule[:4].float().tolist())
+    stage_5 = noise_levels(schedule, TrainConfig().inpaint_schedule_share, 400, generator)
+    assert set(stage_5.tolist()) == visited and 0.0 not in visited
+    stage_3 = noise_levels(schedule, TrainConfig().schedule_share, 400, generator).tolist()
+    others = [level for level in stage_3 if level not in visited]
+    assert 150 < len(others) < 250 and all(0 <= level < 1 for level in others)
