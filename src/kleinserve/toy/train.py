@@ -459,7 +459,8 @@ def train_shapes(pipeline: Flux2KleinPipeline, config: TrainConfig, log: Log) ->
     83 %: the other kinds keep a share here. With them, 3,000 steps gave 65.3 / 62.5 % shapes and
     90.3 / 86.1 % clean, 6,000 steps 73.6 / 70.8 % and 93.1 / 94.4 %."""
     steps, lr, sides = config.shapes_steps, config.shapes_lr, config.shapes_share_256
-    fit = Fit("shapes", SHAPES_KINDS, steps, lr, INPAINT_WARMUP, 9, sides, 1.0, config.refine_share)
+    levels = config.inpaint_schedule_share  # stage 5's noise levels (the sampler's), not a second setting
+    fit = Fit("shapes", SHAPES_KINDS, steps, lr, INPAINT_WARMUP, 9, sides, levels, config.refine_share)
     _fit_transformer(pipeline, config, log, fit)
 
 
