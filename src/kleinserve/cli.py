@@ -262,7 +262,8 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _toy(args: argparse.Namespace) -> int:
     if args.toy_command == "train":
-        from kleinserve.toy.train import TrainConfig, continue_training, train
+        from kleinserve.toy.config import TrainConfig
+        from kleinserve.toy.train import continue_training, train
 
         config, log = TrainConfig(seed=args.seed), lambda line: print(line, flush=True)
         if args.inpaint_steps is not None:

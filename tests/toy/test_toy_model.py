@@ -21,8 +21,8 @@ from kleinserve.api.server import ServerSettings
 from kleinserve.engine import Pipeline, load_pipeline
 from kleinserve.engine.loading import TOY_DIR, TOY_NAME
 from kleinserve.toy import scenes
+from kleinserve.toy.config import TrainConfig
 from kleinserve.toy.evaluate import analyse, check_inpaint, colour_shares, evaluate
-from kleinserve.toy.train import TrainConfig
 from kleinserve.types import GenerateRequest
 from tests.api.conftest import RunningServer, serve_in_thread
 

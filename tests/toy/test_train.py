@@ -16,15 +16,10 @@ from kleinserve.engine import load_pipeline
 from kleinserve.engine.loading import TOY_DIR
 from kleinserve.engine.sampling import make_scheduler
 from kleinserve.toy import scenes
+from kleinserve.toy.config import TrainConfig
+from kleinserve.toy.fit import noise_levels, sampled_input
 from kleinserve.toy.flow import LatentCache, known_latents, training_pipeline, velocity_fn
-from kleinserve.toy.train import (
-    STAGES,
-    TrainConfig,
-    continue_training,
-    noise_levels,
-    sampled_input,
-    train,
-)
+from kleinserve.toy.train import STAGES, continue_training, train
 from kleinserve.types import GenerateRequest
 
 # A few steps of each stage: enough to exercise every batch kind's code path, small enough for CI.

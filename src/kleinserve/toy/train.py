@@ -32,15 +32,11 @@ machine), so `--stage STAGE --from DIR` continues a model rather than re-making 
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import functools
 import json
-import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
@@ -49,102 +45,21 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline
 
 from kleinserve.engine import latents as L
-from kleinserve.engine.inpaint import KnownLatents
 from kleinserve.engine.references import prepare_reference
-from kleinserve.engine.sampling import make_scheduler
-from kleinserve.engine.spec import SIZE_MULTIPLE
 from kleinserve.toy import scenes
-from kleinserve.toy.flow import (
-    LatentCache,
-    known_latents,
-    painted_latents,
-    sample_latents,
-    training_pipeline,
-    velocity_fn,
+from kleinserve.toy.config import BATCH_KINDS, INPAINT_WARMUP, SHAPES_KINDS, Log, TrainConfig
+from kleinserve.toy.fit import (
+    FOREGROUND_WEIGHT,
+    Fit,
+    cosine,
+    fit_transformer,
+    optimise,
+    random_example,
+    random_kind,
+    weighted_mean,
 )
+from kleinserve.toy.flow import LatentCache, sample_latents, training_pipeline
 from kleinserve.toy.model import TEXT_DIM, TEXT_LENGTH, build_toy_pipeline, save_toy
-
-Log = Callable[[str], None]
-FOREGROUND_WEIGHT = 5.0  # loss weight of shape tokens (background tokens: 1)
-FOREGROUND_DEVIATION = 0.3  # a token shows a shape when its mean |latent - image's median token| exceeds this
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    seed: int = 0
-    vae_small_steps: int = 3400  # batches of 8 whole scenes drawn at 64 px
-    vae_full_steps: int = 300  # batches of 4 whole scenes drawn at 128 px
-    vae_lr: float = 3e-4  # 1e-3 diverges: flat colour fields make GroupNorm statistics nearly singular
-    decoder_steps: int = 500  # batches of 8 scenes at 128 px or 2 at 256, decoder only, last
-    decoder_lr: float = 2e-4
-    decoder_sampled_share: float = 0.5  # fraction of decoder batches decoded from the transformer's samples
-    text_steps: int = 1000  # batches of text_batch prompts of every kind
-    text_batch: int = 64
-    text_lr: float = 1e-3
-    transformer_steps: int = 11000  # the committed weights: ~37 min at 0.20 s/step
-    transformer_lr: float = 8e-4
-    warmup_steps: int = 150
-    ema_decay: float = 0.998
-    batch_128: int = 8
-    batch_256: int = 4
-    share_256: float = 0.25  # fraction of transformer batches at 256 px
-    schedule_share: float = 0.5  # fraction of noise levels taken from the 4-step schedule
-    # Stage 4b, the transformer refined on the inputs its own 4-step sampler gives it (train_on_samples).
-    refine_steps: int = 1500
-    refine_lr: float = 2e-4
-    refine_share: float = 0.6  # fraction of stage-4b batches whose input is sampled; the rest as stage 3
-    refine_share_256: float = 0.6  # fraction of stage-4b batches at 256 px
-    # Stage 5, the transformer then the decoder fine-tuned for masked edits (train_inpaint).
-    inpaint_steps: int = 7000
-    inpaint_lr: float = 3e-4
-    inpaint_share: float = 0.35  # fraction of stage-5 batches of the "inpaint" kind; the rest as BATCH_KINDS
-    inpaint_schedule_share: float = 1.0  # stage 5's noise levels: only those klein's 4-step sampler visits
-    inpaint_decoder_steps: int = 500
-    inpaint_decoder_share: float = 0.7  # fraction of its sampled batches of the "inpaint" kind
-    # Stage 6, the transformer fine-tuned mostly on captions (train_shapes, SHAPES_KINDS).
-    shapes_steps: int = 6000
-    shapes_lr: float = 3e-4
-    shapes_share_256: float = 0.5
-
-
-# Transformer batch kinds and their shares; a batch holds one kind so that its reference geometry is shared.
-BATCH_KINDS: dict[str, float] = {
-    "text": 0.45,
-    "pair": 0.15,
-    "recolour": 0.2,
-    "background": 0.08,
-    "compose": 0.12,
-}
-
-
-_MAKERS: dict[str, Callable[[random.Random], scenes.Example]] = {
-    "text": scenes.text_example,
-    "pair": functools.partial(scenes.text_example, shapes=2),
-    "recolour": scenes.recolour_example,
-    "background": scenes.background_example,
-    "compose": scenes.compose_example,
-    "inpaint": scenes.inpaint_example,
-}
-# Stage 6's batch kinds: mostly captions (what draws shapes from words alone), the others enough to keep them.
-SHAPES_KINDS: dict[str, float] = {
-    "text": 0.6,
-    "pair": 0.05,
-    "recolour": 0.1,
-    "background": 0.025,
-    "compose": 0.025,
-    "inpaint": 0.2,
-}
-INPAINT_WARMUP = 50  # warm-up steps of stages 4b, 5 and 6: they start from trained weights
-
-
-def random_kind(rng: random.Random, kinds: dict[str, float] = BATCH_KINDS) -> str:
-    """One of `kinds` (kind -> share), drawn with its share."""
-    return rng.choices(list(kinds), list(kinds.values()))[0]
-
-
-def random_example(kind: str, rng: random.Random) -> scenes.Example:
-    """An example of one of BATCH_KINDS."""
-    return _MAKERS[kind](rng)
 
 
 def to_pixels(images: list) -> torch.Tensor:
@@ -215,28 +130,6 @@ def continue_training(
     return save_toy(pipeline, out, dataclasses.asdict(config))
 
 
-def _optimise(optimizer: torch.optim.Optimizer, loss: torch.Tensor, parameters: list, lr: float) -> None:
-    """One step of every stage: set the learning rate, backpropagate, clip the gradient norm at 1."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-    optimizer.step()
-
-
-def _weighted_mean(error: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Weighted mean of `error`; `weights` broadcasts over it (size 1 along the channel dimension)."""
-    return (error * weights).sum() / weights.expand_as(error).sum()
-
-
-def _cosine(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def _captioned_scene_image(rng: random.Random, side: int):
     kind = rng.choice(list(BATCH_KINDS))
     example = random_example(kind, rng)
@@ -257,7 +150,7 @@ def train_vae(pipeline: Flux2KleinPipeline, config: TrainConfig, log: Log) -> No
         posterior = vae.encode(pixels).latent_dist
         decoded = vae.decode(posterior.mode()).sample
         loss = F.l1_loss(decoded, pixels) + 1e-7 * posterior.kl().mean()
-        _optimise(optimizer, loss, list(vae.parameters()), config.vae_lr * _cosine(step, total, 200))
+        optimise(optimizer, loss, list(vae.parameters()), config.vae_lr * cosine(step, total, 200))
         if step % 100 == 0 or step == total - 1:
             log(f"vae step {step}/{total} l1 {loss.item():.4f} ({time.perf_counter() - start:.0f} s)")
     vae.eval().requires_grad_(False)
@@ -312,8 +205,8 @@ def _polish_decoder(
         decoded = vae.decode(latents).sample
         border = torch.cat([pixels[..., 0, :], pixels[..., -1, :]], dim=-1).median(dim=-1).values
         shape_pixels = (pixels - border[..., None, None]).abs().sum(dim=1, keepdim=True) > 0.25
-        loss = _weighted_mean((decoded - pixels).abs(), 1 + (FOREGROUND_WEIGHT - 1) * shape_pixels.float())
-        _optimise(optimizer, loss, decoder, config.decoder_lr * _cosine(step, steps, 50))
+        loss = weighted_mean((decoded - pixels).abs(), 1 + (FOREGROUND_WEIGHT - 1) * shape_pixels.float())
+        optimise(optimizer, loss, decoder, config.decoder_lr * cosine(step, steps, 50))
         if step % 100 == 0 or step == steps - 1:
             log(f"decoder step {step}/{steps} l1 {loss.item():.4f} ({time.perf_counter() - start:.0f} s)")
     vae.eval().requires_grad_(False)
@@ -359,8 +252,8 @@ def train_text_encoder(pipeline: Flux2KleinPipeline, config: TrainConfig, log: L
         logits = {field: head(last) for field, head in heads.items()}
         labels = {field: torch.tensor([_label(field, s[field]) for s in said]) for field in heads}
         loss = cast(torch.Tensor, sum(F.cross_entropy(logits[field], labels[field]) for field in heads))
-        lr = config.text_lr * _cosine(step, config.text_steps, 100)
-        _optimise(optimizer, loss, list(encoder.parameters()), lr)
+        lr = config.text_lr * cosine(step, config.text_steps, 100)
+        optimise(optimizer, loss, list(encoder.parameters()), lr)
         if step % 100 == 0 or step == config.text_steps - 1:
             right = sum((logits[f].argmax(-1) == labels[f]).float().mean().item() for f in heads) / len(heads)
             elapsed = time.perf_counter() - start
@@ -371,19 +264,13 @@ def train_text_encoder(pipeline: Flux2KleinPipeline, config: TrainConfig, log: L
     encoder.eval().requires_grad_(False)
 
 
-def foreground_weights(x0: torch.Tensor) -> torch.Tensor:
-    """(B, N, 1) loss weights: FOREGROUND_WEIGHT where a token differs from its image's median token."""
-    deviation = (x0 - x0.median(dim=1, keepdim=True).values).abs().mean(dim=-1, keepdim=True)
-    return 1 + (FOREGROUND_WEIGHT - 1) * (deviation > FOREGROUND_DEVIATION).float()
-
-
 def train_transformer(pipeline: Flux2KleinPipeline, config: TrainConfig, log: Log) -> None:
     """Stage 3: train `pipeline.transformer` in place on BATCH_KINDS; it ends holding the EMA weights."""
     steps, lr = config.transformer_steps, config.transformer_lr
     fit = Fit(
         "transformer", BATCH_KINDS, steps, lr, config.warmup_steps, 2, config.share_256, config.schedule_share
     )
-    _fit_transformer(pipeline, config, log, fit)
+    fit_transformer(pipeline, config, log, fit)
 
 
 def train_on_samples(pipeline: Flux2KleinPipeline, config: TrainConfig, log: Log) -> None:
@@ -398,26 +285,7 @@ def train_on_samples(pipeline: Flux2KleinPipeline, config: TrainConfig, log: Log
     steps, lr, sides = config.refine_steps, config.refine_lr, config.refine_share_256
     levels, sampled = config.schedule_share, config.refine_share
     fit = Fit("refine", BATCH_KINDS, steps, lr, INPAINT_WARMUP, 7, sides, levels, sampled)
-    _fit_transformer(pipeline, config, log, fit)
-
-
-def sampled_input(
-    velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    noise: torch.Tensor,
-    sigmas: torch.Tensor,
-    done: int,
-    known: KnownLatents | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x, sigma (B,)): the Euler sampler's latents after its first `done` steps of `sigmas` (the schedule's
-    N + 1) from `noise` (B, N, C), as engine/sampling.denoise computes them, without gradients; `done` < N.
-    (denoise itself always runs to the end of its schedule.) With `known` (an inpainting batch), each step is
-    corrected as the engine's inpainting corrects it (KnownLatents.after_step)."""
-    x, sigmas = noise, sigmas.float()
-    with torch.no_grad():
-        for index in range(done):  # done < N: the last step is the one trained
-            stepped = x + (sigmas[index + 1] - sigmas[index]) * velocity(x, sigmas[index].expand(len(x)))
-            x = stepped if known is None else known.after_step(index, x, stepped)
-    return x, sigmas[done].expand(len(x))
+    fit_transformer(pipeline, config, log, fit)
 
 
 def train_inpaint(pipeline: Flux2KleinPipeline, config: TrainConfig, log: Log) -> None:
@@ -444,7 +312,7 @@ def train_inpaint(pipeline: Flux2KleinPipeline, config: TrainConfig, log: Log) -
     sides, levels, sampled = config.refine_share_256, config.inpaint_schedule_share, config.refine_share
     kinds = _with_inpaint(config.inpaint_share)
     fit = Fit("inpaint", kinds, steps, lr, INPAINT_WARMUP, 6, sides, levels, sampled)
-    _fit_transformer(pipeline, config, log, fit)
+    fit_transformer(pipeline, config, log, fit)
     if steps:  # without them nothing new is painted: the decoder stays as stage 4 left it
         kinds = _with_inpaint(config.inpaint_decoder_share)
         _polish_decoder(pipeline, config, log, kinds, config.inpaint_decoder_steps, 8)
@@ -461,95 +329,12 @@ def train_shapes(pipeline: Flux2KleinPipeline, config: TrainConfig, log: Log) ->
     steps, lr, sides = config.shapes_steps, config.shapes_lr, config.shapes_share_256
     levels = config.inpaint_schedule_share  # stage 5's noise levels (the sampler's), not a second setting
     fit = Fit("shapes", SHAPES_KINDS, steps, lr, INPAINT_WARMUP, 9, sides, levels, config.refine_share)
-    _fit_transformer(pipeline, config, log, fit)
+    fit_transformer(pipeline, config, log, fit)
 
 
 def _with_inpaint(share: float) -> dict[str, float]:
     """Batch kinds: "inpaint" with `share`, the rest BATCH_KINDS in their proportions."""
     return {"inpaint": share} | {kind: (1 - share) * weight for kind, weight in BATCH_KINDS.items()}
-
-
-@dataclass(frozen=True)
-class Fit:
-    """One phase of transformer training (stages 3, 4b and 5): `steps` batches of `kinds` (kind -> share),
-    `share_256` of them at 256 px, the learning rate `lr` on a cosine after `warmup`, every random choice from
-    `config.seed + seed_offset`; `schedule_share` of the noised-x0 examples at a noise level of the 4-step
-    schedule, the rest uniform in [0, 1); `sampled_share` of the batches start from the transformer's own
-    sampling instead of a noised x0 (`sampled_input`)."""
-
-    name: str
-    kinds: dict[str, float]
-    steps: int
-    lr: float
-    warmup: int
-    seed_offset: int
-    share_256: float
-    schedule_share: float
-    sampled_share: float = 0.0
-
-
-def noise_levels(
-    schedule: torch.Tensor, schedule_share: float, size: int, generator: torch.Generator
-) -> torch.Tensor:
-    """(size,) float noise levels to train at: with probability `schedule_share` one of the first four of
-    `schedule` (klein's 4-step sigmas, N + 1 of them: never the final 0), else uniform in [0, 1)."""
-    from_schedule = torch.rand(size, generator=generator) < schedule_share
-    return torch.where(
-        from_schedule,
-        schedule[torch.randint(0, 4, (size,), generator=generator)].float(),
-        torch.rand(size, generator=generator),
-    )
-
-
-def _fit_transformer(pipeline: Flux2KleinPipeline, config: TrainConfig, log: Log, fit: Fit) -> None:
-    """Train `pipeline.transformer` in place as `fit` says; it ends holding the EMA weights. An "inpaint"
-    batch is taught flow.painted_latents (train_inpaint says why)."""
-    steps, lr = fit.steps, fit.lr
-    engine = training_pipeline(pipeline)
-    transformer = pipeline.transformer.train().requires_grad_(True)
-    ema = copy.deepcopy(transformer).requires_grad_(False)
-    rng = random.Random(config.seed + fit.seed_offset)
-    generator = torch.Generator().manual_seed(config.seed + fit.seed_offset)
-    optimizer = torch.optim.AdamW(transformer.parameters(), lr=lr, weight_decay=0.01)
-    schedules = {
-        side: make_scheduler(engine.components.scheduler_config, 4, (side // SIZE_MULTIPLE) ** 2).sigmas
-        for side in (128, 256)
-    }
-    cache = LatentCache(engine)
-    start, running = time.perf_counter(), 0.0
-    for step in range(steps):
-        side = 256 if rng.random() < fit.share_256 else 128
-        size = config.batch_256 if side == 256 else config.batch_128
-        kind = random_kind(rng, fit.kinds)
-        examples = [random_example(kind, rng) for _ in range(size)]
-        if kind == "inpaint":
-            x0 = painted_latents(cache, examples, side)
-        else:
-            x0 = cache.encode([e.target for e in examples], side)
-        velocity = velocity_fn(engine, cache, examples, side)
-
-        sigma = noise_levels(schedules[side], fit.schedule_share, size, generator)
-        noise = torch.randn(x0.shape, generator=generator)
-        s = sigma.view(-1, 1, 1)
-        x_t, target = (1 - s) * x0 + s * noise, noise - x0
-        if fit.sampled_share and rng.random() < fit.sampled_share:
-            done = int(torch.randint(1, 4, (), generator=generator))
-            sigmas = schedules[side]
-            known = known_latents(cache, examples, side, noise, sigmas) if kind == "inpaint" else None
-            x_t, sigma = sampled_input(velocity, noise, sigmas, done, known)
-            target = (x_t - x0) / sigma.view(-1, 1, 1)  # the velocity that lands on x0 in one step
-        predicted = velocity(x_t, sigma)
-        loss = _weighted_mean((predicted - target) ** 2, foreground_weights(x0))
-        _optimise(optimizer, loss, list(transformer.parameters()), lr * _cosine(step, steps, fit.warmup))
-        with torch.no_grad():
-            decay = min(config.ema_decay, (1 + step) / (10 + step))
-            for averaged, current in zip(ema.parameters(), transformer.parameters(), strict=True):
-                averaged.lerp_(current, 1 - decay)
-        running = loss.item() if step == 0 else 0.98 * running + 0.02 * loss.item()
-        if step % 50 == 0 or step == steps - 1:
-            log(f"{fit.name} step {step}/{steps} loss {running:.4f} ({time.perf_counter() - start:.0f} s)")
-    transformer.load_state_dict(ema.state_dict())
-    transformer.eval().requires_grad_(False)
 
 
 _STAGE_RUNNERS: dict[str, Callable[[Flux2KleinPipeline, TrainConfig, Log], None]] = {

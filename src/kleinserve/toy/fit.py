@@ -1,0 +1,181 @@
+"""The transformer's training loop that stages 3, 4b, 5 and 6 share (`fit_transformer`, set by a `Fit`), and
+the pieces every stage uses: batches of scenes.Example by kind, the optimiser step, the learning-rate cosine,
+the foreground-weighted loss.
+
+Rectified flow as klein samples it: x_t = (1 - s) x0 + s noise, target v = noise - x0, through the engine's
+own text encoding, reference encoding and transformer call (flow.velocity_fn), so training sees exactly the
+sequence inference builds."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from diffusers import Flux2KleinPipeline
+
+from kleinserve.engine.inpaint import KnownLatents
+from kleinserve.engine.sampling import make_scheduler
+from kleinserve.engine.spec import SIZE_MULTIPLE
+from kleinserve.toy import scenes
+from kleinserve.toy.config import BATCH_KINDS, Log, TrainConfig
+from kleinserve.toy.flow import LatentCache, known_latents, painted_latents, training_pipeline, velocity_fn
+
+FOREGROUND_WEIGHT = 5.0  # loss weight of shape tokens (background tokens: 1)
+FOREGROUND_DEVIATION = 0.3  # a token shows a shape when its mean |latent - image's median token| exceeds this
+
+_MAKERS: dict[str, Callable[[random.Random], scenes.Example]] = {
+    "text": scenes.text_example,
+    "pair": functools.partial(scenes.text_example, shapes=2),
+    "recolour": scenes.recolour_example,
+    "background": scenes.background_example,
+    "compose": scenes.compose_example,
+    "inpaint": scenes.inpaint_example,
+}
+
+
+def random_kind(rng: random.Random, kinds: dict[str, float] = BATCH_KINDS) -> str:
+    """One of `kinds` (kind -> share), drawn with its share."""
+    return rng.choices(list(kinds), list(kinds.values()))[0]
+
+
+def random_example(kind: str, rng: random.Random) -> scenes.Example:
+    """An example of one of BATCH_KINDS."""
+    return _MAKERS[kind](rng)
+
+
+def optimise(optimizer: torch.optim.Optimizer, loss: torch.Tensor, parameters: list, lr: float) -> None:
+    """One step of every stage: set the learning rate, backpropagate, clip the gradient norm at 1."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+    optimizer.step()
+
+
+def weighted_mean(error: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted mean of `error`; `weights` broadcasts over it (size 1 along the channel dimension)."""
+    return (error * weights).sum() / weights.expand_as(error).sum()
+
+
+def cosine(step: int, total: int, warmup: int) -> float:
+    """The learning-rate factor at `step` of `total`: linear up over `warmup` steps, then a cosine from 1 down
+    to 0.05."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def foreground_weights(x0: torch.Tensor) -> torch.Tensor:
+    """(B, N, 1) loss weights: FOREGROUND_WEIGHT where a token differs from its image's median token."""
+    deviation = (x0 - x0.median(dim=1, keepdim=True).values).abs().mean(dim=-1, keepdim=True)
+    return 1 + (FOREGROUND_WEIGHT - 1) * (deviation > FOREGROUND_DEVIATION).float()
+
+
+def sampled_input(
+    velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    noise: torch.Tensor,
+    sigmas: torch.Tensor,
+    done: int,
+    known: KnownLatents | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, sigma (B,)): the Euler sampler's latents after its first `done` steps of `sigmas` (the schedule's
+    N + 1) from `noise` (B, N, C), as engine/sampling.denoise computes them, without gradients; `done` < N.
+    (denoise itself always runs to the end of its schedule.) With `known` (an inpainting batch), each step is
+    corrected as the engine's inpainting corrects it (KnownLatents.after_step)."""
+    x, sigmas = noise, sigmas.float()
+    with torch.no_grad():
+        for index in range(done):  # done < N: the last step is the one trained
+            stepped = x + (sigmas[index + 1] - sigmas[index]) * velocity(x, sigmas[index].expand(len(x)))
+            x = stepped if known is None else known.after_step(index, x, stepped)
+    return x, sigmas[done].expand(len(x))
+
+
+@dataclass(frozen=True)
+class Fit:
+    """One phase of transformer training (stages 3, 4b, 5 and 6): `steps` batches of `kinds` (kind -> share),
+    `share_256` of them at 256 px, the learning rate `lr` on a cosine after `warmup`, every random choice from
+    `config.seed + seed_offset`; `schedule_share` of the noised-x0 examples at a noise level of the 4-step
+    schedule, the rest uniform in [0, 1); `sampled_share` of the batches start from the transformer's own
+    sampling instead of a noised x0 (`sampled_input`)."""
+
+    name: str
+    kinds: dict[str, float]
+    steps: int
+    lr: float
+    warmup: int
+    seed_offset: int
+    share_256: float
+    schedule_share: float
+    sampled_share: float = 0.0
+
+
+def noise_levels(
+    schedule: torch.Tensor, schedule_share: float, size: int, generator: torch.Generator
+) -> torch.Tensor:
+    """(size,) float noise levels to train at: with probability `schedule_share` one of the first four of
+    `schedule` (klein's 4-step sigmas, N + 1 of them: never the final 0), else uniform in [0, 1)."""
+    from_schedule = torch.rand(size, generator=generator) < schedule_share
+    return torch.where(
+        from_schedule,
+        schedule[torch.randint(0, 4, (size,), generator=generator)].float(),
+        torch.rand(size, generator=generator),
+    )
+
+
+def fit_transformer(pipeline: Flux2KleinPipeline, config: TrainConfig, log: Log, fit: Fit) -> None:
+    """Train `pipeline.transformer` in place as `fit` says; it ends holding the EMA weights. An "inpaint"
+    batch is taught flow.painted_latents (train_inpaint says why)."""
+    steps, lr = fit.steps, fit.lr
+    engine = training_pipeline(pipeline)
+    transformer = pipeline.transformer.train().requires_grad_(True)
+    ema = copy.deepcopy(transformer).requires_grad_(False)
+    rng = random.Random(config.seed + fit.seed_offset)
+    generator = torch.Generator().manual_seed(config.seed + fit.seed_offset)
+    optimizer = torch.optim.AdamW(transformer.parameters(), lr=lr, weight_decay=0.01)
+    schedules = {
+        side: make_scheduler(engine.components.scheduler_config, 4, (side // SIZE_MULTIPLE) ** 2).sigmas
+        for side in (128, 256)
+    }
+    cache = LatentCache(engine)
+    start, running = time.perf_counter(), 0.0
+    for step in range(steps):
+        side = 256 if rng.random() < fit.share_256 else 128
+        size = config.batch_256 if side == 256 else config.batch_128
+        kind = random_kind(rng, fit.kinds)
+        examples = [random_example(kind, rng) for _ in range(size)]
+        if kind == "inpaint":
+            x0 = painted_latents(cache, examples, side)
+        else:
+            x0 = cache.encode([e.target for e in examples], side)
+        velocity = velocity_fn(engine, cache, examples, side)
+
+        sigma = noise_levels(schedules[side], fit.schedule_share, size, generator)
+        noise = torch.randn(x0.shape, generator=generator)
+        s = sigma.view(-1, 1, 1)
+        x_t, target = (1 - s) * x0 + s * noise, noise - x0
+        if fit.sampled_share and rng.random() < fit.sampled_share:
+            done = int(torch.randint(1, 4, (), generator=generator))
+            sigmas = schedules[side]
+            known = known_latents(cache, examples, side, noise, sigmas) if kind == "inpaint" else None
+            x_t, sigma = sampled_input(velocity, noise, sigmas, done, known)
+            target = (x_t - x0) / sigma.view(-1, 1, 1)  # the velocity that lands on x0 in one step
+        predicted = velocity(x_t, sigma)
+        loss = weighted_mean((predicted - target) ** 2, foreground_weights(x0))
+        optimise(optimizer, loss, list(transformer.parameters()), lr * cosine(step, steps, fit.warmup))
+        with torch.no_grad():
+            decay = min(config.ema_decay, (1 + step) / (10 + step))
+            for averaged, current in zip(ema.parameters(), transformer.parameters(), strict=True):
+                averaged.lerp_(current, 1 - decay)
+        running = loss.item() if step == 0 else 0.98 * running + 0.02 * loss.item()
+        if step % 50 == 0 or step == steps - 1:
+            log(f"{fit.name} step {step}/{steps} loss {running:.4f} ({time.perf_counter() - start:.0f} s)")
+    transformer.load_state_dict(ema.state_dict())
+    transformer.eval().requires_grad_(False)
