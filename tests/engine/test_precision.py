@@ -3,6 +3,7 @@ choose_placement rejects what it cannot do."""
 
 from __future__ import annotations
 
+import argparse
 import shutil
 from pathlib import Path
 
@@ -13,10 +14,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from kleinserve.cli_options import add_model_options
 from kleinserve.engine import Pipeline, choose_placement, load_pipeline
 from kleinserve.engine.int8 import Int8Linear, Prepacker
 from kleinserve.engine.loading import inspect_source, resolve_source
-from kleinserve.engine.precision import Placement, can_pack, choose_load_dtype
+from kleinserve.engine.precision import QUANTIZATIONS, Placement, can_pack, choose_load_dtype
 from kleinserve.errors import InvalidInput
 from kleinserve.types import GenerateRequest
 from tests.conftest import max_difference, pixels
@@ -275,6 +277,14 @@ def test_choose_load_dtype() -> None:
     int8 = choose_placement("cpu", quantize="int8", memory_budget_gib=64)
     assert choose_load_dtype(int8, gib, stored_16bit=True) == torch.bfloat16
     assert choose_load_dtype(choose_placement("cuda"), gib, stored_16bit=False) == torch.bfloat16
+
+
+def test_the_cli_offers_every_quantization_the_engine_has() -> None:
+    # cli_options lists --quantize's choices itself: importing precision would load torch for every command.
+    parser = argparse.ArgumentParser()
+    add_model_options(parser)
+    (option,) = (action for action in parser._actions if action.dest == "quantize")
+    assert [None, *(option.choices or ())] == list(QUANTIZATIONS)
 
 
 @pytest.mark.parametrize(
