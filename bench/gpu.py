@@ -8,8 +8,8 @@ Meant to finish within 8 minutes on an H200 (`--budget`: configurations still to
 skipped and marked so). On a machine without network: `make gpu-wheels` here, then bench/gpu_setup.sh there
 (README, GPU).
 
-Configurations (CONFIGS), each built afresh from the same deterministic weights (bench/engine.py's klein-4B
-shapes and fill: the same seed gives the same bf16 values on one device):
+Configurations (CONFIGS), each built afresh from the same deterministic weights (bench/engine_models.py's
+klein-4B shapes and fill: the same seed gives the same bf16 values on one device):
 - `stock`: diffusers' `Flux2KleinPipeline` in bf16, called as its docs show (4 steps, guidance 1.0);
 - `kleinserve`: kleinserve's engine in bf16 (`load_pipeline(..., device="cuda")` places modules the same way);
 - `kleinserve-compiled`: with `--compile` (engine/compiled.py: each transformer block compiled, fullgraph);

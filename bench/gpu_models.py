@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from engine import KLEIN_4B_TRANSFORMER, QWEN3_4B, fill_deterministically  # bench/engine.py
+from engine_models import KLEIN_4B_TRANSFORMER, QWEN3_4B, fill_deterministically  # bench/engine_models.py
 
 if TYPE_CHECKING:
     import torch
@@ -64,9 +64,10 @@ class Modules:
 
 
 def build_modules(size: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Modules:
-    """The model built on the meta device, its parameters made on `device` and filled in bf16 from a generator
-    on `device` (bench/engine.py's fill_deterministically), then converted to `dtype` (fp32 holds every bf16
-    value exactly). Buffers computed at construction (Qwen3's rotary frequencies) stay as built."""
+    """The model built on the meta device, its parameters made on `device` and filled in bf16 from a
+    generator on `device` (bench/engine_models.py's fill_deterministically), then converted to `dtype` (fp32
+    holds every bf16 value exactly). Buffers computed at construction (Qwen3's rotary frequencies) stay as
+    built."""
     import torch
     from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
     from transformers import Qwen3Config, Qwen3ForCausalLM

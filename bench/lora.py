@@ -49,7 +49,8 @@ import time
 from pathlib import Path
 
 import torch
-from engine import GIB, STEPS, THREADS, OtherCpuMeter, log, verdict, wait_for_quiet  # bench/engine.py
+from engine_child import GIB, STEPS, THREADS, OtherCpuMeter, log, wait_for_quiet  # bench/engine_child.py
+from engine_report import verdict  # bench/engine_report.py
 from lora_sides import RANKS, REQUESTS, RESOLUTION, Bench, TinyBench, TransformerBench
 from machine import cpu_line
 

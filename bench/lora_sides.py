@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
 from diffusers.loaders.lora_pipeline import Flux2LoraLoaderMixin
-from engine import KLEIN_4B_TRANSFORMER, PROMPTS, STEPS, fill_deterministically  # bench/engine.py
+from engine_child import PROMPTS, STEPS  # bench/engine_child.py
+from engine_models import KLEIN_4B_TRANSFORMER, fill_deterministically  # bench/engine_models.py
 from torch import nn
 
 from kleinserve.engine import Pipeline, load_pipeline
