@@ -191,7 +191,7 @@ def test_gpu_bench_runs_every_configuration_on_the_cpu(tmp_path: Path) -> None:
 def test_gpu_bench_report_at_the_sizes_of_an_h200_run(monkeypatch: pytest.MonkeyPatch) -> None:
     """The report's 1024x1024 verdicts (which a tiny CPU run never reaches), on made-up figures."""
     monkeypatch.syspath_prepend(str(BENCH.parent))
-    gpu = importlib.import_module("gpu")
+    report = importlib.import_module("gpu_report")
     run = {"seconds": 0.25, "text": 0.01, "steps": [0.05] * 4, "vae": 0.03, "png": 0.02}
     run |= {"warmup_seconds": 40.0, "images_per_second": 4.0, "peak_memory_bytes": 14 << 30}
     server = {"side": 1024, "clients": 8, "max_batch": 4, "images_per_second": 5.0}
@@ -209,11 +209,11 @@ def test_gpu_bench_report_at_the_sizes_of_an_h200_run(monkeypatch: pytest.Monkey
             "1024": {"kleinserve_vs_stock_max_difference": 3, "diffusers_bf16_vs_fp32_max_difference": 9}
         },
     }
-    lines = gpu.target_lines(results)
+    lines = report.target_lines(results)
     assert lines[0].startswith("kleinserve-compiled: 0.270 s end to end at 1024x1024, 2.11x stock (0.570 s)")
     assert lines[0].endswith("target <= 0.3 s: MET")
     assert lines[1] == "bf16 pixels at 1024: 3/255 from stock, bound 9/255: MET"
-    table = gpu.markdown(results)
+    table = report.markdown(results)
     assert "| kleinserve-fp8-compiled | - | - | InductorError: ... |" in table
     assert "| kleinserve-compiled | 1024 | 1 | 0.250 | 4.00 |" in table
     assert "5.00 images/s, p50 1.500 s" in table
