@@ -13,7 +13,7 @@ from diffusers import Flux2KleinPipeline
 
 from kleinserve.cli import TOY_STAGES, main
 from kleinserve.engine import load_pipeline
-from kleinserve.engine.loading import TOY_DIR
+from kleinserve.engine.loading import TOY_DIR, read_config
 from kleinserve.engine.sampling import make_scheduler
 from kleinserve.toy import scenes
 from kleinserve.toy.config import TrainConfig
@@ -140,7 +140,7 @@ def test_inpainting_batches_start_from_what_the_engine_keeps() -> None:
 def test_stage_5_trains_only_the_noise_levels_klein_samples_at() -> None:
     # Stage 5 (TrainConfig.inpaint_schedule_share 1.0) spends every batch on the four levels the 4-step
     # sampler visits; stage 3 (schedule_share 0.5) also trains uniform levels, which other step counts use.
-    config = json.loads((TOY_DIR / "scheduler" / "scheduler_config.json").read_text())
+    config = read_config(TOY_DIR / "scheduler" / "scheduler_config.json")
     schedule = make_scheduler(config, 4, 64).sigmas
     generator = torch.Generator().manual_seed(0)
     visited = set(schedule[:4].float().tolist())

@@ -4,7 +4,10 @@ the foreground-weighted loss.
 
 Rectified flow as klein samples it: x_t = (1 - s) x0 + s noise, target v = noise - x0, through the engine's
 own text encoding, reference encoding and transformer call (flow.velocity_fn), so training sees exactly the
-sequence inference builds."""
+sequence inference builds. The squared error of tokens that show a shape weighs FOREGROUND_WEIGHT times more:
+shapes are ~6 % of the tokens, and with uniform weights the model first learns backgrounds and draws shapes
+late (measured: after 500 steps, a shape where the caption puts it 42 % of the time with uniform weights,
+83 % with weight 5)."""
 
 from __future__ import annotations
 
@@ -45,7 +48,7 @@ def random_kind(rng: random.Random, kinds: dict[str, float] = BATCH_KINDS) -> st
 
 
 def random_example(kind: str, rng: random.Random) -> scenes.Example:
-    """An example of one of BATCH_KINDS."""
+    """An example of `kind`, one of the batch kinds (BATCH_KINDS and "inpaint")."""
     return _MAKERS[kind](rng)
 
 

@@ -10,13 +10,9 @@ attribute the prompt names (scenes.PARSE_FIELDS). The transformer then finds col
 background in one fixed place, one factor each, whatever the wording; with the raw word embeddings it had to
 learn to bind each colour word to its noun by word order: on one evaluation set, 46 % of shapes placed right
 after 2,000 transformer steps without this stage, 88 % after 500 with it.
-Stage 3 trains Flux2Transformer2DModel with the rectified-flow objective (x_t = (1 - s) x0 + s noise, target
-v = noise - x0) through the engine's own text encoding, reference encoding and transformer call
-(`Pipeline.velocity`), so training sees exactly the sequence inference builds. Half the noise levels are the
-four of klein's 4-step schedule at the batch's size, the other half uniform (other step counts still work).
-The squared error of tokens that show a shape weighs FOREGROUND_WEIGHT times more: shapes are ~6 % of the
-tokens, and with uniform weights the model first learns backgrounds and draws shapes late (measured: after
-500 steps, a shape where the caption puts it 42 % of the time with uniform weights, 83 % with weight 5).
+Stage 3 trains Flux2Transformer2DModel with the rectified-flow objective, shape tokens weighted up (fit.py
+says how and why; stages 4b, 5 and 6 use the same loop). Half the noise levels are the four of klein's
+4-step schedule at the batch's size, the other half uniform (other step counts still work).
 Stage 4 polishes the VAE decoder (polish_decoder). Stage 4b refines the transformer on the inputs its own
 sampler gives it (train_on_samples). Stage 5 fine-tunes the transformer, then the decoder, for masked edits
 (scenes.inpaint_example: paint a named shape into the empty square a mask marks; train_inpaint), the
