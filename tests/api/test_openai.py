@@ -6,6 +6,7 @@ what the engine makes for the same prompt, size, seed and references.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 from collections.abc import Callable, Iterator
@@ -19,8 +20,9 @@ import pytest
 from openai.types import ImagesResponse
 from PIL import Image
 
+from kleinserve.api.openai import _send_previews
 from kleinserve.engine import Pipeline, load_pipeline
-from kleinserve.types import GenerateRequest
+from kleinserve.types import GenerateRequest, Progress
 from tests.api.conftest import RunningServer
 from tests.conftest import max_difference, random_image
 
@@ -543,3 +545,19 @@ def test_jpeg_output_defaults_to_compression_100(client: openai.OpenAI) -> None:
     default = jpeg()
     assert default == jpeg(output_compression=100)
     assert len(jpeg(output_compression=30)) < len(default)
+
+
+def test_a_step_without_a_preview_sends_no_partial_image() -> None:
+    # A worker in another process may remove a job's preview before the API process reads it (seen in
+    # tests/scale/test_multiprocess.py: the stream died on an IndexError); that step then has none.
+    async def steps() -> asyncio.Queue[list[Image.Image]]:
+        previews: asyncio.Queue[list[Image.Image]] = asyncio.Queue()
+        on_step = _send_previews(previews, partial_images=3)
+        image = Image.new("RGB", (8, 8))
+        for step in range(1, 5):
+            on_step(Progress(step, 4, 0.0, preview=lambda step=step: [image] if step == 2 else []))
+        await asyncio.sleep(0)  # the queued puts run
+        return previews
+
+    previews = asyncio.run(steps())
+    assert previews.qsize() == 1 and previews.get_nowait()[0].size == (8, 8)

@@ -297,7 +297,10 @@ def _send_previews(previews: asyncio.Queue[list[Image.Image]], partial_images: i
     def on_step(progress: Progress) -> None:
         if progress.step in service.partial_steps(progress.total_steps, partial_images):
             decoded = progress.preview()  # on the engine thread, for the chosen steps only
-            loop.call_soon_threadsafe(previews.put_nowait, decoded)
+            # Empty when the step came without one (Progress.preview's default; across processes, a preview
+            # the worker removed before this API process read it): that partial image is skipped, not sent.
+            if decoded:
+                loop.call_soon_threadsafe(previews.put_nowait, decoded)
 
     return on_step
 
