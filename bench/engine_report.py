@@ -10,27 +10,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine_child import GIB, STAGES, STEPS, THREADS, ChildResult  # bench/engine_child.py
+from images import max_difference, pixels, psnr  # bench/images.py
 from machine import cpu_line  # bench/machine.py
 
 # Issue 19's targets at 4B: (configuration, images/s vs stock >=, peak RSS GiB <=, load seconds <=).
 TARGETS = (("kleinserve", 1.2, 16.0, 12.0), ("kleinserve-int8", 1.6, 11.0, 20.0))
-
-
-def pixels(path: str) -> Any:
-    import numpy as np
-    from PIL import Image
-
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"), dtype=np.float64)
-
-
-def psnr(a: str, b: str) -> float:
-    mse = float(((pixels(a) - pixels(b)) ** 2).mean())
-    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
-
-
-def max_difference(a: str, b: str) -> int:
-    return int(abs(pixels(a) - pixels(b)).max())
 
 
 @dataclass
@@ -60,11 +44,12 @@ class SizeReport:
         """Largest pixel difference from stock (bf16) over the images; information only."""
         return self._compare("stock", config, max_difference, max)
 
-    def _compare(self, a: str, b: str, metric: Callable[[str, str], Any], combine: Callable[..., Any]) -> Any:
+    def _compare(self, a: str, b: str, metric: Callable[[Any, Any], Any], combine: Callable[..., Any]) -> Any:
         first, second = self.results.get(a), self.results.get(b)
         if first is None or second is None or not (first.ok and second.ok):
             return None
-        return combine(metric(x, y) for x, y in zip(first.images, second.images, strict=True))
+        pairs = zip(first.images, second.images, strict=True)  # the images' paths
+        return combine(metric(pixels(x), pixels(y)) for x, y in pairs)
 
 
 TABLE_COLUMNS = (  # (title, width, alignment)

@@ -49,8 +49,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gpu_models import SHAPES, build_modules, kleinserve_pipeline, stock_pipeline  # bench/gpu_models.py
-from gpu_report import check_report, environment, markdown, pixels  # bench/gpu_report.py
+from gpu_report import check_report, environment, markdown  # bench/gpu_report.py
 from gpu_server import serve_and_measure  # bench/gpu_server.py
+from images import pixels  # bench/images.py
 
 if TYPE_CHECKING:
     import torch

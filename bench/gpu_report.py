@@ -3,33 +3,18 @@ table and issue 21's verdicts (the module docstring of bench/gpu.py says what ea
 
 from __future__ import annotations
 
-import math
 import platform
 import time
 from typing import TYPE_CHECKING, Any
 
+from images import max_difference, psnr  # bench/images.py
+
 if TYPE_CHECKING:
-    import numpy as np
     import torch
 
 # Issue 21's targets at 1024x1024, batch 1, end to end (the call and its PNG encoding), in seconds.
 TARGETS = {"kleinserve-compiled": 0.30, "kleinserve-fp8-compiled": 0.20}
 SGLANG_H100_SECONDS = 0.3996  # SGLang's CI, klein-4B, 1024x1024, 4 steps, H100 (performance.md section 4)
-
-
-def pixels(image: Any) -> np.ndarray:
-    import numpy as np
-
-    return np.asarray(image.convert("RGB"), dtype=np.int16)
-
-
-def max_difference(a: np.ndarray, b: np.ndarray) -> int:
-    return int(abs(a - b).max())
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(((a.astype("float64") - b) ** 2).mean())
-    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
 
 def check_report(checks: dict[int, dict]) -> dict[str, dict[str, float]]:
