@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from kleinserve.engine.loading import ModelSource
 
 # `kleinserve toy train --stage`: toy/train.py's STAGES (importing it here would load torch for every command)
-TOY_STAGES = ["all", "transformer", "decoder", "refine", "inpaint", "shapes"]
+TOY_STAGES = ["all", "transformer", "decoder", "refine", "inpaint", "shapes", "pairs"]
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="toy_command", required=True
     )
     train = toy.add_parser(
-        "train", help="train the toy model from scratch (deterministic, ~90 min on 2 cores)"
+        "train", help="train the toy model from scratch (deterministic, ~160 min on 2 cores)"
     )
     train.add_argument("--out", type=Path, required=True, help="directory to write (diffusers layout)")
     train.add_argument("--seed", type=int, default=0)
@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="all",
         help="continue the model of --from (written with 0 steps of this stage and the later ones) from "
         "stage 3 (transformer), 4 (decoder), 4b (refine: the transformer on its own samples), 5 (inpaint) or "
-        "6 (shapes: the transformer mostly on captions)",
+        "6 (shapes: the transformer mostly on captions) or 7 (pairs: captions in pairs of shapes)",
     )
     train.add_argument("--from", dest="source", type=Path, help="with --stage: the model to continue")
     train.add_argument("--inpaint-steps", type=int, help="stage 5's steps (default: the committed weights')")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from kleinserve.engine.loading import TOY_DIR, read_config
 from kleinserve.engine.sampling import make_scheduler
 from kleinserve.toy import scenes
 from kleinserve.toy.config import TrainConfig
-from kleinserve.toy.fit import noise_levels, sampled_input
+from kleinserve.toy.fit import PARTNERS, noise_levels, sampled_input, shape_pairs
 from kleinserve.toy.flow import LatentCache, known_latents, training_pipeline, velocity_fn
 from kleinserve.toy.train import STAGES, continue_training, train
 from kleinserve.types import GenerateRequest
@@ -34,6 +35,7 @@ SHORT = TrainConfig(
     inpaint_steps=4,  # seed 0 draws inpaint and other batches
     inpaint_decoder_steps=2,
     shapes_steps=3,
+    pairs_steps=3,  # seed 0 draws a caption batch: a batch of pairs
     refine_steps=2,
     refine_share=1.0,  # every batch from the sampler's own steps (the other kind is stage 3's)
 )
@@ -71,7 +73,7 @@ def test_the_inpaint_stage_alone_continues_a_model_to_the_same_bytes(tmp_path: P
     """`kleinserve toy train --stage inpaint --from DIR` on stages 1-4 writes what the whole run writes (how
     the committed weights were made: stage 5 run on the previously committed model)."""
     whole = train(tmp_path / "whole", SHORT, log=lambda _: None)
-    before_stage_5 = dataclasses.replace(SHORT, inpaint_steps=0, shapes_steps=0)
+    before_stage_5 = dataclasses.replace(SHORT, inpaint_steps=0, shapes_steps=0, pairs_steps=0)
     before = train(tmp_path / "before", before_stage_5, log=lambda _: None)
     continued = continue_training(before, tmp_path / "continued", SHORT, log=lambda _: None)
     # Every weight and the training configuration (configs also record the directory a model was loaded from)
@@ -83,7 +85,7 @@ def test_the_inpaint_stage_alone_continues_a_model_to_the_same_bytes(tmp_path: P
     assert _weights(before).keys() == _weights(whole).keys() and len(_weights(whole)) == 3
 
 
-@pytest.mark.parametrize("stage", ["transformer", "decoder", "refine", "shapes"])
+@pytest.mark.parametrize("stage", ["transformer", "decoder", "refine", "shapes", "pairs"])
 def test_a_run_continues_from_a_later_stage_to_the_same_bytes(tmp_path: Path, stage: str) -> None:
     """`kleinserve toy train --stage STAGE --from DIR` on a model written with 0 steps of that stage and the
     later ones writes what the whole run writes (how the committed weights were made)."""
@@ -97,7 +99,7 @@ def test_a_run_continues_from_a_later_stage_to_the_same_bytes(tmp_path: Path, st
     )
     assert _weights(continued) == _weights(whole)
     assert _training(continued) == _training(whole) == dataclasses.asdict(SHORT)
-    with pytest.raises(ValueError, match="shapes_steps not 0"):
+    with pytest.raises(ValueError, match="pairs_steps not 0"):
         continue_training(whole, tmp_path / "y", SHORT, stage=stage)
 
 
@@ -149,3 +151,18 @@ def test_stage_5_trains_only_the_noise_levels_klein_samples_at() -> None:
     stage_3 = noise_levels(schedule, TrainConfig().schedule_share, 400, generator).tolist()
     others = [level for level in stage_3 if level not in visited]
     assert 150 < len(others) < 250 and all(0 <= level < 1 for level in others)
+
+
+def test_shape_pairs_differ_only_in_the_shape() -> None:
+    """Stage 7's caption pairs: same wording but for the shape word, same colour, place and background, the
+    partner shape, both training combinations (the held-out ones stay unseen)."""
+    examples = shape_pairs(random.Random(5), 64)
+    assert len(examples) == 64
+    for first, second in zip(examples[0::2], examples[1::2], strict=True):
+        (a,), (b,) = first.target.shapes, second.target.shapes
+        assert b.kind == PARTNERS[a.kind] and (a.colour, a.position) == (b.colour, b.position)
+        assert first.target.background == second.target.background
+        words = re.findall(r"\w+|[^\w\s]", first.prompt)
+        assert re.findall(r"\w+|[^\w\s]", second.prompt) == [b.kind if w == a.kind else w for w in words]
+        assert not scenes.is_held_out(a) and not scenes.is_held_out(b)
+    assert {e.target.shapes[0].kind for e in examples} == set(PARTNERS)

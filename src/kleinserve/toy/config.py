@@ -46,6 +46,11 @@ class TrainConfig:
     shapes_steps: int = 6000
     shapes_lr: float = 3e-4
     shapes_share_256: float = 0.5
+    # Stage 7, stage 6 again with caption batches of shape pairs and a loss on their difference (train_pairs).
+    pairs_steps: int = 3600
+    pairs_lr: float = 2e-4
+    pairs_share: float = 1.0  # fraction of stage 7's caption batches made of pairs (fit.shape_pairs)
+    pairs_weight: float = 10.0  # weight of the pairs' difference loss against the flow loss
 
 
 # Transformer batch kinds and their shares; a batch holds one kind so that its reference geometry is shared.
@@ -67,4 +72,4 @@ SHAPES_KINDS: dict[str, float] = {
     "compose": 0.025,
     "inpaint": 0.2,
 }
-INPAINT_WARMUP = 50  # warm-up steps of stages 4b, 5 and 6: they start from trained weights
+INPAINT_WARMUP = 50  # warm-up steps of stages 4b, 5, 6 and 7: they start from trained weights
