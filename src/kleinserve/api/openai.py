@@ -298,7 +298,7 @@ def _send_previews(previews: asyncio.Queue[list[Image.Image]], partial_images: i
         if progress.step in service.partial_steps(progress.total_steps, partial_images):
             decoded = progress.preview()  # on the engine thread, for the chosen steps only
             # Empty when the step came without one (Progress.preview's default; across processes, a preview
-            # the worker removed before this API process read it): that partial image is skipped, not sent.
+            # this API process could not read from the object store): that partial image is skipped.
             if decoded:
                 loop.call_soon_threadsafe(previews.put_nowait, decoded)
 

@@ -27,6 +27,10 @@ from kleinserve.jobs.store import Job, StepCheck
 from kleinserve.jobs.writes import EngineWrites
 from kleinserve.types import Progress, StepCallback
 
+# The key of Job.extra that marks a job whose submitter listens to its steps (a streaming caller): its worker
+# stores previews from the first step on, without waiting for a watch to reach it (pg_coordination).
+WANTS_PREVIEWS = "previews"
+
 
 @dataclass(frozen=True)
 class Outcome:

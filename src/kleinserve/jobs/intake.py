@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 from kleinserve.engine.protocol import ModelSpec, ResolvedRequest
 from kleinserve.errors import KleinError, StoreUnavailable, Unavailable
-from kleinserve.jobs.coordination import Coordination, Outcome
+from kleinserve.jobs.coordination import WANTS_PREVIEWS, Coordination, Outcome
 from kleinserve.jobs.metrics import Metrics
 from kleinserve.jobs.record import JobParams, stored_images
 from kleinserve.jobs.store import Job, JobStatus, JobStore, SubmitLimits, new_job_id
@@ -111,6 +111,8 @@ class Intake:
         if self.writes.refusal is not None:  # at once, rather than after the store's busy timeout
             raise StoreUnavailable(f"the job store is not taking writes ({self.writes.refusal})")
         resolved = self.resolver.resolve(request)  # the job's one resolution: the engine side restores it
+        if on_step is not None:
+            job_fields["extra"] = {**job_fields.get("extra", {}), WANTS_PREVIEWS: True}
         files = stored_images(resolved.stored)
         job = Job(
             id=new_job_id(),

@@ -8,8 +8,11 @@ Channels (NOTIFY payloads are JSON, well under PostgreSQL's 8000-byte limit):
   "previews": [ids]}`; one notify per batch step for the whole batch (a notifying commit takes a global lock:
   scale-out.md §2), plus `running` per batch and one per job end.
 - `kleinserve_watch` (APIs -> workers): `{"jobs": [ids]}` whose previews someone here wants (an SSE subscriber
-  with previews, or a streaming caller's step listener), renewed every WATCH_RENEW_S while wanted. A worker
-  writes those jobs' preview images to the object store (`previews/<job>-<i>.png`) at each step.
+  with previews, or a streaming caller's step listener), renewed every WATCH_RENEW_S while wanted. A streaming
+  caller's job also says so in its row (Job.extra[WANTS_PREVIEWS]): its first steps need not wait for the
+  watch. A worker writes those jobs' preview images to the object store (`previews/<job>-<step>-<i>.png`) at
+  each step and deletes each after PREVIEW_KEEP_S: a step's notify may be read after the job's next steps,
+  or its end (a 4-step job ends in milliseconds), and its previews must still be there.
 
 NOTIFY is best-effort (lost while a listener reconnects), so the rows are the truth: the accepting side polls
 the rows of the jobs it waits for or streams every POLL_S and settles those that ended; the running side
@@ -20,6 +23,7 @@ progress), and a heartbeat thread keeps the lease between steps (text encoding, 
 from __future__ import annotations
 
 import asyncio
+import collections
 import io
 import logging
 import threading
@@ -33,6 +37,7 @@ from PIL import Image
 
 from kleinserve.errors import KleinError, StoreUnavailable
 from kleinserve.jobs.coordination import (
+    WANTS_PREVIEWS,
     BatchProgress,
     Followers,
     Outcome,
@@ -50,6 +55,7 @@ QUEUED, EVENTS, WATCH = "kleinserve_queued", "kleinserve_events", "kleinserve_wa
 POLL_S = 1.0  # the accepting side's look at the rows of followed jobs (NOTIFY may be lost)
 WATCH_RENEW_S = 1.0  # how often wanted previews are re-announced; a worker forgets a watch after WATCH_TTL_S
 WATCH_TTL_S = 5.0
+PREVIEW_KEEP_S = 10.0  # a stored preview is kept this long for the API processes to read, then deleted
 RECONNECT_S = 1.0
 
 
@@ -62,12 +68,12 @@ class Blobs(Protocol):
     def keys(self, prefix: str) -> list[str]: ...
 
 
-def preview_key(job_id: str, index: int) -> str:
-    return f"previews/{job_id}-{index}.png"
+def preview_key(job_id: str, step: int, index: int) -> str:
+    return f"previews/{job_id}-{step}-{index}.png"
 
 
 def remove_previews(blobs: Blobs, job_id: str) -> None:
-    """Delete the preview images a worker stored for `job_id` (a job that ended, or lost its worker)."""
+    """Delete the preview images a worker stored for `job_id` (a job that lost its worker)."""
     for key in blobs.keys(f"previews/{job_id}-"):
         blobs.delete(key)
 
@@ -97,6 +103,7 @@ class PostgresCoordination(Followers):
         self.wake = wake
         super().__init__()
         self._watched: dict[str, float] = {}  # running side: job id -> when its watch expires
+        self._stored: collections.deque[tuple[float, str]] = collections.deque()  # (when, preview key)
         # running side: job id -> the fence of the claim this process runs it under
         self._held: dict[str, int] = {}
         self._send_lock = threading.Lock()
@@ -186,7 +193,7 @@ class PostgresCoordination(Followers):
         the jobs whose preview images the worker stored, with their image counts."""
         terminal = event["type"] in TERMINAL_EVENTS
         for job_id in job_ids:
-            images = self._previews(job_id, previews[job_id]) if job_id in previews else []
+            images = self._previews(job_id, event["step"], previews[job_id]) if job_id in previews else []
             if images and self.hub.wants_previews(job_id):
                 thumbnail = images[0].copy()
                 thumbnail.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE))
@@ -199,11 +206,11 @@ class PostgresCoordination(Followers):
             if terminal:
                 self._settle(job_id)
 
-    def _previews(self, job_id: str, count: int) -> list[Image.Image]:
+    def _previews(self, job_id: str, step: int, count: int) -> list[Image.Image]:
         images = []
         try:
             for index in range(count):
-                with Image.open(io.BytesIO(self.blobs.get(preview_key(job_id, index)))) as image:
+                with Image.open(io.BytesIO(self.blobs.get(preview_key(job_id, step, index)))) as image:
                     images.append(image.copy())
         except KleinError as exc:  # gone or unreachable: this step goes without a preview
             log.info("preview of job %s not read: %s", job_id, exc.message)
@@ -253,6 +260,12 @@ class PostgresCoordination(Followers):
     # running side
     def started(self, batch: Sequence[Job]) -> None:
         self._held.update({job.id: job.fence for job in batch})
+        # A streaming caller's job is watched from its first step: the API's watch, sent before the job was
+        # queued, may still be on its way (a 4-step job once ended before it arrived: no partial images).
+        until = time.monotonic() + WATCH_TTL_S
+        for job in batch:
+            if job.extra.get(WANTS_PREVIEWS):
+                self._watched[job.id] = max(until, self._watched.get(job.id, 0.0))
         self.notify(EVENTS, {"jobs": [job.id for job in batch], "event": {"type": "running"}})
 
     def step(self, batch: BatchProgress, progress: Progress) -> StepCheck:
@@ -273,18 +286,17 @@ class PostgresCoordination(Followers):
             for job_id, count in batch.counts:
                 if job_id in watched:
                     for index in range(count):
-                        self.blobs.put(preview_key(job_id, index), encode_image(decoded[offset + index]))
+                        key = preview_key(job_id, progress.step, index)
+                        self.blobs.put(key, encode_image(decoded[offset + index]))
+                        self._stored.append((time.monotonic(), key))
                 offset += count
         self.notify(EVENTS, {"jobs": live, "event": step_event(progress), "previews": watched})
         return check
 
     def ended(self, job: Job, images: tuple[bytes, ...] = ()) -> None:
+        # Its previews stay until PREVIEW_KEEP_S has passed: the last steps' notifies may not be read yet.
         self._held.pop(job.id, None)
-        if self._watched.pop(job.id, None) is not None:
-            try:
-                remove_previews(self.blobs, job.id)
-            except KleinError as exc:  # left for the media clean-up
-                log.info("previews of job %s not removed: %s", job.id, exc.message)
+        self._watched.pop(job.id, None)
         self.notify(EVENTS, {"jobs": [job.id], "event": end_event(job)})
 
     def _release(self, job_ids: frozenset[str]) -> None:
@@ -303,9 +315,21 @@ class PostgresCoordination(Followers):
                     self._release(self.store.extend(job_ids, fence, self.lease_s).lost)
                 except StoreUnavailable as exc:
                     log.warning("leases not extended: %s", exc.message)
-            expired = [job_id for job_id, until in self._watched.items() if until < time.monotonic()]
+            now = time.monotonic()  # (a copy: the listener thread adds watches meanwhile)
+            expired = [job_id for job_id, until in list(self._watched.items()) if until < now]
             for job_id in expired:
                 self._watched.pop(job_id, None)
+            self._remove_old_previews(time.monotonic() - PREVIEW_KEEP_S)
+
+    def _remove_old_previews(self, stored_before: float) -> None:
+        """Delete the previews this process stored before `stored_before` (monotonic s); those it cannot
+        are left to the API tier's sweep of previews/ (scale.housekeeping)."""
+        while self._stored and self._stored[0][0] < stored_before:
+            _, key = self._stored.popleft()
+            try:
+                self.blobs.delete(key)
+            except KleinError as exc:
+                log.info("preview %s not removed: %s", key, exc.message)
 
 
 class Leadership:
