@@ -233,8 +233,12 @@ class PostgresCoordination(Followers):
             settle(ended, Outcome(job, images))
 
     def _poll(self) -> None:
-        """The rows behind lost notifications, and the watches to renew."""
+        """The rows behind lost notifications, and the watches to renew. A job whose row has ended is settled
+        here only POLL_S after this thread first saw it so: until then its end notify, behind its step
+        notifies (whose previews the listener thread is still reading), settles it, and a streaming caller
+        gets every step before its end (settling here first once cost a partial image)."""
         last_watch = 0.0
+        seen_ended: dict[str, float] = {}  # job id -> when this thread first read its row as ended
         while not self._stopping.is_set():
             self._watch_now.wait(POLL_S / 2)
             now = time.monotonic()
@@ -242,14 +246,17 @@ class PostgresCoordination(Followers):
                 self._watch_now.clear()
                 last_watch = now
                 self._renew_watches()
-            for job_id in {*self._waiters, *self.hub.watched_jobs()}:
+            followed = {*self._waiters, *self.hub.watched_jobs()}
+            for job_id in followed:
                 try:
                     job = self.store.get(job_id)
                 except KleinError:  # down, or gone: look again next time
                     continue
-                if job.status.terminal:
+                if job.status.terminal and now - seen_ended.setdefault(job_id, now) >= POLL_S:
                     self.hub.publish(job_id, end_event(job))
                     self._settle(job_id, job)  # the row just read: not read again
+            for job_id in [job_id for job_id in seen_ended if job_id not in followed]:
+                del seen_ended[job_id]
 
     def _renew_watches(self) -> None:
         wanted = [job_id for job_id in self.hub.watched_jobs() if self.hub.wants_previews(job_id)]
