@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="toy_command", required=True
     )
     train = toy.add_parser(
-        "train", help="train the toy model from scratch (deterministic, ~160 min on 2 cores)"
+        "train", help="train the toy model from scratch (deterministic, ~165 min on 2 cores)"
     )
     train.add_argument("--out", type=Path, required=True, help="directory to write (diffusers layout)")
     train.add_argument("--seed", type=int, default=0)
@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--inpaint-steps", type=int, help="stage 5's steps (default: the committed weights')")
     evaluate = toy.add_parser("eval", help="score colour, position, shape and edits on held-out captions")
     evaluate.add_argument("--model", default="flux-2-klein-toy", help="the toy model's directory or name")
-    evaluate.add_argument("--count", type=int, default=48, help="held-out captions to render")
+    evaluate.add_argument("--count", type=int, default=144, help="held-out captions to render")
     evaluate.add_argument("--edits", type=int, default=24, help="recolouring edits to render")
     evaluate.add_argument("--inpaints", type=int, default=12, help="masked edits to render")
     grid = toy.add_parser("grid", help="one PNG of held-out captions as the toy model draws them")

@@ -18,8 +18,9 @@ from kleinserve.engine.loading import TOY_DIR, read_config
 from kleinserve.engine.sampling import make_scheduler
 from kleinserve.toy import scenes
 from kleinserve.toy.config import TrainConfig
-from kleinserve.toy.fit import PARTNERS, noise_levels, sampled_input, shape_pairs
+from kleinserve.toy.fit import FOREGROUND_WEIGHT, batch_noise, flow_loss, noise_levels, sampled_input
 from kleinserve.toy.flow import LatentCache, known_latents, training_pipeline, velocity_fn
+from kleinserve.toy.scenes import PARTNERS, shape_pairs
 from kleinserve.toy.train import STAGES, continue_training, train
 from kleinserve.types import GenerateRequest
 
@@ -160,9 +161,40 @@ def test_shape_pairs_differ_only_in_the_shape() -> None:
     assert len(examples) == 64
     for first, second in zip(examples[0::2], examples[1::2], strict=True):
         (a,), (b,) = first.target.shapes, second.target.shapes
-        assert b.kind == PARTNERS[a.kind] and (a.colour, a.position) == (b.colour, b.position)
+        assert b.kind in PARTNERS[a.kind] and (a.colour, a.position) == (b.colour, b.position)
         assert first.target.background == second.target.background
         words = re.findall(r"\w+|[^\w\s]", first.prompt)
         assert re.findall(r"\w+|[^\w\s]", second.prompt) == [b.kind if w == a.kind else w for w in words]
         assert not scenes.is_held_out(a) and not scenes.is_held_out(b)
-    assert {e.target.shapes[0].kind for e in examples} == set(PARTNERS)
+    kinds = [example.target.shapes[0].kind for example in examples]
+    pairs = set(zip(kinds[0::2], kinds[1::2], strict=True))
+    assert pairs == {(shape, partner) for shape, partners in PARTNERS.items() for partner in partners}
+
+
+def test_a_shape_pair_shares_its_noise_level_and_its_noise() -> None:
+    schedule = make_scheduler(read_config(TOY_DIR / "scheduler" / "scheduler_config.json"), 4, 64).sigmas
+    generator = torch.Generator().manual_seed(0)
+    sigma, noise = batch_noise(schedule, 0.0, torch.Size((6, 16, 8)), True, generator)
+    assert sigma.shape == (6,) and noise.shape == (6, 16, 8)
+    assert torch.equal(sigma[0::2], sigma[1::2]) and torch.equal(noise[0::2], noise[1::2])
+    assert len(set(sigma[0::2].tolist())) == 3 and not torch.equal(noise[0], noise[2])
+    sigma, noise = batch_noise(schedule, 0.0, torch.Size((6, 16, 8)), False, generator)
+    assert len(set(sigma.tolist())) == 6 and not torch.equal(noise[0], noise[1])
+
+
+def test_the_pair_loss_weighs_only_what_differs_within_a_pair() -> None:
+    """Two pairs of 16 tokens x 8 channels; example 1 has a shape on token 0 (weight FOREGROUND_WEIGHT),
+    the rest is background (weight 1); only example 0's token 0 is predicted wrong, by 1 in each channel."""
+    x0, target = torch.zeros(4, 16, 8), torch.zeros(4, 16, 8)
+    x0[1, 0] = 5.0
+    predicted = target.clone()
+    predicted[0, 0] = 1.0
+    tokens, shape = 4 * 16, FOREGROUND_WEIGHT
+    plain = 1 / (tokens - 1 + shape)  # one background token wrong, channels cancel out of the mean
+    assert flow_loss(predicted, target, x0).item() == pytest.approx(plain)
+    # the pair term weighs token 0 of the first pair as the shape it is in the pair's other example
+    paired = plain + 10 * shape / (tokens // 2 - 1 + shape)
+    assert flow_loss(predicted, target, x0, pair_weight=10.0).item() == pytest.approx(paired)
+    predicted[1, 0] = 1.0  # the same error in both examples of the pair: no pair term
+    both = (1 + shape) / (tokens - 1 + shape)
+    assert flow_loss(predicted, target, x0, pair_weight=10.0).item() == pytest.approx(both)

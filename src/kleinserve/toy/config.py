@@ -47,9 +47,9 @@ class TrainConfig:
     shapes_lr: float = 3e-4
     shapes_share_256: float = 0.5
     # Stage 7, stage 6 again with caption batches of shape pairs and a loss on their difference (train_pairs).
-    pairs_steps: int = 3600
+    pairs_steps: int = 5400
     pairs_lr: float = 2e-4
-    pairs_share: float = 1.0  # fraction of stage 7's caption batches made of pairs (fit.shape_pairs)
+    pairs_share_256: float = 0.6  # 0.5 or 0.75: one side short of 85 % shapes (train_pairs)
     pairs_weight: float = 10.0  # weight of the pairs' difference loss against the flow loss
 
 

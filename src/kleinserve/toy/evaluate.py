@@ -210,7 +210,7 @@ def _fractions(judged: list[dict[str, bool]]) -> dict[str, float]:
 
 
 def evaluate(
-    pipeline: Pipeline, count: int = 48, edits: int = 24, inpaints: int = 12, seed: int = 1234
+    pipeline: Pipeline, count: int = 144, edits: int = 24, inpaints: int = 12, seed: int = 1234
 ) -> Score:
     """Score `count` held-out captions, `edits` recolouring edits and `inpaints` masked edits (new shapes of
     held-out combinations), alternating the SIDES (128 and 256 px)."""

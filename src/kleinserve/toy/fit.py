@@ -12,11 +12,9 @@ late (measured: after 500 steps, a shape where the caption puts it 42 % of the t
 from __future__ import annotations
 
 import copy
-import dataclasses
 import functools
 import math
 import random
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,28 +50,6 @@ def random_kind(rng: random.Random, kinds: dict[str, float] = BATCH_KINDS) -> st
 def random_example(kind: str, rng: random.Random) -> scenes.Example:
     """An example of `kind`, one of the batch kinds (BATCH_KINDS and "inpaint")."""
     return _MAKERS[kind](rng)
-
-
-# Stage 7's pairs (shape_pairs): the shapes the model confused, each with the other (circles came out as
-# squares, stars as triangles).
-PARTNERS = {"circle": "square", "square": "circle", "triangle": "star", "star": "triangle"}
-
-
-def shape_pairs(rng: random.Random, count: int) -> list[scenes.Example]:
-    """`count` (even) caption examples in pairs: a training caption of a PARTNERS shape, then the same
-    caption (wording, colour, place, background) with the partner shape, itself a training combination."""
-    examples: list[scenes.Example] = []
-    while len(examples) < count:
-        first = scenes.text_example(rng)
-        shape = first.target.shapes[0]
-        if shape.kind not in PARTNERS:
-            continue
-        other = dataclasses.replace(shape, kind=PARTNERS[shape.kind])
-        if scenes.is_held_out(other):
-            continue
-        prompt = re.sub(rf"\b{shape.kind}\b", other.kind, first.prompt)
-        examples += [first, scenes.Example(prompt, dataclasses.replace(first.target, shapes=(other,)))]
-    return examples
 
 
 def optimise(optimizer: torch.optim.Optimizer, loss: torch.Tensor, parameters: list, lr: float) -> None:
@@ -131,9 +107,9 @@ class Fit:
     `share_256` of them at 256 px, the learning rate `lr` on a cosine after `warmup`, every random choice from
     `config.seed + seed_offset`; `schedule_share` of the noised-x0 examples at a noise level of the 4-step
     schedule, the rest uniform in [0, 1); `sampled_share` of the batches start from the transformer's own
-    sampling instead of a noised x0 (`sampled_input`); `pair_share` of the caption batches are shape_pairs,
-    each pair at one noise level from one noise, with `pair_weight` times the weighted squared difference of
-    the two errors added to the loss (train.train_pairs says why)."""
+    sampling instead of a noised x0 (`sampled_input`); with a `pair_weight` the caption batches are
+    shape_pairs, each pair at one noise level from one noise, `pair_weight` times the weighted squared
+    difference of the two errors added to the loss (train.train_pairs says why)."""
 
     name: str
     kinds: dict[str, float]
@@ -144,7 +120,6 @@ class Fit:
     share_256: float
     schedule_share: float
     sampled_share: float = 0.0
-    pair_share: float = 0.0
     pair_weight: float = 0.0
 
 
@@ -159,6 +134,35 @@ def noise_levels(
         schedule[torch.randint(0, 4, (size,), generator=generator)].float(),
         torch.rand(size, generator=generator),
     )
+
+
+def batch_noise(
+    schedule: torch.Tensor, schedule_share: float, shape: torch.Size, paired: bool, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sigma (B,), noise `shape` (B, N, C)) for a batch: noise_levels and standard normal noise; `paired`:
+    examples 2i and 2i + 1 (a scenes.shape_pairs pair) share both, so that their two errors differ only by
+    what the shapes make them differ."""
+    draws = shape[0] // 2 if paired else shape[0]
+    sigma = noise_levels(schedule, schedule_share, draws, generator)
+    noise = torch.randn((draws, *shape[1:]), generator=generator)
+    if paired:
+        sigma, noise = sigma.repeat_interleave(2), noise.repeat_interleave(2, dim=0)
+    return sigma, noise
+
+
+def flow_loss(
+    predicted: torch.Tensor, target: torch.Tensor, x0: torch.Tensor, pair_weight: float = 0.0
+) -> torch.Tensor:
+    """The scalar training loss of a batch (B, N, C): the foreground-weighted mean squared error, plus, with
+    a `pair_weight`, that times the weighted mean squared difference of the errors of examples 2i and 2i + 1
+    (each token weighted as the more foreground of the two: a token where either pair's shape lies)."""
+    weights = foreground_weights(x0)
+    error = predicted - target
+    loss = weighted_mean(error**2, weights)
+    if pair_weight:
+        pair_weights = torch.maximum(weights[0::2], weights[1::2])
+        loss = loss + pair_weight * weighted_mean((error[0::2] - error[1::2]) ** 2, pair_weights)
+    return loss
 
 
 def fit_transformer(pipeline: Flux2KleinPipeline, config: TrainConfig, log: Log, fit: Fit) -> None:
@@ -181,19 +185,18 @@ def fit_transformer(pipeline: Flux2KleinPipeline, config: TrainConfig, log: Log,
         side = 256 if rng.random() < fit.share_256 else 128
         size = config.batch_256 if side == 256 else config.batch_128
         kind = random_kind(rng, fit.kinds)
-        paired = fit.pair_share > 0 and kind == "text" and rng.random() < fit.pair_share
-        examples = shape_pairs(rng, size) if paired else [random_example(kind, rng) for _ in range(size)]
+        paired = fit.pair_weight > 0 and kind == "text"
+        if paired:
+            examples = scenes.shape_pairs(rng, size)
+        else:
+            examples = [random_example(kind, rng) for _ in range(size)]
         if kind == "inpaint":
             x0 = painted_latents(cache, examples, side)
         else:
             x0 = cache.encode([e.target for e in examples], side)
         velocity = velocity_fn(engine, cache, examples, side)
 
-        draws = size // 2 if paired else size  # a pair shares its noise level and its noise
-        sigma = noise_levels(schedules[side], fit.schedule_share, draws, generator)
-        noise = torch.randn((draws, *x0.shape[1:]), generator=generator)
-        if paired:
-            sigma, noise = sigma.repeat_interleave(2), noise.repeat_interleave(2, dim=0)
+        sigma, noise = batch_noise(schedules[side], fit.schedule_share, x0.shape, paired, generator)
         s = sigma.view(-1, 1, 1)
         x_t, target = (1 - s) * x0 + s * noise, noise - x0
         if fit.sampled_share and rng.random() < fit.sampled_share:
@@ -202,12 +205,7 @@ def fit_transformer(pipeline: Flux2KleinPipeline, config: TrainConfig, log: Log,
             known = known_latents(cache, examples, side, noise, sigmas) if kind == "inpaint" else None
             x_t, sigma = sampled_input(velocity, noise, sigmas, done, known)
             target = (x_t - x0) / sigma.view(-1, 1, 1)  # the velocity that lands on x0 in one step
-        predicted = velocity(x_t, sigma)
-        weights = foreground_weights(x0)
-        loss = weighted_mean((predicted - target) ** 2, weights)
-        if paired:
-            error, pair_weights = predicted - target, torch.maximum(weights[0::2], weights[1::2])
-            loss = loss + fit.pair_weight * weighted_mean((error[0::2] - error[1::2]) ** 2, pair_weights)
+        loss = flow_loss(velocity(x_t, sigma), target, x0, fit.pair_weight if paired else 0.0)
         optimise(optimizer, loss, list(transformer.parameters()), lr * cosine(step, steps, fit.warmup))
         with torch.no_grad():
             decay = min(config.ema_decay, (1 + step) / (10 + step))

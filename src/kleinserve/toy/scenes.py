@@ -12,6 +12,7 @@ Coordinates are fractions of the image side; shapes have radius RADIUS and sit o
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass, replace
 from math import cos, pi, sin
 
@@ -250,6 +251,32 @@ def text_example(rng: random.Random, shapes: int = 1, held_out: bool = False) ->
         chosen.append(random_shape(rng, None, position))
     scene = Scene(tuple(chosen), random_background(rng, {s.colour for s in chosen}))
     return Example(caption(scene, rng), scene)
+
+
+# Stage 7's pairs (shape_pairs): each shape with those the model drew in its place (circles came out as
+# squares and as triangles, stars as triangles, rings as squares), one at random.
+PARTNERS = {
+    "circle": ("square", "triangle"),
+    "square": ("circle",),
+    "triangle": ("star", "circle"),
+    "star": ("triangle",),
+    "ring": ("circle",),
+}
+
+
+def shape_pairs(rng: random.Random, count: int) -> list[Example]:
+    """`count` (even) caption examples in pairs: a training caption, then the same caption (wording, colour,
+    place, background) with one of its shape's PARTNERS, itself a training combination."""
+    examples: list[Example] = []
+    while len(examples) < count:
+        first = text_example(rng)
+        shape = first.target.shapes[0]
+        other = replace(shape, kind=rng.choice(PARTNERS[shape.kind]))
+        if is_held_out(other):
+            continue
+        prompt = re.sub(rf"\b{shape.kind}\b", other.kind, first.prompt)
+        examples += [first, Example(prompt, replace(first.target, shapes=(other,)))]
+    return examples
 
 
 def recolour_example(rng: random.Random) -> Example:
