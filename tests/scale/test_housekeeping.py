@@ -12,12 +12,14 @@ import pytest
 
 from kleinserve.engine import inspect_model
 from kleinserve.jobs.events import EventHub
-from kleinserve.jobs.pg_coordination import Leadership
+from kleinserve.jobs.pg_coordination import PREVIEW_KEEP_S, Leadership, preview_key
 from kleinserve.jobs.postgres import PostgresJobStore
 from kleinserve.jobs.store import JobStatus
-from kleinserve.media import ReferenceStore
+from kleinserve.media import MediaStore, ReferenceStore
+from kleinserve.objects import LocalObjects
 from kleinserve.scale import Scale, coordination_for, media_store
-from kleinserve.scale.housekeeping import LEADER_GRACE_LEASES, Housekeeper
+from kleinserve.scale.housekeeping import LEADER_GRACE_LEASES, Housekeeper, remove_expired_media
+from kleinserve.types import ImageFormat
 from tests.scale.queueing import queue_jobs
 
 LEASE_S = 0.5
@@ -75,3 +77,15 @@ def test_under_a_frozen_leader_the_others_step_in_after_the_grace(
         assert job.status is JobStatus.QUEUED and job.attempts == 1  # runs again, once
     finally:
         frozen.close()
+
+
+def test_the_media_sweep_removes_previews_after_seconds_and_results_after_their_ttl(tmp_path: Path) -> None:
+    media = MediaStore(LocalObjects(tmp_path), b"s" * 32, ttl_s=600)
+    result = media.save(b"png", ImageFormat.PNG)
+    for step in (1, 2):
+        media.objects.put(preview_key("job", step, 0), b"png")
+    written = time.time()
+    assert remove_expired_media(media, written + PREVIEW_KEEP_S - 1) == 0  # the API may still read them
+    assert remove_expired_media(media, written + PREVIEW_KEEP_S + 1) == 2
+    assert media.objects.keys("previews/") == [] and media.read(result) == b"png"
+    assert remove_expired_media(media, written + 601) == 1

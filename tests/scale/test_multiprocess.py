@@ -268,9 +268,10 @@ def test_cancel_across_processes_and_a_synchronous_request(cluster: Cluster, htt
     assert response.data is not None and response.data[0].b64_json is not None
     with Image.open(io.BytesIO(base64.b64decode(response.data[0].b64_json))) as image:
         assert image.size == (256, 256)
-    # partial_images partial images, then the image. The API process asks for previews before the job is
-    # queued, and a 4-step tiny-random job ends on the worker before the API reads its steps' previews:
-    # each step's are kept apart (once overwritten by the next step's, and deleted at the job's end: 0 of 2).
+    # partial_images partial images, then the image. A 4-step tiny-random job ends on the worker before the
+    # API process reads its steps' previews: the job's row asks for them from its first step, each step's
+    # are stored apart and outlive the job, and the API's row poll does not settle the job ahead of its step
+    # notifies (each of these once cost partial images: 0 or 1 of 2).
     *partials, final = streamed
     assert len(partials) == 2 and final.type == "image_generation.completed", streamed
     assert base64.b64decode(final.b64_json) == base64.b64decode(response.data[0].b64_json)  # same seed

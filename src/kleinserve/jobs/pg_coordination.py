@@ -11,8 +11,9 @@ Channels (NOTIFY payloads are JSON, well under PostgreSQL's 8000-byte limit):
   with previews, or a streaming caller's step listener), renewed every WATCH_RENEW_S while wanted. A streaming
   caller's job also says so in its row (Job.extra[WANTS_PREVIEWS]): its first steps need not wait for the
   watch. A worker writes those jobs' preview images to the object store (`previews/<job>-<step>-<i>.png`) at
-  each step and deletes each after PREVIEW_KEEP_S: a step's notify may be read after the job's next steps,
-  or its end (a 4-step job ends in milliseconds), and its previews must still be there.
+  each step and leaves them: a step's notify may be read after the job's next steps, or its end (a 4-step
+  job ends in milliseconds), and its previews must still be there. The API tier's media sweep
+  (scale.housekeeping) deletes those older than PREVIEW_KEEP_S.
 
 NOTIFY is best-effort (lost while a listener reconnects), so the rows are the truth: the accepting side polls
 the rows of the jobs it waits for or streams every POLL_S and settles those that ended; the running side
@@ -23,7 +24,6 @@ progress), and a heartbeat thread keeps the lease between steps (text encoding, 
 from __future__ import annotations
 
 import asyncio
-import collections
 import io
 import logging
 import threading
@@ -55,7 +55,7 @@ QUEUED, EVENTS, WATCH = "kleinserve_queued", "kleinserve_events", "kleinserve_wa
 POLL_S = 1.0  # the accepting side's look at the rows of followed jobs (NOTIFY may be lost)
 WATCH_RENEW_S = 1.0  # how often wanted previews are re-announced; a worker forgets a watch after WATCH_TTL_S
 WATCH_TTL_S = 5.0
-PREVIEW_KEEP_S = 10.0  # a stored preview is kept this long for the API processes to read, then deleted
+PREVIEW_KEEP_S = 10.0  # a stored preview is kept at least this long for the API processes to read
 RECONNECT_S = 1.0
 
 
@@ -103,7 +103,6 @@ class PostgresCoordination(Followers):
         self.wake = wake
         super().__init__()
         self._watched: dict[str, float] = {}  # running side: job id -> when its watch expires
-        self._stored: collections.deque[tuple[float, str]] = collections.deque()  # (when, preview key)
         # running side: job id -> the fence of the claim this process runs it under
         self._held: dict[str, int] = {}
         self._send_lock = threading.Lock()
@@ -295,13 +294,12 @@ class PostgresCoordination(Followers):
                     for index in range(count):
                         key = preview_key(job_id, progress.step, index)
                         self.blobs.put(key, encode_image(decoded[offset + index]))
-                        self._stored.append((time.monotonic(), key))
                 offset += count
         self.notify(EVENTS, {"jobs": live, "event": step_event(progress), "previews": watched})
         return check
 
     def ended(self, job: Job, images: tuple[bytes, ...] = ()) -> None:
-        # Its previews stay until PREVIEW_KEEP_S has passed: the last steps' notifies may not be read yet.
+        # Its previews stay (for the sweep): the last steps' notifies may not be read yet.
         self._held.pop(job.id, None)
         self._watched.pop(job.id, None)
         self.notify(EVENTS, {"jobs": [job.id], "event": end_event(job)})
@@ -322,21 +320,11 @@ class PostgresCoordination(Followers):
                     self._release(self.store.extend(job_ids, fence, self.lease_s).lost)
                 except StoreUnavailable as exc:
                     log.warning("leases not extended: %s", exc.message)
-            now = time.monotonic()  # (a copy: the listener thread adds watches meanwhile)
+            now = time.monotonic()
+            # a copy: the listener thread adds watches meanwhile
             expired = [job_id for job_id, until in list(self._watched.items()) if until < now]
             for job_id in expired:
                 self._watched.pop(job_id, None)
-            self._remove_old_previews(time.monotonic() - PREVIEW_KEEP_S)
-
-    def _remove_old_previews(self, stored_before: float) -> None:
-        """Delete the previews this process stored before `stored_before` (monotonic s); those it cannot
-        are left to the API tier's sweep of previews/ (scale.housekeeping)."""
-        while self._stored and self._stored[0][0] < stored_before:
-            _, key = self._stored.popleft()
-            try:
-                self.blobs.delete(key)
-            except KleinError as exc:
-                log.info("preview %s not removed: %s", key, exc.message)
 
 
 class Leadership:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from kleinserve.errors import StoreUnavailable
 from kleinserve.jobs.batch import result_group
 from kleinserve.jobs.coordination import Coordination
-from kleinserve.jobs.pg_coordination import Leadership, remove_previews
+from kleinserve.jobs.pg_coordination import PREVIEW_KEEP_S, Leadership, remove_previews
 from kleinserve.jobs.store import JobStore
 from kleinserve.jobs.webhooks import WebhookSender
 from kleinserve.jobs.writes import EngineWrites
@@ -109,8 +109,12 @@ class Outbox:
         for job in self.store.claim_webhooks(self.holder, 32, WEBHOOK_CLAIM_S):
             self.webhooks.schedule(job)
         self._ticks += 1
-        if self._ticks % MEDIA_CLEANUP_TICKS == 0:
-            removed = self.media.remove_expired()
-            removed += self.media.objects.delete_older_than("previews/", time.time() - self.media.ttl_s)
-            if removed:
-                log.info("removed %d expired media objects", removed)
+        if self._ticks % MEDIA_CLEANUP_TICKS == 0 and (removed := remove_expired_media(self.media)):
+            log.info("removed %d expired media objects", removed)
+
+
+def remove_expired_media(media: MediaStore, now: float | None = None) -> int:
+    """Delete result images past their links' lifetime and step previews older than PREVIEW_KEEP_S (the
+    workers leave theirs: an API process may read a step's preview after the job ended); returns how many."""
+    now = time.time() if now is None else now
+    return media.remove_expired(now) + media.objects.delete_older_than("previews/", now - PREVIEW_KEEP_S)
