@@ -185,8 +185,8 @@ def fit_transformer(pipeline: Flux2KleinPipeline, config: TrainConfig, log: Log,
         side = 256 if rng.random() < fit.share_256 else 128
         size = config.batch_256 if side == 256 else config.batch_128
         kind = random_kind(rng, fit.kinds)
-        paired = fit.pair_weight > 0 and kind == "text"
-        if paired:
+        pair_weight = fit.pair_weight if kind == "text" else 0.0  # only caption batches come in pairs
+        if pair_weight:
             examples = scenes.shape_pairs(rng, size)
         else:
             examples = [random_example(kind, rng) for _ in range(size)]
@@ -196,7 +196,7 @@ def fit_transformer(pipeline: Flux2KleinPipeline, config: TrainConfig, log: Log,
             x0 = cache.encode([e.target for e in examples], side)
         velocity = velocity_fn(engine, cache, examples, side)
 
-        sigma, noise = batch_noise(schedules[side], fit.schedule_share, x0.shape, paired, generator)
+        sigma, noise = batch_noise(schedules[side], fit.schedule_share, x0.shape, pair_weight > 0, generator)
         s = sigma.view(-1, 1, 1)
         x_t, target = (1 - s) * x0 + s * noise, noise - x0
         if fit.sampled_share and rng.random() < fit.sampled_share:
@@ -205,7 +205,7 @@ def fit_transformer(pipeline: Flux2KleinPipeline, config: TrainConfig, log: Log,
             known = known_latents(cache, examples, side, noise, sigmas) if kind == "inpaint" else None
             x_t, sigma = sampled_input(velocity, noise, sigmas, done, known)
             target = (x_t - x0) / sigma.view(-1, 1, 1)  # the velocity that lands on x0 in one step
-        loss = flow_loss(velocity(x_t, sigma), target, x0, fit.pair_weight if paired else 0.0)
+        loss = flow_loss(velocity(x_t, sigma), target, x0, pair_weight)
         optimise(optimizer, loss, list(transformer.parameters()), lr * cosine(step, steps, fit.warmup))
         with torch.no_grad():
             decay = min(config.ema_decay, (1 + step) / (10 + step))
