@@ -22,6 +22,7 @@ from PIL import Image
 from kleinserve.engine import Pipeline
 from kleinserve.engine.references import prepare_reference
 from kleinserve.errors import Unavailable
+from kleinserve.jobs.coordination import WANTS_PREVIEWS
 from kleinserve.jobs.events import EventHub
 from kleinserve.jobs.record import JobParams
 from kleinserve.jobs.store import MAX_ATTEMPTS, Job, JobStatus, SqliteJobStore
@@ -182,6 +183,24 @@ def test_stored_progress_is_saved_at_most_once_per_progress_interval(
         assert setup.store.get(job.id).progress == stored_after_step_1
         gate.release()
         assert (await finished(worker, job)).progress == 1.0  # the end is always stored
+
+    run(setup, scenario)
+
+
+def test_a_job_whose_caller_follows_its_steps_says_so_in_its_row(setup: Setup) -> None:
+    # Another process's engine reads this mark to publish the job's previews from step 1 (pg_coordination).
+    worker = setup.worker()
+    gate = setup.gate()
+
+    async def scenario() -> None:
+        followed = worker.submit(_request("followed", steps=3), owner="alice", on_step=gate)
+        unfollowed = worker.submit(_request("unfollowed"), owner="alice")
+        assert setup.store.get(followed.id).extra == {WANTS_PREVIEWS: True}
+        assert setup.store.get(unfollowed.id).extra == {}
+        await reach(gate.reached)
+        gate.release()
+        for job in (followed, unfollowed):
+            assert (await finished(worker, job)).status is JobStatus.SUCCEEDED
 
     run(setup, scenario)
 
