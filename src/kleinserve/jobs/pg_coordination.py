@@ -72,12 +72,6 @@ def preview_key(job_id: str, step: int, index: int) -> str:
     return f"previews/{job_id}-{step}-{index}.png"
 
 
-def remove_previews(blobs: Blobs, job_id: str) -> None:
-    """Delete the preview images a worker stored for `job_id` (a job that lost its worker)."""
-    for key in blobs.keys(f"previews/{job_id}-"):
-        blobs.delete(key)
-
-
 class PostgresCoordination(Followers):
     """Both sides' coordination through `url`'s database; one process uses the accepting side (`kleinserve
     api`) or the running side (`kleinserve worker`). `read_result(name)` reads a result image's bytes (for

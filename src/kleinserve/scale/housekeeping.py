@@ -12,7 +12,7 @@ from collections.abc import Callable
 from kleinserve.errors import StoreUnavailable
 from kleinserve.jobs.batch import result_group
 from kleinserve.jobs.coordination import Coordination
-from kleinserve.jobs.pg_coordination import PREVIEW_KEEP_S, Leadership, remove_previews
+from kleinserve.jobs.pg_coordination import PREVIEW_KEEP_S, Leadership
 from kleinserve.jobs.store import JobStore
 from kleinserve.jobs.webhooks import WebhookSender
 from kleinserve.jobs.writes import EngineWrites
@@ -85,9 +85,9 @@ class Housekeeper:
         expired_before = now if self.leadership.held() else now - self.grace_s
         for job in self.store.requeue_expired(expired_before):  # rows as changed, with the lost run's fence
             log.warning("job %s lost its worker: now %s", job.id, job.status.value)
-            # What the lost run saved but never committed (a worker killed while uploading).
+            # What the lost run saved but never committed (a worker killed while uploading); its step
+            # previews go with every other job's, in the media sweep (remove_expired_media).
             self.media.remove_group(result_group(job))
-            remove_previews(self.media.objects, job.id)
             if job.status.terminal:  # its webhook goes through the outbox
                 self.references.remove(job.id, job.reference_count)
                 self.coordination.ended(job)
