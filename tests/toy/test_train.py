@@ -129,10 +129,11 @@ def test_inpainting_batches_start_from_what_the_engine_keeps() -> None:
     examples = [scenes.inpaint_example(rng) for _ in range(2)]
     channels = engine.components.transformer.config.in_channels
     noise = torch.randn((2, 64, channels), generator=torch.Generator().manual_seed(0))
-    sigmas = make_scheduler(engine.components.scheduler_config, 4, 64).sigmas
+    scheduler = make_scheduler(engine.components.scheduler_config, 4, 64)
+    sigmas = scheduler.sigmas
     known = known_latents(cache, examples, 128, noise, sigmas)
     velocity = velocity_fn(engine, cache, examples, 128)
-    x, sigma = sampled_input(velocity, noise, sigmas, 3, known)
+    x, sigma = sampled_input(velocity, noise, scheduler, 3, known)
     assert torch.equal(sigma, sigmas[3].expand(2).float())
     kept = (known.mask == 0).expand_as(x)
     noised = sigmas[3] * noise + (1 - sigmas[3]) * known.clean

@@ -78,10 +78,12 @@ def denoise(
     cancelled: CancelCheck | None = None,
     first_step: int = 0,
     after_step: AfterStep | None = None,
+    steps: int | None = None,
 ) -> torch.Tensor:
     """Integrate from packed noise (B, N, C) to clean packed latents (B, N, C), over the schedule's timesteps
     from `first_step` on (image-to-image starts later: diffusers' set_begin_index), `after_step` correcting x
-    after each step (inpainting).
+    after each step (inpainting). With `steps`, stop after that many and return the partly denoised x: the
+    toy's training starts some batches there (toy/fit.sampled_input); `scheduler` is used up either way.
 
     The model gets t = sigma (scheduler timesteps / 1000, as diffusers passes them). Cancellation is checked
     before every step, so a cancelled request stops within one step. The clean estimate handed to `on_step`
@@ -92,6 +94,8 @@ def denoise(
     scheduler.set_begin_index(first_step)
     timesteps = scheduler.timesteps[first_step:]
     total = len(timesteps)
+    if steps is not None:
+        timesteps = timesteps[:steps]
     for offset, timestep in enumerate(timesteps):
         if cancelled is not None and cancelled():
             raise Cancelled(f"cancelled before step {offset + 1} of {total}")

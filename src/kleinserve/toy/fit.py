@@ -20,10 +20,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from diffusers import Flux2KleinPipeline
+from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
 
 from kleinserve.engine.inpaint import KnownLatents
-from kleinserve.engine.sampling import make_scheduler
+from kleinserve.engine.sampling import denoise, make_scheduler
 from kleinserve.engine.spec import SIZE_MULTIPLE
 from kleinserve.toy import scenes
 from kleinserve.toy.config import BATCH_KINDS, Log, TrainConfig
@@ -85,20 +85,18 @@ def foreground_weights(x0: torch.Tensor) -> torch.Tensor:
 def sampled_input(
     velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     noise: torch.Tensor,
-    sigmas: torch.Tensor,
+    scheduler: FlowMatchEulerDiscreteScheduler,
     done: int,
     known: KnownLatents | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x, sigma (B,)): the Euler sampler's latents after its first `done` steps of `sigmas` (the schedule's
-    N + 1) from `noise` (B, N, C), as engine/sampling.denoise computes them, without gradients; `done` < N.
-    (denoise itself always runs to the end of its schedule.) With `known` (an inpainting batch), each step is
-    corrected as the engine's inpainting corrects it (KnownLatents.after_step)."""
-    x, sigmas = noise, sigmas.float()
+    """(x, sigma (B,)): the engine's sampler (sampling.denoise) after its first `done` steps of a fresh
+    `scheduler` from `noise` (B, N, C), without gradients; `done` < its step count, since the next step is
+    the one trained. With `known` (an inpainting batch), each step is corrected as the engine's inpainting
+    corrects it (KnownLatents.after_step)."""
     with torch.no_grad():
-        for index in range(done):  # done < N: the last step is the one trained
-            stepped = x + (sigmas[index + 1] - sigmas[index]) * velocity(x, sigmas[index].expand(len(x)))
-            x = stepped if known is None else known.after_step(index, x, stepped)
-    return x, sigmas[done].expand(len(x))
+        after_step = None if known is None else known.after_step
+        x = denoise(velocity, noise, scheduler, after_step=after_step, steps=done)
+    return x, scheduler.sigmas[done].float().expand(len(x))
 
 
 @dataclass(frozen=True)
@@ -175,10 +173,11 @@ def fit_transformer(pipeline: Flux2KleinPipeline, config: TrainConfig, log: Log,
     rng = random.Random(config.seed + fit.seed_offset)
     generator = torch.Generator().manual_seed(config.seed + fit.seed_offset)
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=lr, weight_decay=0.01)
-    schedules = {
-        side: make_scheduler(engine.components.scheduler_config, 4, (side // SIZE_MULTIPLE) ** 2).sigmas
-        for side in (128, 256)
-    }
+
+    def schedule(side: int) -> FlowMatchEulerDiscreteScheduler:  # klein's 4 steps at side x side
+        return make_scheduler(engine.components.scheduler_config, 4, (side // SIZE_MULTIPLE) ** 2)
+
+    schedules = {side: schedule(side).sigmas for side in (128, 256)}
     cache = LatentCache(engine)
     start, running = time.perf_counter(), 0.0
     for step in range(steps):
@@ -201,9 +200,9 @@ def fit_transformer(pipeline: Flux2KleinPipeline, config: TrainConfig, log: Log,
         x_t, target = (1 - s) * x0 + s * noise, noise - x0
         if fit.sampled_share and rng.random() < fit.sampled_share:
             done = int(torch.randint(1, 4, (), generator=generator))
-            sigmas = schedules[side]
-            known = known_latents(cache, examples, side, noise, sigmas) if kind == "inpaint" else None
-            x_t, sigma = sampled_input(velocity, noise, sigmas, done, known)
+            sampler = schedule(side)
+            known = known_latents(cache, examples, side, noise, sampler.sigmas) if kind == "inpaint" else None
+            x_t, sigma = sampled_input(velocity, noise, sampler, done, known)
             target = (x_t - x0) / sigma.view(-1, 1, 1)  # the velocity that lands on x0 in one step
         loss = flow_loss(velocity(x_t, sigma), target, x0, pair_weight)
         optimise(optimizer, loss, list(transformer.parameters()), lr * cosine(step, steps, fit.warmup))
